@@ -1,0 +1,35 @@
+"""`deploy-agent`: parse flags, set up logging, check the state dir, serve the API."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from deploy_agent.app import create_app
+from deploy_agent.config import parse_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"deploy-agent: cannot create state dir {config.state_dir}: "
+                         f"{err.strerror}") from None
+    if not os.access(config.state_dir, os.W_OK):
+        raise SystemExit(f"deploy-agent: state dir {config.state_dir} is not writable")
+    web.run_app(create_app(config), host=config.host, port=config.port,
+                print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The HTTP API: routes, thin handlers, and the middleware that answers every error as JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import cattrs
+from aiohttp import web
+
+from deploy_agent import __version__
+from deploy_agent.config import Config
+from deploy_agent.convert import parse_deploy_request, parse_stop_request
+from deploy_agent.deployer import Deployer
+from deploy_agent.errors import AgentError, InvalidRequest
+from deploy_agent.models import DeployAnswer, HealthAnswer, ServiceView
+from deploy_agent.reconciler import Reconciler
+
+_LOGGER = logging.getLogger(__name__)
+
+CONFIG_KEY = web.AppKey("config", Config)
+CONVERTER_KEY = web.AppKey("converter", cattrs.Converter)
+DEPLOYER_KEY = web.AppKey("deployer", Deployer)
+RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+RUNNING = ("starting", "healthy", "unhealthy")
+
+
+def answer(request: web.Request, payload: Any, status: int = 200) -> web.Response:
+    """A JSON answer of an attrs value (or a list of them) through the app's converter."""
+    body = request.app[CONVERTER_KEY].unstructure(payload)
+    return web.json_response(body, status=status, dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """AgentErrors and HTTP errors become JSON answers; anything else is a logged 500."""
+    try:
+        return await handler(request)
+    except AgentError as err:
+        return web.json_response(err.to_json(), status=err.status)
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        code = HTTP_ERROR_CODES.get(err.status, "http_error")
+        message = err.reason
+        if err.status == 413:
+            limit = request.app[CONFIG_KEY].max_body_bytes
+            message = f"The request body is larger than {limit} bytes."
+        elif err.status == 404:
+            message = f"No such endpoint: {request.method} {request.path}."
+        elif err.status == 405:
+            message = f"{request.method} is not allowed on {request.path}."
+        return web.json_response({"ok": False, "error": code, "message": message},
+                                 status=err.status, headers=_allow_header(err))
+    except Exception:
+        _LOGGER.exception("Unhandled error answering %s %s", request.method, request.path)
+        return web.json_response(
+            {"ok": False, "error": "internal_error",
+             "message": "The agent failed unexpectedly; its log has the details."},
+            status=500,
+        )
+
+
+def _allow_header(err: web.HTTPException) -> dict[str, str]:
+    allow = err.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+async def read_json(request: web.Request) -> Any:
+    """The decoded body; 400 when it is not JSON, 413 (from aiohttp) when it is too large."""
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidRequest(f"The body is not valid JSON: {err}.",
+                             details=[{"field": "$", "message": "is not valid JSON"}]) from None
+
+
+async def health(request: web.Request) -> web.Response:
+    deployer = request.app[DEPLOYER_KEY]
+    reachable = request.app[RECONCILER_KEY].engine_reachable
+    running = sum(1 for s in deployer.services() if s.status in RUNNING)
+    return answer(request, HealthAnswer(
+        status="ok" if reachable else "degraded",
+        hostname=socket.gethostname(),
+        gpus=0,
+        services_running=running,
+        engine="reachable" if reachable else "unreachable",
+        version=__version__,
+    ))
+
+
+async def list_services(request: web.Request) -> web.Response:
+    advertise, now = request.app[CONFIG_KEY].advertise_host, time.time()
+    views = [ServiceView.of(s, advertise, now) for s in request.app[DEPLOYER_KEY].services()]
+    return answer(request, views)
+
+
+async def get_service(request: web.Request) -> web.Response:
+    service = request.app[DEPLOYER_KEY].service(request.match_info["name"])
+    return answer(request, ServiceView.of(service, request.app[CONFIG_KEY].advertise_host, time.time()))
+
+
+async def deploy(request: web.Request) -> web.Response:
+    deploy_request = parse_deploy_request(request.app[CONVERTER_KEY], await read_json(request))
+    outcome = await request.app[DEPLOYER_KEY].deploy(deploy_request)
+    view = ServiceView.of(outcome.service, request.app[CONFIG_KEY].advertise_host, time.time())
+    return answer(request, DeployAnswer(
+        name=view.name, host=view.host, port=view.port, gpu=view.gpu, status=view.status,
+        already_running=outcome.already_running,
+    ))
+
+
+async def stop(request: web.Request) -> web.Response:
+    name = parse_stop_request(request.app[CONVERTER_KEY], await read_json(request))
+    await request.app[DEPLOYER_KEY].stop(name)
+    return web.json_response({"ok": True, "name": name})
+
+
+async def gpus(request: web.Request) -> web.Response:
+    return web.json_response([])
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_routes([
+        web.get("/health", health),
+        web.get("/services", list_services),
+        web.get("/services/{name}", get_service),
+        web.post("/deploy", deploy),
+        web.post("/stop", stop),
+        web.get("/gpus", gpus),
+    ])
+
+
+

@@ -1,0 +1,73 @@
+"""create_app: wiring of config, engine, deployer and reconciler, with one cleanup_ctx each."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiodocker
+import aiohttp
+from aiohttp import web
+
+from deploy_agent.api import (
+    CONFIG_KEY,
+    CONVERTER_KEY,
+    DEPLOYER_KEY,
+    RECONCILER_KEY,
+    add_routes,
+    error_middleware,
+)
+from deploy_agent.config import Config
+from deploy_agent.convert import make_converter
+from deploy_agent.deployer import Deployer
+from deploy_agent.engine import Engine
+from deploy_agent.probe import HealthProbe
+from deploy_agent.reconciler import Reconciler
+from deploy_agent.state import StateFile
+
+_LOGGER = logging.getLogger(__name__)
+
+ENGINE_KEY = web.AppKey("engine", Engine)
+RECONCILE_TASK_KEY = web.AppKey("reconcile_task", asyncio.Task[None])
+
+
+def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
+               resync_interval_s: float = 5.0) -> web.Application:
+    """The aiohttp app; `docker` lets tests hand in their own client."""
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    app[CONFIG_KEY] = config
+    app[CONVERTER_KEY] = make_converter()
+    add_routes(app)
+
+    async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+        engine = Engine(docker or aiodocker.Docker(url=config.docker_host))
+        app[ENGINE_KEY] = engine
+        yield
+        if docker is None:
+            await engine.close()
+
+    async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True)
+        ) as session:
+            probe = HealthProbe(session, config.health_host)
+            converter = app[CONVERTER_KEY]
+            state_file = StateFile(config.state_dir, converter)
+            deployer = Deployer(config, app[ENGINE_KEY], probe, state_file, converter)
+            reconciler = Reconciler(deployer, app[ENGINE_KEY], probe, state_file, converter,
+                                    resync_interval_s)
+            app[DEPLOYER_KEY] = deployer
+            app[RECONCILER_KEY] = reconciler
+            await reconciler.start_up()
+            task = asyncio.create_task(reconciler.run(), name="reconciler")
+            app[RECONCILE_TASK_KEY] = task
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app.cleanup_ctx.append(engine_ctx)
+    app.cleanup_ctx.append(services_ctx)
+    return app

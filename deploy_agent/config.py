@@ -1,0 +1,131 @@
+"""One frozen Config, read from command-line flags with `DEPLOY_AGENT_<NAME>` env fallbacks."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import attrs
+
+ENV_PREFIX = "DEPLOY_AGENT_"
+MIB = 1024 * 1024
+
+
+def default_state_dir(environ: Mapping[str, str]) -> Path:
+    """/var/lib/deploy-agent for root, else $XDG_STATE_HOME/deploy-agent."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/deploy-agent")
+    xdg = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "deploy-agent"
+
+
+def detect_primary_address() -> str:
+    """The address of the interface that holds the default route.
+
+    Connecting a UDP socket only asks the kernel for a route; no packet is sent.
+    """
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe,
+    ):
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routed like any outside address
+        address: str = probe.getsockname()[0]
+        return address
+    return "127.0.0.1"
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """`8000-8999` -> (8000, 8999), both ends valid ports, low <= high."""
+    try:
+        low_text, high_text = text.split("-")
+        low, high = int(low_text), int(high_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH, got {text!r}") from None
+    if not 1 <= low <= high <= 65535:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH <= 65535, got {text!r}")
+    return low, high
+
+
+@attrs.frozen
+class Config:
+    """Everything the agent is configured with; built once at start."""
+
+    host: str = "0.0.0.0"
+    port: int = 9000
+    state_dir: Path = Path("/var/lib/deploy-agent")
+    advertise_host: str = "127.0.0.1"
+    port_range: tuple[int, int] = (8000, 8999)
+    docker_host: str = "unix:///var/run/docker.sock"
+    log_level: str = "INFO"
+    allow_host_paths: tuple[Path, ...] = ()
+    max_ready_timeout: float = 600.0
+    stop_timeout: int = 10
+    max_body_bytes: int = MIB
+    health_host: str = "127.0.0.1"
+
+
+def _env(environ: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    return environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The flags; each default comes from DEPLOY_AGENT_<NAME> when that is set."""
+    parser = argparse.ArgumentParser(
+        prog="deploy-agent",
+        description="Deploy, find and stop containerised ML services on this node over HTTP.",
+        epilog="Every flag can also be set with an environment variable DEPLOY_AGENT_<NAME>, "
+        "for example DEPLOY_AGENT_PORT=9000 or DEPLOY_AGENT_STATE_DIR=/srv/agent.",
+    )
+    add = parser.add_argument
+    add("--host", default=_env(environ, "host", "0.0.0.0"),
+        help="address the HTTP API listens on (default: %(default)s)")
+    add("--port", type=int, default=_env(environ, "port", "9000"),
+        help="port the HTTP API listens on (default: %(default)s)")
+    add("--state-dir", type=Path, default=_env(environ, "state_dir") or str(default_state_dir(environ)),
+        help="where services.json is kept (default: %(default)s)")
+    add("--advertise-host", default=_env(environ, "advertise_host"),
+        help="host name or address put in service URLs (default: this node's primary address)")
+    add("--port-range", type=parse_port_range, default=_env(environ, "port_range", "8000-8999"),
+        help="host ports the agent may publish services on, LOW-HIGH (default: 8000-8999)")
+    add("--docker-host", default=_env(environ, "docker_host", "unix:///var/run/docker.sock"),
+        help="Docker Engine API address (default: %(default)s)")
+    add("--log-level", default=_env(environ, "log_level", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
+        help="log verbosity (default: %(default)s)")
+    add("--allow-host-path", action="append", type=Path, default=None, metavar="DIR",
+        help="a host directory services may bind-mount from (repeatable; env: colon-separated); "
+        "by default only named volumes are allowed")
+    add("--max-ready-timeout", type=float, default=_env(environ, "max_ready_timeout", "600"),
+        help="upper bound on a deploy's ready_timeout in seconds (default: %(default)s)")
+    add("--stop-timeout", type=int, default=_env(environ, "stop_timeout", "10"),
+        help="seconds a service gets to exit on stop before it is killed (default: %(default)s)")
+    add("--health-host", default=_env(environ, "health_host", "127.0.0.1"),
+        help="address the agent reaches published service ports on for health checks "
+        "(default: %(default)s)")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the Config from flags, falling back to the environment, then defaults."""
+    environ = os.environ if environ is None else environ
+    args = build_parser(environ).parse_args(argv)
+    allow = args.allow_host_path
+    if allow is None:
+        allow = [Path(p) for p in (_env(environ, "allow_host_path") or "").split(":") if p]
+    return Config(
+        host=args.host,
+        port=args.port,
+        state_dir=args.state_dir,
+        advertise_host=args.advertise_host or detect_primary_address(),
+        port_range=args.port_range,
+        docker_host=args.docker_host,
+        log_level=args.log_level,
+        allow_host_paths=tuple(p.resolve() for p in allow),
+        max_ready_timeout=args.max_ready_timeout,
+        stop_timeout=args.stop_timeout,
+        health_host=args.health_host,
+    )

@@ -1,0 +1,291 @@
+"""The one cattrs converter: JSON bodies to models, models to JSON, failures to 400 details.
+
+Hooks are strict: `"8000"` is not a port and `1` is not a string. Each rule raises
+FieldError, and `transform_error` turns a whole failed body into one detail per bad field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from typing import Any
+
+import cattrs
+from cattrs.errors import ForbiddenExtraKeysError
+
+from deploy_agent.errors import InvalidRequest
+from deploy_agent.models import (
+    Command,
+    DeployRequest,
+    DeploySpec,
+    EnvMap,
+    HealthPath,
+    ImageRef,
+    JSONObject,
+    Port,
+    ReadyTimeout,
+    ServiceName,
+    VolumeList,
+    VramGb,
+)
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Docker's reference grammar: [registry[:port]/]path[:tag][@digest]
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_RE = re.compile(
+    rf"^(?:(?:[a-zA-Z0-9-]+\.)*[a-zA-Z0-9-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
+)
+VOLUME_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+ENV_KEY_RE = re.compile(r"^[^=\x00]+$")
+
+# The nested service.yaml form: where each manifest key lands in the flat body.
+MANIFEST_REQUIRES = {"gpu": "gpu", "vram_gb": "vram_gb", "ram_gb": None}
+MANIFEST_DEPLOY = {
+    "image": "image", "port": "port", "env": "env", "volumes": "volumes", "health": "health",
+    "ready_timeout": "ready_timeout", "command": "command", "runtime": None,
+}
+MANIFEST_TOP = {"name", "version", "description", "client", "requires", "deploy", "replace"}
+
+
+class FieldError(ValueError):
+    """A value breaks its field's rule; the message says which rule."""
+
+
+def _strict_str(value: Any, _: Any) -> str:
+    if not isinstance(value, str):
+        raise FieldError(f"must be a string, not {_json_type(value)}")
+    return value
+
+
+def _strict_int(value: Any, _: Any) -> int:
+    if type(value) is not int:
+        raise FieldError(f"must be an integer, not {_json_type(value)}")
+    return value
+
+
+def _strict_float(value: Any, _: Any) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise FieldError(f"must be a number, not {_json_type(value)}")
+    return float(value)
+
+
+def _strict_bool(value: Any, _: Any) -> bool:
+    if type(value) is not bool:
+        raise FieldError(f"must be true or false, not {_json_type(value)}")
+    return value
+
+
+def _service_name(value: Any, _: Any) -> ServiceName:
+    name = _strict_str(value, _)
+    if not NAME_RE.match(name):
+        raise FieldError(
+            "must be a DNS label: 1-63 lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return ServiceName(name)
+
+
+def _image_ref(value: Any, _: Any) -> ImageRef:
+    image = _strict_str(value, _)
+    if not image:
+        raise FieldError("must not be empty")
+    if len(image) > 255 or not IMAGE_RE.match(image):
+        raise FieldError("is not a valid image reference, e.g. registry:5000/team/image:tag")
+    return ImageRef(image)
+
+
+def _port(value: Any, _: Any) -> Port:
+    port = _strict_int(value, _)
+    if not 1 <= port <= 65535:
+        raise FieldError("must be between 1 and 65535")
+    return Port(port)
+
+
+def _vram_gb(value: Any, _: Any) -> VramGb:
+    vram = _strict_float(value, _)
+    if vram < 0:
+        raise FieldError("must be 0 or more")
+    return VramGb(vram)
+
+
+def _health_path(value: Any, _: Any) -> HealthPath:
+    path = _strict_str(value, _)
+    if not path.startswith("/") or any(c.isspace() for c in path):
+        raise FieldError("must be a URL path starting with '/', e.g. /health")
+    return HealthPath(path)
+
+
+def _ready_timeout(value: Any, _: Any) -> ReadyTimeout:
+    timeout = _strict_float(value, _)
+    if timeout <= 0:
+        raise FieldError("must be more than 0 seconds")
+    return ReadyTimeout(timeout)
+
+
+def _env_map(value: Any, _: Any) -> EnvMap:
+    if not isinstance(value, dict):
+        raise FieldError(f"must be a map of names to values, not {_json_type(value)}")
+    env = {}
+    for key, item in value.items():
+        if not ENV_KEY_RE.match(key):
+            raise FieldError(f"has an invalid variable name {key!r}")
+        if isinstance(item, bool):
+            env[key] = "true" if item else "false"
+        elif isinstance(item, str | int | float):
+            env[key] = str(item)
+        else:
+            raise FieldError(f"value of {key!r} must be a string, number or boolean, not {_json_type(item)}")
+    return EnvMap(env)
+
+
+def _volume_list(value: Any, _: Any) -> VolumeList:
+    if not isinstance(value, list):
+        raise FieldError(f"must be a list of 'source:target[:ro|:rw]' strings, not {_json_type(value)}")
+    for entry in value:
+        if not isinstance(entry, str):
+            raise FieldError(f"entries must be strings, not {_json_type(entry)}")
+        _check_volume(entry)
+    return VolumeList(tuple(value))
+
+
+def _check_volume(entry: str) -> None:
+    parts = entry.split(":")
+    if len(parts) == 3 and parts[2] in ("ro", "rw"):
+        parts = parts[:2]
+    if len(parts) != 2:
+        raise FieldError(f"{entry!r} is not 'source:target[:ro|:rw]'")
+    source, target = parts
+    if not (source.startswith("/") or VOLUME_NAME_RE.match(source)):
+        raise FieldError(f"{entry!r}: source must be a volume name or an absolute host path")
+    if not target.startswith("/") or target == "/" or ".." in target.split("/"):
+        raise FieldError(f"{entry!r}: target must be an absolute path other than '/', without '..'")
+
+
+def _command(value: Any, _: Any) -> Command:
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value)
+        except ValueError as err:
+            raise FieldError(f"cannot be split into arguments: {err}") from None
+    elif isinstance(value, list) and all(isinstance(arg, str) for arg in value):
+        argv = value
+    else:
+        raise FieldError("must be a string or a list of strings")
+    if not argv:
+        raise FieldError("must not be empty")
+    return Command(tuple(argv))
+
+
+def _json_type(value: Any) -> str:
+    names = {type(None): "null", bool: "boolean", int: "integer", float: "number",
+             str: "string", list: "array", dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def make_converter() -> cattrs.Converter:
+    """The converter: simple types first, then each rule-carrying NewType."""
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    for simple, hook in ((str, _strict_str), (int, _strict_int), (float, _strict_float),
+                         (bool, _strict_bool)):
+        converter.register_structure_hook(simple, hook)
+    for newtype, hook in (
+        (ServiceName, _service_name), (ImageRef, _image_ref), (Port, _port),
+        (VramGb, _vram_gb), (HealthPath, _health_path), (ReadyTimeout, _ready_timeout),
+        (EnvMap, _env_map), (VolumeList, _volume_list), (Command, _command),
+    ):
+        converter.register_structure_hook(newtype, hook)
+    return converter
+
+
+def _format_exception(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, FieldError):
+        return str(exc)
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return f"unknown field(s): {', '.join(sorted(exc.extra_fields))}"
+    if isinstance(exc, KeyError):
+        return "is required"
+    return cattrs.v.format_exception(exc, type_)
+
+
+def _detail(message: str, origin: dict[str, str]) -> JSONObject:
+    """'must be an integer @ $.port' -> {"field": "deploy.port", "message": ...}."""
+    text, _, path = message.rpartition(" @ ")
+    field = path.removeprefix("$").removeprefix(".")
+    return {"field": origin.get(field, field) or "$", "message": text}
+
+
+def flatten_manifest(body: JSONObject) -> tuple[JSONObject, dict[str, str], list[JSONObject]]:
+    """The nested service.yaml form -> the flat body, where each flat field came from, errors."""
+    flat: JSONObject = {}
+    origin: dict[str, str] = {}
+    details: list[JSONObject] = []
+    unknown = sorted(set(body) - MANIFEST_TOP)
+    if unknown:
+        details.append({"field": "$", "message": f"unknown field(s): {', '.join(unknown)}"})
+    for key in ("name", "version", "description", "replace"):
+        if key in body:
+            flat[key] = body[key]
+    for section, mapping in (("requires", MANIFEST_REQUIRES), ("deploy", MANIFEST_DEPLOY)):
+        nested = body.get(section, {})
+        if not isinstance(nested, dict):
+            details.append({"field": section, "message": "must be an object"})
+            continue
+        for key, value in nested.items():
+            if key not in mapping:
+                details.append({"field": section, "message": f"unknown field(s): {key}"})
+            elif mapping[key] is not None:
+                flat[mapping[key]] = value
+                origin[mapping[key]] = f"{section}.{key}"
+    if "deploy" in body and isinstance(body["deploy"], dict) and "image" not in body["deploy"]:
+        details.append({"field": "deploy.image", "message": "is required"})
+    return flat, origin, details
+
+
+def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployRequest:
+    """A decoded JSON body, flat or nested -> DeployRequest, or InvalidRequest with details."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(
+            "The body must be a JSON object.",
+            details=[{"field": "$", "message": f"must be an object, not {_json_type(body)}"}],
+        )
+    origin: dict[str, str] = {}
+    details: list[JSONObject] = []
+    if "deploy" in body or "requires" in body:
+        body, origin, details = flatten_manifest(body)
+    body = dict(body)
+    replace = body.pop("replace", False)
+    if type(replace) is not bool:
+        details.append({"field": "replace", "message": "must be true or false"})
+    spec: DeploySpec | None = None
+    try:
+        spec = converter.structure(body, DeploySpec)
+    except cattrs.BaseValidationError as err:
+        messages = cattrs.transform_error(err, format_exception=_format_exception)
+        details.extend(_detail(message, origin) for message in messages)
+    if details or spec is None:
+        fields = ", ".join(sorted({d["field"] for d in details}))
+        raise InvalidRequest(f"The deploy request is invalid ({fields}); see details.", details=details)
+    return DeployRequest(spec=spec, replace=replace)
+
+
+def parse_stop_request(converter: cattrs.Converter, body: Any) -> ServiceName:
+    """`{"name": ...}` -> the name, or InvalidRequest."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The body must be a JSON object like {\"name\": \"my-service\"}.",
+                             details=[{"field": "$", "message": "must be an object"}])
+    details = []
+    unknown = sorted(set(body) - {"name"})
+    if unknown:
+        details.append({"field": "$", "message": f"unknown field(s): {', '.join(unknown)}"})
+    if "name" not in body:
+        details.append({"field": "name", "message": "is required"})
+    else:
+        try:
+            name = _service_name(body["name"], ServiceName)
+        except FieldError as err:
+            details.append({"field": "name", "message": str(err)})
+    if details:
+        raise InvalidRequest("The stop request is invalid; see details.", details=details)
+    return name

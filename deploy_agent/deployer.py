@@ -1,0 +1,246 @@
+"""The deploy and stop flows, the per-name locks, and the in-memory service table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+
+import attrs
+import cattrs
+
+from deploy_agent.config import Config
+from deploy_agent.engine import Engine, container_config
+from deploy_agent.errors import (
+    Conflict,
+    ContainerExited,
+    EngineUnavailable,
+    HealthTimeout,
+    NoGpu,
+    NoPortAvailable,
+    PortTaken,
+    ServiceNotFound,
+)
+from deploy_agent.models import CONTAINER_PREFIX, DeployRequest, DeploySpec, Service
+from deploy_agent.policy import check_mounts
+from deploy_agent.ports import PortAllocator
+from deploy_agent.probe import HealthProbe
+from deploy_agent.state import StateFile, labels_for, service_from_container
+
+_LOGGER = logging.getLogger(__name__)
+
+PORT_ATTEMPTS = 5
+LOG_TAIL_LINES = 20
+MIN_POLL_S = 0.02
+MAX_POLL_S = 1.0
+
+
+def poll_interval(elapsed_s: float) -> float:
+    """Health polls start every 20 ms and back off to 1 s, at about 5% of the time waited."""
+    return min(MAX_POLL_S, max(MIN_POLL_S, elapsed_s / 20))
+
+
+@attrs.frozen
+class DeployOutcome:
+    service: Service
+    already_running: bool
+
+
+class Deployer:
+    """Owns the service table; serialises work per name, runs different names in parallel."""
+
+    def __init__(self, config: Config, engine: Engine, probe: HealthProbe,
+                 state_file: StateFile, converter: cattrs.Converter) -> None:
+        self._config = config
+        self._engine = engine
+        self._probe = probe
+        self._state_file = state_file
+        self._converter = converter
+        self._ports = PortAllocator(config.port_range)
+        self._services: dict[str, Service] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def services(self) -> list[Service]:
+        return sorted(self._services.values(), key=lambda s: s.spec.name)
+
+    def service(self, name: str) -> Service:
+        try:
+            return self._services[name]
+        except KeyError:
+            raise ServiceNotFound(f"No service named {name!r} is deployed on this node.",
+                                  name=name) from None
+
+    def lock(self, name: str) -> asyncio.Lock:
+        """The lock that serialises deploy, stop and reconcile of one name."""
+        return self._locks[name]
+
+    # -- deploy --------------------------------------------------------------------------
+
+    async def deploy(self, request: DeployRequest) -> DeployOutcome:
+        """Answer an existing healthy deployment, or replace/launch one; never half-done."""
+        spec = request.spec
+        check_mounts(spec, self._config)
+        if spec.gpu:
+            raise NoGpu("This node has no GPU; deploy it without gpu: true or on a GPU node.")
+        async with self._locks[spec.name]:
+            existing = self._services.get(spec.name)
+            if existing is not None:
+                if existing.status == "healthy":
+                    differing = existing.spec.differing_fields(spec)
+                    if not differing:
+                        return DeployOutcome(existing, already_running=True)
+                    if not request.replace:
+                        raise Conflict(
+                            f"{spec.name} is running with a different {', '.join(differing)}; "
+                            'stop it first or send "replace": true.',
+                            name=spec.name, differing_fields=differing,
+                        )
+                _LOGGER.info("Replacing %s (status %s)", spec.name, existing.status)
+                await self._discard(existing)
+            else:
+                await self._remove_stray(spec)
+            return DeployOutcome(await self._launch(spec), already_running=False)
+
+    async def _remove_stray(self, spec: DeploySpec) -> None:
+        """A container of this name that the agent does not track: ours is replaced, a foreign one refused."""
+        info = await self._engine.inspect(spec.container_name)
+        if info is None:
+            return
+        if service_from_container(self._converter, info) is None:
+            raise Conflict(
+                f"A container named {spec.container_name} exists that deploy-agent did not create; "
+                "remove or rename it first.", name=spec.name,
+            )
+        _LOGGER.info("Removing untracked container %s before deploying", spec.container_name)
+        await self._engine.remove(info["Id"])
+
+    async def _ensure_image(self, image: str) -> None:
+        if not await self._engine.has_image(image):
+            _LOGGER.info("Pulling %s", image)
+            await self._engine.pull(image)
+
+    async def _launch(self, spec: DeploySpec) -> Service:
+        await self._ensure_image(spec.image)
+        published = await self._engine.published_ports()
+        refused: set[int] = set()
+        for _ in range(PORT_ATTEMPTS):
+            host_port = self._ports.reserve(spec.port, published, frozenset(refused))
+            try:
+                service = await self._create_and_start(spec, host_port)
+            except PortTaken:
+                _LOGGER.info("Host port %s was taken under us; trying the next", host_port)
+                refused.add(host_port)
+                continue
+            await self._save()
+            return service
+        raise NoPortAvailable(f"The engine refused {PORT_ATTEMPTS} host ports in a row for {spec.name}.")
+
+    async def _create_and_start(self, spec: DeploySpec, host_port: int) -> Service:
+        """Create, start, wait healthy. On any failure nothing is left: container, port, record."""
+        service: Service | None = None
+        try:
+            labels = labels_for(self._converter, spec, host_port, gpu=None)
+            config = container_config(spec.image, spec.port, host_port, dict(spec.env),
+                                      tuple(spec.volumes), spec.command, labels)
+            container_id = await self._engine.create(spec.container_name, config)
+            service = Service(spec=spec, container_id=container_id, host_port=host_port)
+            self._services[spec.name] = service
+            await self._engine.start(container_id)
+            await self._wait_healthy(service)
+        except BaseException:
+            await asyncio.shield(self._roll_back(spec, service, host_port))
+            raise
+        service.status = "healthy"
+        _LOGGER.info("Deployed %s on host port %s", spec.name, host_port)
+        return service
+
+    async def _roll_back(self, spec: DeploySpec, service: Service | None, host_port: int) -> None:
+        if service is not None:
+            if self._services.get(spec.name) is service:
+                del self._services[spec.name]
+            with contextlib.suppress(EngineUnavailable):
+                await self._engine.remove(service.container_id)
+        self._ports.release(host_port)
+
+    async def _wait_healthy(self, service: Service) -> None:
+        """Poll health with backoff while watching for the container to exit."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timeout = min(service.spec.ready_timeout, self._config.max_ready_timeout)
+        exited = asyncio.ensure_future(self._engine.wait_exit(service.container_id))
+        try:
+            while True:
+                elapsed = loop.time() - started
+                remaining = timeout - elapsed
+                if remaining <= 0:
+                    raise HealthTimeout(
+                        f"{service.spec.name} did not answer {service.spec.health} with 2xx "
+                        f"within {timeout:g} s.",
+                        name=service.spec.name, logs=await self._logs(service),
+                    )
+                probe = asyncio.ensure_future(self._probe.healthy(
+                    service.host_port, service.spec.health, min(1.0, remaining)))
+                await asyncio.wait({probe, exited}, return_when=asyncio.FIRST_COMPLETED)
+                if exited.done():
+                    probe.cancel()
+                    await self._raise_exited(service, exited.result())
+                if probe.result():
+                    return
+                pause = min(poll_interval(elapsed), max(0.0, timeout - (loop.time() - started)))
+                await asyncio.wait({exited}, timeout=pause)
+        finally:
+            exited.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await exited
+
+    async def _raise_exited(self, service: Service, exit_code: int) -> None:
+        raise ContainerExited(
+            f"{service.spec.name} exited with code {exit_code} before it became healthy.",
+            name=service.spec.name, exit_code=exit_code, logs=await self._logs(service),
+        )
+
+    async def _logs(self, service: Service) -> list[str]:
+        return await self._engine.logs_tail(service.container_id, LOG_TAIL_LINES)
+
+    # -- stop ----------------------------------------------------------------------------
+
+    async def stop(self, name: str) -> None:
+        """Stop (grace, then kill), remove, release, persist. 404 when nothing is deployed."""
+        async with self._locks[name]:
+            service = self._services.get(name)
+            if service is None:
+                info = await self._engine.inspect(CONTAINER_PREFIX + name)
+                if info is None or service_from_container(self._converter, info) is None:
+                    raise ServiceNotFound(f"No service named {name!r} is deployed on this node.",
+                                          name=name)
+                await self._engine.remove(info["Id"])
+                return
+            await self._engine.stop(service.container_id, self._config.stop_timeout)
+            await self._discard(service)
+            _LOGGER.info("Stopped %s", name)
+
+    async def _discard(self, service: Service) -> None:
+        """Remove the container and forget the service, releasing what it held."""
+        await self._engine.remove(service.container_id)
+        self._services.pop(service.spec.name, None)
+        self._ports.release(service.host_port)
+        await self._save()
+
+    # -- state ---------------------------------------------------------------------------
+
+    async def _save(self) -> None:
+        await self._state_file.save(list(self._services.values()))
+
+    def adopt(self, service: Service) -> None:
+        """Track a service found running at start-up or by a resync."""
+        self._services[service.spec.name] = service
+        self._ports.claim(service.host_port)
+
+    def forget(self, service: Service) -> None:
+        """Drop a record whose container is gone."""
+        if self._services.get(service.spec.name) is service:
+            del self._services[service.spec.name]
+            self._ports.release(service.host_port)

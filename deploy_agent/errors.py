@@ -1,0 +1,108 @@
+"""The agent's exception tree: each class carries its HTTP status and error code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AgentError(Exception):
+    """A failure the caller can act on; answered as `{"ok": false, "error": code, ...}`."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": False, "error": self.code, "message": self.message, **self.extra}
+
+
+class InvalidRequest(AgentError):
+    """The request body is malformed or a field breaks a rule (`details` lists each)."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class MountNotAllowed(AgentError):
+    """A volume names a host path outside the allowed roots."""
+
+    status = 403
+    code = "mount_not_allowed"
+
+
+class ServiceNotFound(AgentError):
+    """No service of that name is deployed on this node."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(AgentError):
+    """The name is deployed with a different spec, or taken by a foreign container."""
+
+    status = 409
+    code = "conflict"
+
+
+class ImageNotFound(AgentError):
+    """The image is neither present nor pullable."""
+
+    status = 422
+    code = "image_not_found"
+
+
+class ContainerExited(AgentError):
+    """The container exited before it became healthy."""
+
+    status = 502
+    code = "container_exited"
+
+
+class EngineError(AgentError):
+    """The Docker engine refused an operation for a reason the agent did not expect."""
+
+    status = 502
+    code = "engine_error"
+
+
+class EngineUnavailable(AgentError):
+    """The Docker engine cannot be reached."""
+
+    status = 503
+    code = "engine_unavailable"
+
+
+class NoGpu(AgentError):
+    """The request needs a GPU and this node has none."""
+
+    status = 503
+    code = "no_gpu"
+
+
+class NoGpuCapacity(AgentError):
+    """No GPU has enough free VRAM for the request."""
+
+    status = 503
+    code = "no_gpu_capacity"
+
+
+class NoPortAvailable(AgentError):
+    """Every host port in the configured range is taken."""
+
+    status = 503
+    code = "no_port_available"
+
+
+class HealthTimeout(AgentError):
+    """The service did not answer its health check within ready_timeout."""
+
+    status = 504
+    code = "health_timeout"
+
+
+class PortTaken(Exception):
+    """Internal: the engine says the host port is already allocated; try the next one."""

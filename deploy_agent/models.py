@@ -1,0 +1,147 @@
+"""attrs models: the deploy spec a caller sends, the service the agent tracks, its answers.
+
+Field types that carry a rule are NewTypes; convert.py registers one checking hook for each,
+so every rule is enforced in one place and reported with the field's path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, NewType
+
+import attrs
+
+ServiceName = NewType("ServiceName", str)
+ImageRef = NewType("ImageRef", str)
+Port = NewType("Port", int)
+VramGb = NewType("VramGb", float)
+HealthPath = NewType("HealthPath", str)
+ReadyTimeout = NewType("ReadyTimeout", float)
+EnvMap = NewType("EnvMap", dict[str, str])
+VolumeList = NewType("VolumeList", tuple[str, ...])
+Command = NewType("Command", tuple[str, ...])
+
+Status = Literal["starting", "healthy", "unhealthy", "exited", "restarting"]
+
+CONTAINER_PREFIX = "tidybot-"
+
+
+@attrs.frozen
+class DeploySpec:
+    """What a caller asks to run: the flat body of `POST /deploy`."""
+
+    name: ServiceName
+    image: ImageRef
+    port: Port = Port(8000)
+    gpu: bool = False
+    vram_gb: VramGb = VramGb(0.0)
+    env: EnvMap = attrs.field(factory=lambda: EnvMap({}))
+    volumes: VolumeList = VolumeList(())
+    health: HealthPath = HealthPath("/health")
+    ready_timeout: ReadyTimeout = ReadyTimeout(60.0)
+    command: Command | None = None
+    version: str | None = None
+    description: str | None = None
+
+    @property
+    def container_name(self) -> str:
+        return CONTAINER_PREFIX + self.name
+
+    def differing_fields(self, other: DeploySpec) -> list[str]:
+        """The fields that change what runs; ready_timeout and metadata don't count."""
+        return [
+            field
+            for field in RUNTIME_FIELDS
+            if getattr(self, field) != getattr(other, field)
+        ]
+
+
+RUNTIME_FIELDS = ("image", "port", "gpu", "vram_gb", "env", "volumes", "health", "command")
+
+
+@attrs.frozen
+class DeployRequest:
+    """A parsed `POST /deploy`: the spec, and whether a different running spec may be replaced."""
+
+    spec: DeploySpec
+    replace: bool = False
+
+
+@attrs.define
+class Service:
+    """A deployment the agent tracks, from reservation until stop."""
+
+    spec: DeploySpec
+    container_id: str
+    host_port: int
+    gpu: int | None = None
+    status: Status = "starting"
+    started_at: float = attrs.field(factory=time.time)
+    exit_code: int | None = None
+    restarts: int = 0
+
+
+@attrs.frozen
+class ServiceView:
+    """A `/services` entry."""
+
+    name: str
+    host: str
+    port: int
+    container_port: int
+    gpu: int | None
+    vram_gb: float
+    status: Status
+    uptime: int
+    image: str
+    restarts: int
+    exit_code: int | None
+
+    @classmethod
+    def of(cls, service: Service, advertise_host: str, now: float) -> ServiceView:
+        return cls(
+            name=service.spec.name,
+            host=service_url(advertise_host, service.host_port),
+            port=service.host_port,
+            container_port=service.spec.port,
+            gpu=service.gpu,
+            vram_gb=service.spec.vram_gb,
+            status=service.status,
+            uptime=max(0, int(now - service.started_at)),
+            image=service.spec.image,
+            restarts=service.restarts,
+            exit_code=service.exit_code,
+        )
+
+
+@attrs.frozen
+class DeployAnswer:
+    """The answer to a successful `POST /deploy`."""
+
+    name: str
+    host: str
+    port: int
+    gpu: int | None
+    status: Status
+    already_running: bool
+    ok: bool = True
+
+
+@attrs.frozen
+class HealthAnswer:
+    """The agent's own `GET /health`."""
+
+    status: Literal["ok", "degraded"]
+    hostname: str
+    gpus: int
+    services_running: int
+    engine: Literal["reachable", "unreachable"]
+    version: str
+
+
+def service_url(advertise_host: str, host_port: int) -> str:
+    host = f"[{advertise_host}]" if ":" in advertise_host else advertise_host
+    return f"http://{host}:{host_port}"
+
+
+JSONObject = dict[str, Any]

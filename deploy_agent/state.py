@@ -1,0 +1,148 @@
+"""Where deployments are remembered: container labels (the truth) and services.json (a copy).
+
+The labels carry the full spec, host port and GPU, so a node whose state file is lost
+or corrupt rebuilds everything from `docker ps`. services.json is written atomically:
+temp file, fsync, rename, fsync of the directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import cattrs
+
+from deploy_agent.engine import MANAGED_LABEL
+from deploy_agent.models import DeploySpec, JSONObject, Service
+
+_LOGGER = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPEC_LABEL = "tidybot.spec"
+HOST_PORT_LABEL = "tidybot.host-port"
+GPU_LABEL = "tidybot.gpu"
+VRAM_LABEL = "tidybot.vram-gb"
+
+
+def labels_for(converter: cattrs.Converter, spec: DeploySpec, host_port: int,
+               gpu: int | None) -> dict[str, str]:
+    """The labels a service container carries so it can be adopted after any restart."""
+    labels = {
+        MANAGED_LABEL: "1",
+        SPEC_LABEL: json.dumps(converter.unstructure(spec), sort_keys=True),
+        HOST_PORT_LABEL: str(host_port),
+        VRAM_LABEL: str(spec.vram_gb),
+    }
+    if gpu is not None:
+        labels[GPU_LABEL] = str(gpu)
+    return labels
+
+
+def service_from_container(converter: cattrs.Converter, info: JSONObject) -> Service | None:
+    """Rebuild a Service from a container's inspect document; None if its labels are unusable."""
+    labels = info.get("Config", {}).get("Labels") or {}
+    try:
+        spec = converter.structure(json.loads(labels[SPEC_LABEL]), DeploySpec)
+        host_port = int(labels[HOST_PORT_LABEL])
+        gpu = int(labels[GPU_LABEL]) if GPU_LABEL in labels else None
+    except (KeyError, ValueError, cattrs.BaseValidationError) as err:
+        _LOGGER.warning("Container %s has unusable agent labels: %s", info.get("Name"), err)
+        return None
+    state = info.get("State", {})
+    service = Service(
+        spec=spec,
+        container_id=info["Id"],
+        host_port=host_port,
+        gpu=gpu,
+        started_at=_parse_docker_time(state.get("StartedAt")) or time.time(),
+        restarts=int(info.get("RestartCount", 0)),
+    )
+    apply_container_state(service, state)
+    return service
+
+
+def apply_container_state(service: Service, state: JSONObject) -> None:
+    """Set status and exit code from a container's State block, keeping a known health."""
+    if state.get("Restarting"):
+        service.status = "restarting"
+        service.exit_code = state.get("ExitCode")
+    elif state.get("Running"):
+        if service.status in ("exited", "restarting"):
+            service.status = "starting"
+        service.exit_code = None
+    else:
+        service.status = "exited"
+        service.exit_code = state.get("ExitCode")
+
+
+def _parse_docker_time(text: str | None) -> float | None:
+    """Docker's RFC 3339 nanosecond times -> epoch seconds."""
+    if not text or text.startswith("0001-"):
+        return None
+    trimmed = text.rstrip("Z")
+    whole, _, fraction = trimmed.partition(".")
+    try:
+        moment = datetime.fromisoformat(whole + "+00:00")
+    except ValueError:
+        return None
+    return moment.timestamp() + (float("0." + fraction) if fraction.isdigit() else 0.0)
+
+
+class StateFile:
+    """services.json: the agent's record of what it runs, rewritten atomically on change."""
+
+    def __init__(self, state_dir: Path, converter: cattrs.Converter) -> None:
+        self.path = state_dir / "services.json"
+        self._converter = converter
+        self._lock = asyncio.Lock()
+
+    def _document(self, services: list[Service]) -> JSONObject:
+        return {
+            "version": FORMAT_VERSION,
+            "services": [self._converter.unstructure(service) for service in services],
+        }
+
+    async def save(self, services: list[Service]) -> None:
+        """Write the services off the event loop; one writer at a time."""
+        document = self._document(services)
+        async with self._lock:
+            await asyncio.to_thread(_write_atomically, self.path, document)
+
+    def load(self) -> list[Service] | None:
+        """The saved services; None when the file is missing or corrupt (kept aside)."""
+        try:
+            document = json.loads(self.path.read_text())
+            if document.get("version") != FORMAT_VERSION:
+                raise ValueError(f"unknown format version {document.get('version')!r}")
+            return self._converter.structure(document["services"], list[Service])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError, AttributeError, cattrs.BaseValidationError) as err:
+            aside = self.path.with_name(f"services.json.corrupt-{int(time.time())}")
+            _LOGGER.warning("%s is unreadable (%s); kept as %s and rebuilt from containers",
+                            self.path, err, aside)
+            self.path.rename(aside)
+            return None
+
+
+def _write_atomically(path: Path, document: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    data = json.dumps(document, indent=1, sort_keys=True).encode()
+    # 0600: specs carry env values, which often hold API keys.
+    with open(tmp, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.replace(path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+

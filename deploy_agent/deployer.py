@@ -60,6 +60,7 @@ class Deployer:
         self._ports = PortAllocator(config.port_range)
         self._services: dict[str, Service] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._generations: defaultdict[str, int] = defaultdict(int)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -76,6 +77,25 @@ class Deployer:
     def lock(self, name: str) -> asyncio.Lock:
         """The lock that serialises deploy, stop and reconcile of one name."""
         return self._locks[name]
+
+    def generations(self) -> dict[str, int]:
+        """A counter per name, bumped on every change to its record.
+
+        A background pass that read the engine earlier compares these to know whether its
+        view of a name is still current, or a deploy or stop has overtaken it.
+        """
+        return dict(self._generations)
+
+    def _track(self, service: Service) -> None:
+        self._services[service.spec.name] = service
+        self._generations[service.spec.name] += 1
+
+    def _untrack(self, service: Service) -> bool:
+        if self._services.get(service.spec.name) is not service:
+            return False
+        del self._services[service.spec.name]
+        self._generations[service.spec.name] += 1
+        return True
 
     # -- deploy --------------------------------------------------------------------------
 
@@ -147,7 +167,7 @@ class Deployer:
                                       tuple(spec.volumes), spec.command, labels)
             container_id = await self._engine.create(spec.container_name, config)
             service = Service(spec=spec, container_id=container_id, host_port=host_port)
-            self._services[spec.name] = service
+            self._track(service)
             await self._engine.start(container_id)
             await self._wait_healthy(service)
         except BaseException:
@@ -159,8 +179,7 @@ class Deployer:
 
     async def _roll_back(self, spec: DeploySpec, service: Service | None, host_port: int) -> None:
         if service is not None:
-            if self._services.get(spec.name) is service:
-                del self._services[spec.name]
+            self._untrack(service)
             with contextlib.suppress(EngineUnavailable):
                 await self._engine.remove(service.container_id)
         self._ports.release(host_port)
@@ -225,7 +244,7 @@ class Deployer:
     async def _discard(self, service: Service) -> None:
         """Remove the container and forget the service, releasing what it held."""
         await self._engine.remove(service.container_id)
-        self._services.pop(service.spec.name, None)
+        self._untrack(service)
         self._ports.release(service.host_port)
         await self._save()
 
@@ -236,11 +255,10 @@ class Deployer:
 
     def adopt(self, service: Service) -> None:
         """Track a service found running at start-up or by a resync."""
-        self._services[service.spec.name] = service
+        self._track(service)
         self._ports.claim(service.host_port)
 
     def forget(self, service: Service) -> None:
         """Drop a record whose container is gone."""
-        if self._services.get(service.spec.name) is service:
-            del self._services[service.spec.name]
+        if self._untrack(service):
             self._ports.release(service.host_port)

@@ -140,15 +140,25 @@ class Reconciler:
             _LOGGER.exception("Resync failed")
 
     async def resync(self) -> None:
-        """Compare the table with the containers, adopt or drop, then probe every service."""
+        """Compare the table with the containers, adopt or drop, then probe every service.
+
+        Names that a deploy or stop touched while the containers were being listed are
+        left alone: the listing is already stale for them.
+        """
+        before = self._deployer.generations()
         infos = await self._engine.list_managed()
         self.engine_reachable = True
+        now = self._deployer.generations()
+
+        def current(name: str) -> bool:
+            return now.get(name, 0) == before.get(name, 0) and not self._deployer.lock(name).locked()
+
         by_id = {info["Id"]: info for info in infos}
         changed = False
         for service in self._deployer.services():
-            if self._deployer.lock(service.spec.name).locked():
-                continue
             info = by_id.pop(service.container_id, None)
+            if not current(service.spec.name):
+                continue
             if info is None:
                 _LOGGER.info("Dropping %s: its container is gone", service.spec.name)
                 self._deployer.forget(service)
@@ -156,12 +166,12 @@ class Reconciler:
                 continue
             apply_container_state(service, info.get("State", {}))
             service.restarts = int(info.get("RestartCount", service.restarts))
+        tracked = {s.spec.name for s in self._deployer.services()}
         for info in by_id.values():
             adopted = service_from_container(self._converter, info)
-            if adopted is not None and not self._deployer.lock(adopted.spec.name).locked():
-                if adopted.spec.name not in {s.spec.name for s in self._deployer.services()}:
-                    self._deployer.adopt(adopted)
-                    changed = True
+            if adopted and adopted.spec.name not in tracked and current(adopted.spec.name):
+                self._deployer.adopt(adopted)
+                changed = True
         await self._probe_all()
         if changed:
             await self._state_file.save(self._deployer.services())

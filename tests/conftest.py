@@ -1,0 +1,151 @@
+"""Fixtures shared by the suite: the real engine, the test image, a local registry, an agent.
+
+Docker-marked tests need a running engine. Under CI (CI=true) a missing engine fails the
+run; elsewhere those tests are skipped so the unit tests still run alone. Everything a
+test creates is removed: containers named tidybot-t-*, the registry, temp files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiodocker
+import pytest
+from aiohttp.test_utils import TestClient
+
+from deploy_agent.app import create_app
+from deploy_agent.config import Config
+
+HERE = Path(__file__).parent
+TEST_IMAGE = "deploy-agent-test/httpd:1"
+TEST_PORT_RANGE = (28000, 28999)
+TEST_NAME_PREFIX = "t-"  # every service a test deploys is named t-..., so cleanup is exact
+
+
+def engine_available() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not any(item.get_closest_marker("docker") for item in items) or engine_available():
+        return
+    if os.environ.get("CI") == "true":
+        raise pytest.UsageError("CI=true but no Docker engine answers: .ci/run must start dockerd")
+    skip = pytest.mark.skip(reason="no Docker engine running (start dockerd to run these)")
+    for item in items:
+        if item.get_closest_marker("docker"):
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def remove_test_containers() -> None:
+    names = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"name=^/tidybot-{TEST_NAME_PREFIX}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    if names:
+        subprocess.run(["docker", "rm", "-f", *names], capture_output=True, check=True)
+
+
+@pytest.fixture(scope="session")
+def test_image() -> str:
+    """The busybox service image, built once if this engine lacks it."""
+    present = subprocess.run(["docker", "image", "inspect", TEST_IMAGE], capture_output=True)
+    if present.returncode != 0:
+        subprocess.run([str(HERE / "images" / "build.sh"), TEST_IMAGE], check=True)
+    return TEST_IMAGE
+
+
+@pytest.fixture(scope="session")
+def registry(test_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A docker-registry on 127.0.0.1 holding the test image; yields 'localhost:PORT'."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        pytest.skip("docker-registry is not installed (.ci/run installs it)")
+    root = tmp_path_factory.mktemp("registry")
+    port = free_port()
+    (root / "config.yml").write_text(json.dumps({
+        "version": 0.1,
+        "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+        "http": {"addr": f"127.0.0.1:{port}"},
+        "log": {"level": "error"},
+    }))
+    process = subprocess.Popen([binary, "serve", str(root / "config.yml")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield f"localhost:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def pushed_image(registry: str, test_image: str) -> Iterator[str]:
+    """The test image in the local registry only (not on the engine), so a deploy must pull."""
+    ref = f"{registry}/deploy-agent-test/pullme:{time.monotonic_ns()}"
+    subprocess.run(["docker", "tag", test_image, ref], check=True, capture_output=True)
+    subprocess.run(["docker", "push", ref], check=True, capture_output=True)
+    subprocess.run(["docker", "rmi", ref], check=True, capture_output=True)
+    yield ref
+    remove_test_containers()
+    subprocess.run(["docker", "rmi", "-f", ref], capture_output=True)
+
+
+def make_config(state_dir: Path, **overrides: object) -> Config:
+    values: dict[str, object] = {
+        "host": "127.0.0.1", "port": 0, "state_dir": state_dir,
+        "advertise_host": "127.0.0.1", "port_range": TEST_PORT_RANGE, "stop_timeout": 2,
+    }
+    values.update(overrides)
+    return Config(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def agent_config(tmp_path: Path) -> Config:
+    return make_config(tmp_path / "state")
+
+
+@pytest.fixture
+async def agent(
+    aiohttp_client: object, agent_config: Config, test_image: str
+) -> AsyncIterator[TestClient]:  # type: ignore[type-arg]
+    """The app against the real engine; its test containers are removed afterwards."""
+    agent_config.state_dir.mkdir(parents=True, exist_ok=True)
+    remove_test_containers()
+    client = await aiohttp_client(create_app(agent_config, resync_interval_s=0.5))  # type: ignore[operator]
+    try:
+        yield client
+    finally:
+        remove_test_containers()
+
+
+@pytest.fixture
+async def docker() -> AsyncIterator[aiodocker.Docker]:
+    client = aiodocker.Docker()
+    yield client
+    await client.close()

@@ -1,0 +1,99 @@
+"""The installed `deploy-agent` command: help, start-up errors, and serving the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_IMAGE, free_port, remove_test_containers
+
+COMMAND = [shutil.which("deploy-agent") or "deploy-agent"]  # the installed console script
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*COMMAND, *args], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **(env or {})})
+
+
+class TestCommandLine:
+    """Help explains every flag; a bad state dir is one clear line, not a traceback."""
+
+    def test_help_lists_every_flag(self) -> None:
+        out = run("--help").stdout
+        for flag in ("--host", "--port", "--state-dir", "--advertise-host", "--port-range",
+                     "--docker-host", "--log-level"):
+            assert flag in out
+        assert "DEPLOY_AGENT_" in out
+
+    def test_uncreatable_state_dir_is_one_line(self, tmp_path: Path) -> None:
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        result = run("--state-dir", str(blocker / "state"), "--port", str(free_port()))
+        assert result.returncode != 0
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert "cannot create state dir" in result.stderr and "Traceback" not in result.stderr
+
+
+def get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (loopback only)
+        return json.loads(response.read())
+
+
+def post_json(url: str, body: object) -> tuple[int, object]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture
+def running_agent(tmp_path: Path) -> Iterator[str]:
+    """The installed command serving on a free loopback port, stopped with SIGTERM after."""
+    port = free_port()
+    process = subprocess.Popen(
+        [*COMMAND, "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(tmp_path / "s"),
+         "--advertise-host", "127.0.0.1", "--port-range", "28500-28599"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                get_json(url + "/health")
+                break
+            except OSError:
+                assert process.poll() is None, process.communicate()[0]
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        remove_test_containers()
+
+
+@pytest.mark.docker
+class TestServing:
+    """`deploy-agent --host --port --state-dir --advertise-host` serves the API."""
+
+    def test_deploy_list_stop(self, running_agent: str, test_image: str, tmp_path: Path) -> None:
+        assert get_json(running_agent + "/health")["status"] == "ok"  # type: ignore[index]
+        status, answer = post_json(running_agent + "/deploy", {"name": "t-cli", "image": TEST_IMAGE})
+        assert status == 200, answer
+        assert answer["host"].startswith("http://127.0.0.1:285")  # type: ignore[index]
+        assert [s["name"] for s in get_json(running_agent + "/services")] == ["t-cli"]  # type: ignore[union-attr, index]
+        assert (tmp_path / "s" / "services.json").exists()
+        assert post_json(running_agent + "/stop", {"name": "t-cli"})[0] == 200
+        assert get_json(running_agent + "/services") == []

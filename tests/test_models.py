@@ -1,0 +1,56 @@
+"""Tests for deploy_agent.models: answer shapes and spec comparison."""
+
+from __future__ import annotations
+
+import attrs
+
+from deploy_agent.convert import make_converter
+from deploy_agent.models import DeployAnswer, DeploySpec, Service, ServiceView, service_url
+
+
+def spec(**changes: object) -> DeploySpec:
+    base = make_converter().structure({"name": "yolo", "image": "img:1"}, DeploySpec)
+    return attrs.evolve(base, **changes)
+
+
+class TestServiceView:
+    """A /services entry carries the spec's fields plus the live ones."""
+
+    def test_shape(self) -> None:
+        service = Service(spec=spec(port=8010), container_id="abc", host_port=8011, gpu=0,
+                          status="healthy", started_at=1000.0)
+        view = make_converter().unstructure(ServiceView.of(service, "10.0.0.5", now=4600.9))
+        assert view["host"] == "http://10.0.0.5:8011"
+        assert (view["port"], view["container_port"], view["uptime"]) == (8011, 8010, 3600)
+        assert {"name", "host", "port", "gpu", "status", "uptime", "image"} <= set(view)
+
+    def test_env_values_never_appear(self) -> None:
+        service = Service(spec=spec(env={"API_KEY": "s3cret"}), container_id="a", host_port=1)
+        assert "s3cret" not in str(make_converter().unstructure(ServiceView.of(service, "h", 0)))
+
+    def test_ipv6_advertise_host_is_bracketed(self) -> None:
+        assert service_url("fe80::1", 8000) == "http://[fe80::1]:8000"
+
+
+class TestDeployAnswer:
+    """The deploy answer has the spec's fields."""
+
+    def test_shape(self) -> None:
+        answer = make_converter().unstructure(
+            DeployAnswer(name="a", host="http://h:1", port=1, gpu=None, status="healthy",
+                         already_running=False))
+        assert set(answer) == {"ok", "name", "host", "port", "gpu", "status", "already_running"}
+        assert answer["ok"] is True
+
+
+class TestDifferingFields:
+    """Only fields that change what runs make a redeploy a conflict."""
+
+    def test_same_spec(self) -> None:
+        assert spec().differing_fields(spec()) == []
+
+    def test_runtime_fields_differ(self) -> None:
+        assert spec(port=1, env={"A": "1"}).differing_fields(spec()) == ["port", "env"]
+
+    def test_ready_timeout_and_metadata_do_not(self) -> None:
+        assert spec(ready_timeout=5.0, version="2").differing_fields(spec()) == []

@@ -1,0 +1,70 @@
+"""Tests for deploy_agent.ports: the preferred port if free, else the next free in range."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from deploy_agent.errors import NoPortAvailable
+from deploy_agent.ports import PortAllocator, bound_on_host
+
+
+@pytest.fixture
+def listener() -> socket.socket:
+    """A real socket listening on a free port in the test range."""
+    for port in range(29000, 29100):
+        sock = socket.socket()
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            sock.close()
+            continue
+        sock.listen()
+        return sock
+    pytest.skip("no free port to listen on")
+
+
+class TestPortAllocator:
+    """Reservations never collide with each other, published ports, or bound sockets."""
+
+    def test_preferred_port_when_free(self) -> None:
+        assert PortAllocator((29200, 29210)).reserve(29205, set()) == 29205
+
+    def test_reserved_port_goes_to_the_next(self) -> None:
+        ports = PortAllocator((29200, 29210))
+        assert [ports.reserve(29205, set()) for _ in range(3)] == [29205, 29206, 29207]
+
+    def test_published_port_is_skipped(self) -> None:
+        assert PortAllocator((29200, 29210)).reserve(29205, {29205, 29206}) == 29207
+
+    def test_port_bound_on_host_is_skipped(self, listener: socket.socket) -> None:
+        port = listener.getsockname()[1]
+        with listener:
+            assert bound_on_host(port)
+            assert PortAllocator((port, port + 5)).reserve(port, set()) == port + 1
+        assert not bound_on_host(port)
+
+    def test_wraps_to_the_start_of_the_range(self) -> None:
+        ports = PortAllocator((29200, 29202))
+        assert [ports.reserve(29202, set()) for _ in range(3)] == [29202, 29200, 29201]
+
+    def test_preferred_outside_range_starts_at_range_low(self) -> None:
+        assert PortAllocator((29200, 29210)).reserve(80, set()) == 29200
+
+    def test_refused_ports_are_skipped(self) -> None:
+        assert PortAllocator((29200, 29210)).reserve(29200, set(), frozenset({29200})) == 29201
+
+    def test_exhausted_range_is_503(self) -> None:
+        ports = PortAllocator((29200, 29201))
+        ports.reserve(29200, set())
+        ports.reserve(29200, set())
+        with pytest.raises(NoPortAvailable) as caught:
+            ports.reserve(29200, set())
+        assert caught.value.status == 503
+
+    def test_release_frees_the_port(self) -> None:
+        ports = PortAllocator((29200, 29210))
+        port = ports.reserve(29200, set())
+        ports.release(port)
+        assert ports.reserve(29200, set()) == port

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import shlex
+from collections.abc import Callable
 from typing import Any
 
 import cattrs
@@ -192,12 +193,13 @@ def make_converter() -> cattrs.Converter:
     for simple, hook in ((str, _strict_str), (int, _strict_int), (float, _strict_float),
                          (bool, _strict_bool)):
         converter.register_structure_hook(simple, hook)
-    for newtype, hook in (
+    rules: tuple[tuple[Any, Callable[[Any, Any], Any]], ...] = (
         (ServiceName, _service_name), (ImageRef, _image_ref), (Port, _port),
         (VramGb, _vram_gb), (HealthPath, _health_path), (ReadyTimeout, _ready_timeout),
         (EnvMap, _env_map), (VolumeList, _volume_list), (Command, _command),
-    ):
-        converter.register_structure_hook(newtype, hook)
+    )
+    for newtype, rule in rules:
+        converter.register_structure_hook(newtype, rule)
     return converter
 
 
@@ -237,9 +239,11 @@ def flatten_manifest(body: JSONObject) -> tuple[JSONObject, dict[str, str], list
         for key, value in nested.items():
             if key not in mapping:
                 details.append({"field": section, "message": f"unknown field(s): {key}"})
-            elif mapping[key] is not None:
-                flat[mapping[key]] = value
-                origin[mapping[key]] = f"{section}.{key}"
+                continue
+            target = mapping[key]
+            if target is not None:
+                flat[target] = value
+                origin[target] = f"{section}.{key}"
     if "deploy" in body and isinstance(body["deploy"], dict) and "image" not in body["deploy"]:
         details.append({"field": "deploy.image", "message": "is required"})
     return flat, origin, details

@@ -27,9 +27,10 @@ def host_path_refusal(source: str, config: Config) -> str | None:
         path == tree or tree in path.parents for tree in ALWAYS_FORBIDDEN_TREES
     ):
         return f"{source} is a system path that is never mounted into services"
-    if not any(path == root or PurePosixPath(root) in path.parents for root in config.allow_host_paths):
-        roots = ", ".join(str(r) for r in config.allow_host_paths) or "none configured"
-        return (f"{source} is not under an allowed host path ({roots}); "
+    roots = [PurePosixPath(root) for root in config.allow_host_paths]
+    if not any(path == root or root in path.parents for root in roots):
+        allowed = ", ".join(str(root) for root in roots) or "none configured"
+        return (f"{source} is not under an allowed host path ({allowed}); "
                 "use a named volume or start the agent with --allow-host-path")
     return None
 

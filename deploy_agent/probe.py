@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
 
@@ -25,5 +23,5 @@ class HealthProbe:
                 allow_redirects=False,
             ) as response:
                 return 200 <= response.status < 300
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -65,7 +65,7 @@ class TestFlatBody:
 class TestNestedManifest:
     """The service.yaml form as JSON maps onto the flat fields; unknown keys are refused."""
 
-    MANIFEST = {
+    MANIFEST: ClassVar[dict[str, Any]] = {
         "name": "yolo-service", "version": "0.2.0", "description": "YOLO-E",
         "requires": {"gpu": True, "vram_gb": 8, "ram_gb": 4},
         "deploy": {"image": "tidybot/yolo-service:0.2.0", "port": 8010,

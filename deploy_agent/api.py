@@ -17,6 +17,7 @@ from deploy_agent.config import Config
 from deploy_agent.convert import parse_deploy_request, parse_stop_request
 from deploy_agent.deployer import Deployer
 from deploy_agent.errors import AgentError, InvalidRequest
+from deploy_agent.gpus import GpuPool
 from deploy_agent.models import DeployAnswer, HealthAnswer, ServiceView
 from deploy_agent.reconciler import Reconciler
 
@@ -26,6 +27,7 @@ CONFIG_KEY = web.AppKey("config", Config)
 CONVERTER_KEY = web.AppKey("converter", cattrs.Converter)
 DEPLOYER_KEY = web.AppKey("deployer", Deployer)
 RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
+GPUS_KEY = web.AppKey("gpus", GpuPool)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -95,7 +97,7 @@ async def health(request: web.Request) -> web.Response:
     return answer(request, HealthAnswer(
         status="ok" if reachable else "degraded",
         hostname=socket.gethostname(),
-        gpus=0,
+        gpus=request.app[GPUS_KEY].count,
         services_running=running,
         engine="reachable" if reachable else "unreachable",
         version=__version__,
@@ -130,7 +132,7 @@ async def stop(request: web.Request) -> web.Response:
 
 
 async def gpus(request: web.Request) -> web.Response:
-    return web.json_response([])
+    return answer(request, request.app[GPUS_KEY].views())
 
 
 def add_routes(app: web.Application) -> None:

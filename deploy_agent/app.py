@@ -15,6 +15,7 @@ from deploy_agent.api import (
     CONFIG_KEY,
     CONVERTER_KEY,
     DEPLOYER_KEY,
+    GPUS_KEY,
     RECONCILER_KEY,
     add_routes,
     error_middleware,
@@ -23,6 +24,7 @@ from deploy_agent.config import Config
 from deploy_agent.convert import make_converter
 from deploy_agent.deployer import Deployer
 from deploy_agent.engine import Engine
+from deploy_agent.gpus import GpuInventory, GpuPool, open_inventory
 from deploy_agent.probe import HealthProbe
 from deploy_agent.reconciler import Reconciler
 from deploy_agent.state import StateFile
@@ -34,8 +36,8 @@ RECONCILE_TASK_KEY = web.AppKey("reconcile_task", asyncio.Task[None])
 
 
 def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
-               resync_interval_s: float = 5.0) -> web.Application:
-    """The aiohttp app; `docker` lets tests hand in their own client."""
+               gpus: GpuInventory | None = None, resync_interval_s: float = 5.0) -> web.Application:
+    """The aiohttp app; `docker` and `gpus` let tests hand in their own engine client and GPUs."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
     app[CONFIG_KEY] = config
     app[CONVERTER_KEY] = make_converter()
@@ -48,6 +50,15 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         if docker is None:
             await engine.close()
 
+    async def gpus_ctx(app: web.Application) -> AsyncIterator[None]:
+        inventory: GpuInventory = (
+            gpus if gpus is not None else await asyncio.to_thread(open_inventory, config.fake_gpus))
+        pool = GpuPool(inventory)
+        await pool.refresh(())
+        app[GPUS_KEY] = pool
+        yield
+        await asyncio.to_thread(inventory.close)
+
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True)
@@ -55,7 +66,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
             probe = HealthProbe(session, config.health_host)
             converter = app[CONVERTER_KEY]
             state_file = StateFile(config.state_dir, converter)
-            deployer = Deployer(config, app[ENGINE_KEY], probe, state_file, converter)
+            deployer = Deployer(config, app[ENGINE_KEY], probe, app[GPUS_KEY], state_file, converter)
             reconciler = Reconciler(deployer, app[ENGINE_KEY], probe, state_file, converter,
                                     resync_interval_s)
             app[DEPLOYER_KEY] = deployer
@@ -69,5 +80,6 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
                 await task
 
     app.cleanup_ctx.append(engine_ctx)
+    app.cleanup_ctx.append(gpus_ctx)
     app.cleanup_ctx.append(services_ctx)
     return app

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import attrs
 
+from deploy_agent.gpus import parse_fake_gpus
+
 ENV_PREFIX = "DEPLOY_AGENT_"
 MIB = 1024 * 1024
 
@@ -66,6 +68,7 @@ class Config:
     stop_timeout: int = 10
     max_body_bytes: int = MIB
     health_host: str = "127.0.0.1"
+    fake_gpus: str | None = None
 
 
 def _env(environ: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -106,7 +109,18 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--health-host", default=_env(environ, "health_host", "127.0.0.1"),
         help="address the agent reaches published service ports on for health checks "
         "(default: %(default)s)")
+    add("--fake-gpus", type=_fake_gpus, default=_env(environ, "fake_gpus"), metavar="NAME:GB,...",
+        help="simulate GPUs for development and tests, e.g. 'RTX 4090:24,RTX 4090:24': placement "
+        "and accounting are real, containers get NVIDIA_VISIBLE_DEVICES and no device")
     return parser
+
+
+def _fake_gpus(text: str) -> str:
+    try:
+        parse_fake_gpus(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -128,4 +142,5 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         max_ready_timeout=args.max_ready_timeout,
         stop_timeout=args.stop_timeout,
         health_host=args.health_host,
+        fake_gpus=args.fake_gpus or None,
     )

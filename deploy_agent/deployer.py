@@ -17,11 +17,11 @@ from deploy_agent.errors import (
     ContainerExited,
     EngineUnavailable,
     HealthTimeout,
-    NoGpu,
     NoPortAvailable,
     PortTaken,
     ServiceNotFound,
 )
+from deploy_agent.gpus import Assignment, GpuPool
 from deploy_agent.models import CONTAINER_PREFIX, DeployRequest, DeploySpec, Service
 from deploy_agent.policy import check_mounts
 from deploy_agent.ports import PortAllocator
@@ -50,9 +50,10 @@ class DeployOutcome:
 class Deployer:
     """Owns the service table; serialises work per name, runs different names in parallel."""
 
-    def __init__(self, config: Config, engine: Engine, probe: HealthProbe,
+    def __init__(self, config: Config, engine: Engine, probe: HealthProbe, gpus: GpuPool,
                  state_file: StateFile, converter: cattrs.Converter) -> None:
         self._config = config
+        self._gpus = gpus
         self._engine = engine
         self._probe = probe
         self._state_file = state_file
@@ -103,8 +104,6 @@ class Deployer:
         """Answer an existing healthy deployment, or replace/launch one; never half-done."""
         spec = request.spec
         check_mounts(spec, self._config)
-        if spec.gpu:
-            raise NoGpu("This node has no GPU; deploy it without gpu: true or on a GPU node.")
         async with self._locks[spec.name]:
             existing = self._services.get(spec.name)
             if existing is not None:
@@ -143,30 +142,43 @@ class Deployer:
             await self._engine.pull(image)
 
     async def _launch(self, spec: DeploySpec) -> Service:
-        await self._ensure_image(spec.image)
-        published = await self._engine.published_ports()
-        refused: set[int] = set()
-        for _ in range(PORT_ATTEMPTS):
-            host_port = self._ports.reserve(spec.port, published, frozenset(refused))
-            try:
-                service = await self._create_and_start(spec, host_port)
-            except PortTaken:
-                _LOGGER.info("Host port %s was taken under us; trying the next", host_port)
-                refused.add(host_port)
-                continue
-            await self._save()
-            return service
-        raise NoPortAvailable(f"The engine refused {PORT_ATTEMPTS} host ports in a row for {spec.name}.")
+        """Reserve a GPU (before a long pull, so a full node answers at once), then a port."""
+        assignment = None
+        if spec.gpu:
+            await self.refresh_gpus()
+            assignment = self._gpus.reserve(spec.name, spec.vram_gb)
+        try:
+            await self._ensure_image(spec.image)
+            published = await self._engine.published_ports()
+            refused: set[int] = set()
+            for _ in range(PORT_ATTEMPTS):
+                host_port = self._ports.reserve(spec.port, published, frozenset(refused))
+                try:
+                    service = await self._create_and_start(spec, host_port, assignment)
+                except PortTaken:
+                    _LOGGER.info("Host port %s was taken under us; trying the next", host_port)
+                    refused.add(host_port)
+                    continue
+                await self._save()
+                return service
+            raise NoPortAvailable(
+                f"The engine refused {PORT_ATTEMPTS} host ports in a row for {spec.name}.")
+        except BaseException:
+            self._gpus.release(spec.name)
+            raise
 
-    async def _create_and_start(self, spec: DeploySpec, host_port: int) -> Service:
+    async def _create_and_start(self, spec: DeploySpec, host_port: int,
+                                assignment: Assignment | None) -> Service:
         """Create, start, wait healthy. On any failure nothing is left: container, port, record."""
         service: Service | None = None
         try:
-            labels = labels_for(self._converter, spec, host_port, gpu=None)
-            config = container_config(spec.image, spec.port, host_port, dict(spec.env),
-                                      tuple(spec.volumes), spec.command, labels)
+            gpu = assignment.index if assignment else None
+            gpu_env, device_requests = self._gpus.handoff(assignment) if assignment else ({}, [])
+            labels = labels_for(self._converter, spec, host_port, gpu)
+            config = container_config(spec.image, spec.port, host_port, {**spec.env, **gpu_env},
+                                      tuple(spec.volumes), spec.command, labels, device_requests)
             container_id = await self._engine.create(spec.container_name, config)
-            service = Service(spec=spec, container_id=container_id, host_port=host_port)
+            service = Service(spec=spec, container_id=container_id, host_port=host_port, gpu=gpu)
             self._track(service)
             await self._engine.start(container_id)
             await self._wait_healthy(service)
@@ -174,7 +186,8 @@ class Deployer:
             await asyncio.shield(self._roll_back(spec, service, host_port))
             raise
         service.status = "healthy"
-        _LOGGER.info("Deployed %s on host port %s", spec.name, host_port)
+        _LOGGER.info("Deployed %s on host port %s%s", spec.name, host_port,
+                     f", GPU {gpu}" if gpu is not None else "")
         return service
 
     async def _roll_back(self, spec: DeploySpec, service: Service | None, host_port: int) -> None:
@@ -245,8 +258,12 @@ class Deployer:
         """Remove the container and forget the service, releasing what it held."""
         await self._engine.remove(service.container_id)
         self._untrack(service)
-        self._ports.release(service.host_port)
+        self._release(service)
         await self._save()
+
+    async def refresh_gpus(self) -> None:
+        """Re-read the GPUs, telling the pool which containers are the agent's own."""
+        await self._gpus.refresh(s.container_id for s in self._services.values())
 
     # -- state ---------------------------------------------------------------------------
 
@@ -257,8 +274,14 @@ class Deployer:
         """Track a service found running at start-up or by a resync."""
         self._track(service)
         self._ports.claim(service.host_port)
+        if service.gpu is not None:
+            self._gpus.claim(service.spec.name, service.gpu, service.spec.vram_gb)
 
     def forget(self, service: Service) -> None:
         """Drop a record whose container is gone."""
         if self._untrack(service):
-            self._ports.release(service.host_port)
+            self._release(service)
+
+    def _release(self, service: Service) -> None:
+        self._ports.release(service.host_port)
+        self._gpus.release(service.spec.name)

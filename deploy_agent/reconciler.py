@@ -172,6 +172,7 @@ class Reconciler:
             if adopted and adopted.spec.name not in tracked and current(adopted.spec.name):
                 self._deployer.adopt(adopted)
                 changed = True
+        await self._deployer.refresh_gpus()
         await self._probe_all()
         if changed:
             await self._state_file.save(self._deployer.services())

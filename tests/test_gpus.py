@@ -1,0 +1,312 @@
+"""Tests for deploy_agent.gpus: inventories, accounting and placement."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deploy_agent.errors import NoGpu, NoGpuCapacity
+from deploy_agent.gpus import (
+    GIB,
+    FakeGpus,
+    GpuPool,
+    GpuProcess,
+    GpuReading,
+    NoGpus,
+    NvmlGpus,
+    open_inventory,
+    parse_fake_gpus,
+)
+
+
+class StaticGpus:
+    """An inventory whose readings a test sets directly."""
+
+    simulated = False
+
+    def __init__(self, readings: list[GpuReading]) -> None:
+        self.readings = readings
+
+    def read(self) -> list[GpuReading]:
+        return self.readings
+
+    def close(self) -> None:
+        pass
+
+
+def reading(index: int, total: float = 24, used: float = 0,
+            processes: tuple[GpuProcess, ...] | None = ()) -> GpuReading:
+    return GpuReading(index=index, uuid=f"GPU-{index}", name="RTX 4090", total_gb=total,
+                      used_gb=used, processes=processes)
+
+
+async def pool_of(*readings: GpuReading, agent: tuple[str, ...] = ()) -> GpuPool:
+    pool = GpuPool(StaticGpus(list(readings)))
+    await pool.refresh(agent)
+    return pool
+
+
+class TestPlacement:
+    """The least-committed GPU that fits; ties go to fewer services, then the lower index."""
+
+    async def test_lowest_committed_fraction_wins(self) -> None:
+        pool = await pool_of(reading(0), reading(1))
+        assert [pool.reserve(f"s{i}", 8).index for i in range(4)] == [0, 1, 0, 1]
+
+    async def test_fraction_not_absolute_free(self) -> None:
+        pool = await pool_of(reading(0, total=80), reading(1, total=24))
+        pool.reserve("big", 40)  # GPU 0: 50% committed, 40 GB free
+        assert pool.reserve("next", 8).index == 1  # 0% committed beats 40 GB free
+
+    async def test_tie_goes_to_fewer_services(self) -> None:
+        pool = await pool_of(reading(0, total=24), reading(1, total=48))
+        pool.claim("a", 0, 6)
+        pool.claim("b", 0, 6)  # GPU 0: 50%, 2 services
+        pool.claim("c", 1, 24)  # GPU 1: 50%, 1 service
+        assert pool.reserve("d", 1).index == 1
+
+    async def test_tie_goes_to_lower_index(self) -> None:
+        pool = await pool_of(reading(0), reading(1))
+        assert pool.reserve("a", 0).index == 0
+
+    async def test_no_fit_is_503_listing_free_per_gpu(self) -> None:
+        pool = await pool_of(reading(0), reading(1))
+        pool.reserve("a", 20)
+        with pytest.raises(NoGpuCapacity) as caught:
+            pool.reserve("b", 30)
+        assert caught.value.status == 503
+        assert "GPU 0 (RTX 4090) has 4.0 GB free" in caught.value.message
+        assert "GPU 1 (RTX 4090) has 24.0 GB free" in caught.value.message
+        assert caught.value.extra["free_gb"] == {"0": 4.0, "1": 24.0}
+
+    async def test_no_gpus_is_no_gpu(self) -> None:
+        with pytest.raises(NoGpu):
+            (await pool_of()).reserve("a", 1)
+
+    async def test_release_frees_the_reservation(self) -> None:
+        pool = await pool_of(reading(0))
+        pool.reserve("a", 24)
+        pool.release("a")
+        assert pool.reserve("b", 24).index == 0
+
+    async def test_claimed_reservation_counts(self) -> None:
+        pool = await pool_of(reading(0), reading(1))
+        pool.claim("adopted", 0, 20)
+        assert pool.reserve("new", 8).index == 1
+        assert pool.views()[0].services == ["adopted"]
+
+
+class TestAccounting:
+    """Foreign memory counts against free; the agent's own processes do not count twice."""
+
+    async def test_foreign_processes_count(self) -> None:
+        mine, theirs = "a" * 64, "b" * 64
+        processes = (GpuProcess(1, 6, mine), GpuProcess(2, 10, theirs), GpuProcess(3, 2, None))
+        pool = await pool_of(reading(0, used=18, processes=processes), agent=(mine,))
+        pool.claim("svc", 0, 8)
+        assert pool.foreign_gb(pool._readings[0]) == 12
+        assert pool.free_gb(pool._readings[0]) == 24 - 8 - 12
+
+    async def test_without_process_info_foreign_is_used_minus_reserved(self) -> None:
+        pool = await pool_of(reading(0, used=10, processes=None))
+        pool.claim("svc", 0, 8)
+        assert pool.foreign_gb(pool._readings[0]) == 2
+        pool.claim("svc", 0, 16)
+        assert pool.foreign_gb(pool._readings[0]) == 0  # never below zero
+
+    async def test_foreign_use_steers_placement(self) -> None:
+        pool = await pool_of(reading(0, used=20, processes=(GpuProcess(9, 20, None),)), reading(1))
+        assert pool.reserve("a", 2).index == 1
+        with pytest.raises(NoGpuCapacity):
+            pool.reserve("b", 23)
+
+    async def test_views(self) -> None:
+        pool = await pool_of(reading(0, used=3, processes=(GpuProcess(9, 3, None),)))
+        pool.reserve("svc", 8)
+        view = pool.views()[0]
+        assert (view.id, view.vram_total_gb, view.vram_used_gb) == (0, 24, 3)
+        assert (view.vram_reserved_gb, view.vram_free_gb, view.services) == (8, 13, ["svc"])
+
+
+@st.composite
+def operations(draw: st.DrawFn) -> list[tuple[str, str, float]]:
+    names = [f"s{i}" for i in range(8)]
+    return draw(st.lists(st.tuples(
+        st.sampled_from(["deploy", "fail", "stop"]), st.sampled_from(names),
+        st.floats(min_value=0, max_value=30, allow_nan=False)), max_size=60))
+
+
+class TestNeverOverCommits:
+    """No sequence of deploys, failures and stops reserves more than a GPU holds."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(ops=operations(), sizes=st.lists(st.sampled_from([8.0, 16.0, 24.0, 80.0]),
+                                             min_size=1, max_size=4))
+    def test_property(self, ops: list[tuple[str, str, float]], sizes: list[float]) -> None:
+        pool = GpuPool(StaticGpus([]))
+        pool._readings = [reading(i, total=size) for i, size in enumerate(sizes)]
+        running: set[str] = set()
+        for action, name, vram in ops:
+            if action in ("deploy", "fail") and name not in running:
+                try:
+                    pool.reserve(name, vram)
+                except NoGpuCapacity:
+                    continue
+                if action == "fail":
+                    pool.release(name)
+                else:
+                    running.add(name)
+            elif action == "stop":
+                pool.release(name)
+                running.discard(name)
+            for r in pool._readings:
+                assert pool.reserved_gb(r.index) <= r.total_gb + 1e-9
+                assert pool.free_gb(r) >= -1e-9
+
+
+class TestFakeGpus:
+    """--fake-gpus declares simulated GPUs; the hand-off is an env var, no device."""
+
+    def test_parse(self) -> None:
+        gpus = parse_fake_gpus("RTX 4090:24, A100 80GB:80")
+        assert [(g.index, g.name, g.total_gb) for g in gpus] == [(0, "RTX 4090", 24), (1, "A100 80GB", 80)]
+
+    @pytest.mark.parametrize("bad", ["RTX", "RTX:", ":24", "RTX:x", "RTX:0", "RTX:-1"])
+    def test_parse_rejects(self, bad: str) -> None:
+        with pytest.raises(ValueError, match="NAME:GB"):
+            parse_fake_gpus(bad)
+
+    async def test_fake_handoff_is_env_only(self) -> None:
+        pool = GpuPool(FakeGpus("RTX 4090:24,RTX 4090:24"))
+        await pool.refresh(())
+        pool.reserve("a", 20)
+        env, requests = pool.handoff(pool.reserve("b", 8))
+        assert (env, requests) == ({"NVIDIA_VISIBLE_DEVICES": "1"}, [])
+        assert pool.views()[1].vram_used_gb == 8  # simulated use is what was declared
+
+    async def test_nvml_handoff_is_a_device_request_by_uuid(self) -> None:
+        pool = await pool_of(reading(0), reading(1))
+        pool.reserve("a", 20)
+        env, requests = pool.handoff(pool.reserve("b", 8))
+        assert env == {}
+        assert requests == [{"Driver": "", "Count": 0, "DeviceIDs": ["GPU-1"],
+                             "Capabilities": [["gpu"]], "Options": {}}]
+        assert "CUDA_VISIBLE_DEVICES" not in str((env, requests))
+
+
+# -- the NVML inventory against a fake pynvml that behaves like the real one ----------------
+
+
+def fake_nvml(devices: list[dict[str, Any]], init_error: str | None = None) -> types.ModuleType:
+    """A module with pynvml's names: errors as classes, bytes names on old drivers."""
+    nvml = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):
+        pass
+
+    class NVMLError_DriverNotLoaded(NVMLError):
+        pass
+
+    nvml.NVMLError = NVMLError  # type: ignore[attr-defined]
+    nvml.NVML_DEVICE_MIG_ENABLE = 1  # type: ignore[attr-defined]
+    state = {"initialised": False, "shut_down": False}
+
+    def check() -> None:
+        if not state["initialised"]:
+            raise NVMLError("Uninitialized")
+
+    def init() -> None:
+        if init_error == "driver":
+            raise NVMLError_DriverNotLoaded("Driver Not Loaded")
+        state["initialised"] = True
+
+    def maybe(device: dict[str, Any], key: str) -> Any:
+        check()
+        value = device[key]
+        if value == "unsupported":
+            raise NVMLError_NotSupported("Not Supported")
+        return value
+
+    nvml.nvmlInit = init  # type: ignore[attr-defined]
+    nvml.nvmlShutdown = lambda: state.update(shut_down=True)  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetCount = lambda: (check(), len(devices))[1]  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: (check(), devices[i])[1]  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetName = lambda d: maybe(d, "name")  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetUUID = lambda d: maybe(d, "uuid")  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetMemoryInfo = lambda d: types.SimpleNamespace(  # type: ignore[attr-defined]
+        total=maybe(d, "total"), used=maybe(d, "used"), free=d["total"] - d["used"])
+    nvml.nvmlDeviceGetUtilizationRates = lambda d: types.SimpleNamespace(  # type: ignore[attr-defined]
+        gpu=maybe(d, "util"), memory=0)
+    nvml.nvmlDeviceGetComputeRunningProcesses = lambda d: [  # type: ignore[attr-defined]
+        types.SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in maybe(d, "procs")]
+    nvml.nvmlDeviceGetMigMode = lambda d: (maybe(d, "mig"), maybe(d, "mig"))  # type: ignore[attr-defined]
+    nvml.state = state  # type: ignore[attr-defined]
+    return nvml
+
+
+def device(**overrides: Any) -> dict[str, Any]:
+    base = {"name": "NVIDIA RTX 4090", "uuid": "GPU-aaaa", "total": 24 * GIB, "used": 2 * GIB,
+            "util": 37, "procs": [], "mig": 0}
+    return {**base, **overrides}
+
+
+class TestNvmlInventory:
+    """Readings from NVML as real drivers give them, quirks included."""
+
+    def test_reads_every_device(self) -> None:
+        nvml = fake_nvml([device(), device(name=b"Tesla V100", uuid=b"GPU-bbbb", total=16 * GIB)])
+        gpus = NvmlGpus(nvml).read()
+        assert [(g.index, g.name, g.uuid, g.total_gb) for g in gpus] == [
+            (0, "NVIDIA RTX 4090", "GPU-aaaa", 24), (1, "Tesla V100", "GPU-bbbb", 16)]
+        assert gpus[0].used_gb == 2 and gpus[0].utilization_pct == 37
+
+    def test_processes_are_matched_to_containers(self, tmp_path: Path) -> None:
+        container = "c" * 64
+        (tmp_path / "100").mkdir()
+        (tmp_path / "100" / "cgroup").write_text(f"0::/system.slice/docker-{container}.scope\n")
+        (tmp_path / "200").mkdir()
+        (tmp_path / "200" / "cgroup").write_text("0::/user.slice/session-1.scope\n")
+        nvml = fake_nvml([device(procs=[(100, 4 * GIB), (200, GIB), (300, GIB)])])
+        processes = NvmlGpus(nvml, proc=tmp_path).read()[0].processes
+        assert processes == (GpuProcess(100, 4, container), GpuProcess(200, 1, None),
+                             GpuProcess(300, 1, None))
+
+    def test_hidden_per_process_memory_means_unknown(self) -> None:
+        nvml = fake_nvml([device(procs=[(100, None)])])
+        assert NvmlGpus(nvml).read()[0].processes is None
+
+    def test_unsupported_queries_are_none(self) -> None:
+        nvml = fake_nvml([device(util="unsupported", procs="unsupported", mig="unsupported")])
+        gpu = NvmlGpus(nvml).read()[0]
+        assert (gpu.utilization_pct, gpu.processes, gpu.mig) == (None, None, False)
+        assert gpu.total_gb == 24
+
+    def test_mig_enabled_device(self) -> None:
+        nvml = fake_nvml([device(name="NVIDIA A100-SXM4-80GB", total=80 * GIB, mig=1,
+                                 util="unsupported", procs="unsupported")])
+        gpu = NvmlGpus(nvml).read()[0]
+        assert gpu.mig is True and gpu.total_gb == 80 and gpu.processes is None
+
+    def test_driver_not_loaded_means_no_gpus(self) -> None:
+        inventory = open_inventory(None, nvml=fake_nvml([device()], init_error="driver"))
+        assert isinstance(inventory, NoGpus) and inventory.read() == []
+
+    def test_missing_library_means_no_gpus(self) -> None:
+        # This machine has no NVIDIA driver: the real pynvml fails to load libnvidia-ml.
+        assert open_inventory(None).read() == [] or pytest.skip("this machine has an NVIDIA GPU")
+
+    def test_close_shuts_nvml_down(self) -> None:
+        nvml = fake_nvml([device()])
+        NvmlGpus(nvml).close()
+        assert nvml.state["shut_down"] is True  # type: ignore[attr-defined]
+
+    def test_fake_gpus_win_over_nvml(self) -> None:
+        assert isinstance(open_inventory("A:1", nvml=fake_nvml([device()])), FakeGpus)

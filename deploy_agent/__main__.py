@@ -12,6 +12,8 @@ from aiohttp import web
 from deploy_agent.app import create_app
 from deploy_agent.config import parse_config
 
+_LOGGER = logging.getLogger("deploy_agent")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
@@ -26,8 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{err.strerror}") from None
     if not os.access(config.state_dir, os.W_OK):
         raise SystemExit(f"deploy-agent: state dir {config.state_dir} is not writable")
-    web.run_app(create_app(config), host=config.host, port=config.port,
-                print=None, access_log=None)
+    # SIGTERM and SIGINT: stop accepting, give deploys in flight shutdown_timeout_s, then
+    # roll back what is left and flush state (app cleanup); services keep running.
+    web.run_app(create_app(config), host=config.host, port=config.port, print=None,
+                access_log=None, shutdown_timeout=config.shutdown_timeout_s)
+    _LOGGER.info("Stopped; services keep running")
     return 0
 
 

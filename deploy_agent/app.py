@@ -36,7 +36,7 @@ RECONCILE_TASK_KEY = web.AppKey("reconcile_task", asyncio.Task[None])
 
 
 def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
-               gpus: GpuInventory | None = None, resync_interval_s: float = 5.0) -> web.Application:
+               gpus: GpuInventory | None = None) -> web.Application:
     """The aiohttp app; `docker` and `gpus` let tests hand in their own engine client and GPUs."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
     app[CONFIG_KEY] = config
@@ -68,7 +68,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
             state_file = StateFile(config.state_dir, converter)
             deployer = Deployer(config, app[ENGINE_KEY], probe, app[GPUS_KEY], state_file, converter)
             reconciler = Reconciler(deployer, app[ENGINE_KEY], probe, state_file, converter,
-                                    resync_interval_s)
+                                    config.resync_interval_s)
             app[DEPLOYER_KEY] = deployer
             app[RECONCILER_KEY] = reconciler
             await reconciler.start_up()
@@ -78,6 +78,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            await deployer.close()
 
     app.cleanup_ctx.append(engine_ctx)
     app.cleanup_ctx.append(gpus_ctx)

@@ -69,6 +69,8 @@ class Config:
     max_body_bytes: int = MIB
     health_host: str = "127.0.0.1"
     fake_gpus: str | None = None
+    resync_interval_s: float = 5.0
+    shutdown_timeout_s: float = 30.0
 
 
 def _env(environ: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -109,6 +111,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--health-host", default=_env(environ, "health_host", "127.0.0.1"),
         help="address the agent reaches published service ports on for health checks "
         "(default: %(default)s)")
+    add("--resync-interval", type=float, default=_env(environ, "resync_interval", "5"),
+        metavar="SECONDS", help="how often every service is re-checked and health-probed "
+        "(default: %(default)s)")
+    add("--shutdown-timeout", type=float, default=_env(environ, "shutdown_timeout", "30"),
+        metavar="SECONDS", help="on SIGTERM, how long a deploy in flight may take to finish "
+        "before it is rolled back (default: %(default)s)")
     add("--fake-gpus", type=_fake_gpus, default=_env(environ, "fake_gpus"), metavar="NAME:GB,...",
         help="simulate GPUs for development and tests, e.g. 'RTX 4090:24,RTX 4090:24': placement "
         "and accounting are real, containers get NVIDIA_VISIBLE_DEVICES and no device")
@@ -143,4 +151,6 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         stop_timeout=args.stop_timeout,
         health_host=args.health_host,
         fake_gpus=args.fake_gpus or None,
+        resync_interval_s=args.resync_interval,
+        shutdown_timeout_s=args.shutdown_timeout,
     )

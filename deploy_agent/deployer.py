@@ -62,6 +62,7 @@ class Deployer:
         self._services: dict[str, Service] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._generations: defaultdict[str, int] = defaultdict(int)
+        self._rollbacks: set[asyncio.Task[None]] = set()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -86,6 +87,9 @@ class Deployer:
         view of a name is still current, or a deploy or stop has overtaken it.
         """
         return dict(self._generations)
+
+    def generation(self, name: str) -> int:
+        return self._generations.get(name, 0)
 
     def _track(self, service: Service) -> None:
         self._services[service.spec.name] = service
@@ -183,7 +187,12 @@ class Deployer:
             await self._engine.start(container_id)
             await self._wait_healthy(service)
         except BaseException:
-            await asyncio.shield(self._roll_back(spec, service, host_port))
+            # Shielded and tracked: a deploy cancelled at shutdown still removes its container,
+            # and close() waits for that before the process exits.
+            rollback = asyncio.ensure_future(self._roll_back(spec, service, host_port))
+            self._rollbacks.add(rollback)
+            rollback.add_done_callback(self._rollbacks.discard)
+            await asyncio.shield(rollback)
             raise
         service.status = "healthy"
         _LOGGER.info("Deployed %s on host port %s%s", spec.name, host_port,
@@ -191,6 +200,8 @@ class Deployer:
         return service
 
     async def _roll_back(self, spec: DeploySpec, service: Service | None, host_port: int) -> None:
+        _LOGGER.info("Deploy of %s failed or was cancelled; removing its container and "
+                     "releasing host port %s", spec.name, host_port)
         if service is not None:
             self._untrack(service)
             with contextlib.suppress(EngineUnavailable):
@@ -259,6 +270,12 @@ class Deployer:
         await self._engine.remove(service.container_id)
         self._untrack(service)
         self._release(service)
+        await self._save()
+
+    async def close(self) -> None:
+        """Finish rollbacks of cancelled deploys and flush the state file."""
+        if self._rollbacks:
+            await asyncio.gather(*self._rollbacks, return_exceptions=True)
         await self._save()
 
     async def refresh_gpus(self) -> None:

@@ -134,17 +134,15 @@ class Engine:
         return info
 
     async def list_managed(self) -> list[JSONObject]:
-        """Inspect documents of every container the agent created, running or not."""
+        """One `docker ps -a` summary (Id, State, Labels) per container the agent created.
+
+        A single cheap call, for resyncs; inspect() gives the details when they are needed.
+        """
         with _translated("list containers"):
             containers = await self._docker.containers.list(
                 all=True, filters={"label": [MANAGED_LABEL]}
             )
-        found = []
-        for container in containers:
-            info = await self.inspect(container.id)
-            if info is not None:
-                found.append(info)
-        return found
+        return [{"Id": c.id, "State": c["State"], "Labels": c["Labels"] or {}} for c in containers]
 
     async def logs_tail(self, container_id: str, lines: int = 20) -> list[str]:
         """The last lines the container wrote (stdout and stderr); [] when unavailable."""

@@ -17,7 +17,13 @@ from deploy_agent.engine import Engine
 from deploy_agent.errors import AgentError
 from deploy_agent.models import CONTAINER_PREFIX, Service
 from deploy_agent.probe import HealthProbe
-from deploy_agent.state import StateFile, apply_container_state, service_from_container
+from deploy_agent.state import (
+    StateFile,
+    apply_container_state,
+    service_from_container,
+    summary_name,
+    summary_state,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -47,14 +53,18 @@ class Reconciler:
         try:
             infos = await self._engine.list_managed()
         except AgentError as err:
-            _LOGGER.warning("Cannot list containers at start (%s); will retry in the background",
-                            err.message)
+            _LOGGER.warning("Cannot list containers at start (%s); serving the %d service(s) of "
+                            "%s until the engine is back", err.message, len(recorded or []),
+                            self._state_file.path)
+            for service in recorded or []:
+                self._deployer.adopt(service)
             return
         self.engine_reachable = True
-        for info in infos:
-            service = service_from_container(self._converter, info)
-            if service is not None:
-                self._deployer.adopt(service)
+        for summary in infos:
+            info = await self._engine.inspect(summary["Id"])
+            found = service_from_container(self._converter, info) if info else None
+            if found is not None:
+                self._deployer.adopt(found)
         adopted = {s.spec.name for s in self._deployer.services()}
         for lost in {s.spec.name for s in recorded or []} - adopted:
             _LOGGER.info("Dropping %s: its container is gone", lost)
@@ -148,10 +158,10 @@ class Reconciler:
         before = self._deployer.generations()
         infos = await self._engine.list_managed()
         self.engine_reachable = True
-        now = self._deployer.generations()
 
         def current(name: str) -> bool:
-            return now.get(name, 0) == before.get(name, 0) and not self._deployer.lock(name).locked()
+            unchanged = self._deployer.generation(name) == before.get(name, 0)
+            return unchanged and not self._deployer.lock(name).locked()
 
         by_id = {info["Id"]: info for info in infos}
         changed = False
@@ -164,18 +174,31 @@ class Reconciler:
                 self._deployer.forget(service)
                 changed = True
                 continue
-            apply_container_state(service, info.get("State", {}))
-            service.restarts = int(info.get("RestartCount", service.restarts))
+            was_down = service.status == "exited"
+            apply_container_state(service, summary_state(info["State"]))
+            if service.status == "exited" and not was_down:
+                await self._refresh_from_inspect(service)
         tracked = {s.spec.name for s in self._deployer.services()}
-        for info in by_id.values():
-            adopted = service_from_container(self._converter, info)
-            if adopted and adopted.spec.name not in tracked and current(adopted.spec.name):
+        for summary in by_id.values():
+            name = summary_name(summary)
+            if not name or name in tracked or not current(name):
+                continue
+            info = await self._engine.inspect(summary["Id"])
+            adopted = service_from_container(self._converter, info) if info else None
+            if adopted is not None and current(adopted.spec.name):
                 self._deployer.adopt(adopted)
                 changed = True
         await self._deployer.refresh_gpus()
         await self._probe_all()
         if changed:
             await self._state_file.save(self._deployer.services())
+
+    async def _refresh_from_inspect(self, service: Service) -> None:
+        """Exit code and restart count, which `docker ps` does not give."""
+        info = await self._engine.inspect(service.container_id)
+        if info is not None:
+            apply_container_state(service, info.get("State", {}))
+            service.restarts = int(info.get("RestartCount", service.restarts))
 
     async def _probe_all(self) -> None:
         """Probe every running service at once, each with a short timeout."""

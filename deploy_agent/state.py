@@ -68,7 +68,7 @@ def service_from_container(converter: cattrs.Converter, info: JSONObject) -> Ser
 
 
 def apply_container_state(service: Service, state: JSONObject) -> None:
-    """Set status and exit code from a container's State block, keeping a known health."""
+    """Set status and exit code from an inspect State block, keeping a known health."""
     if state.get("Restarting"):
         service.status = "restarting"
         service.exit_code = state.get("ExitCode")
@@ -79,6 +79,21 @@ def apply_container_state(service: Service, state: JSONObject) -> None:
     else:
         service.status = "exited"
         service.exit_code = state.get("ExitCode")
+
+
+def summary_state(summary_state: str) -> JSONObject:
+    """A `docker ps` State word ("running", "restarting", "exited", ...) as an inspect State block."""
+    return {"Running": summary_state in ("running", "restarting"),
+            "Restarting": summary_state == "restarting"}
+
+
+def summary_name(summary: JSONObject) -> str | None:
+    """The service name a `docker ps` summary's spec label declares."""
+    try:
+        name = json.loads(summary["Labels"][SPEC_LABEL])["name"]
+    except (KeyError, ValueError, TypeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _parse_docker_time(text: str | None) -> float | None:

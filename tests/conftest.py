@@ -120,6 +120,7 @@ def make_config(state_dir: Path, **overrides: object) -> Config:
     values: dict[str, object] = {
         "host": "127.0.0.1", "port": 0, "state_dir": state_dir,
         "advertise_host": "127.0.0.1", "port_range": TEST_PORT_RANGE, "stop_timeout": 2,
+        "resync_interval_s": 0.5,
     }
     values.update(overrides)
     return Config(**values)  # type: ignore[arg-type]
@@ -137,7 +138,7 @@ async def agent(
     """The app against the real engine; its test containers are removed afterwards."""
     agent_config.state_dir.mkdir(parents=True, exist_ok=True)
     remove_test_containers()
-    client = await aiohttp_client(create_app(agent_config, resync_interval_s=0.5))  # type: ignore[operator]
+    client = await aiohttp_client(create_app(agent_config))  # type: ignore[operator]
     try:
         yield client
     finally:

@@ -359,7 +359,7 @@ class TestEngineUnreachable:
 
     async def test_health_and_deploy(self, aiohttp_client: Any, tmp_path: Path) -> None:
         config = make_config(tmp_path, docker_host=f"unix://{tmp_path}/no-docker.sock")
-        client = await aiohttp_client(create_app(config, resync_interval_s=0.5))
+        client = await aiohttp_client(create_app(config))
         health = await (await client.get("/health")).json()
         assert (health["status"], health["engine"]) == ("degraded", "unreachable")
         status, answer = await deploy(client, name="t-noengine")

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.agent_process import COMMAND, AgentProcess, get_json, post_json
 from tests.conftest import TEST_IMAGE, free_port, remove_test_containers
-
-COMMAND = [shutil.which("deploy-agent") or "deploy-agent"]  # the installed console script
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*COMMAND, *args], capture_output=True, text=True, timeout=30,
+    return subprocess.run([COMMAND, *args], capture_output=True, text=True, timeout=30,
                           env={**os.environ, **(env or {})})
 
 
@@ -42,45 +37,15 @@ class TestCommandLine:
         assert "cannot create state dir" in result.stderr and "Traceback" not in result.stderr
 
 
-def get_json(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
-
-
-def post_json(url: str, body: object) -> tuple[int, object]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 @pytest.fixture
 def running_agent(tmp_path: Path) -> Iterator[str]:
     """The installed command serving on a free loopback port, stopped with SIGTERM after."""
-    port = free_port()
-    process = subprocess.Popen(
-        [*COMMAND, "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(tmp_path / "s"),
-         "--advertise-host", "127.0.0.1", "--port-range", "28500-28599"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    agent = AgentProcess(tmp_path / "s")
+    agent.start()
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                get_json(url + "/health")
-                break
-            except OSError:
-                assert process.poll() is None, process.communicate()[0]
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-        yield url
+        yield agent.url
     finally:
-        process.terminate()
-        process.wait(timeout=20)
+        agent.close()
         remove_test_containers()
 
 

@@ -1,0 +1,178 @@
+"""Restarts, crashes, lost state and signals, with real agent processes and the real engine."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent_process import AgentProcess, post_json
+from tests.conftest import TEST_IMAGE, remove_test_containers
+from tests.test_api_docker import test_containers
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture
+def agent(tmp_path: Path, test_image: str) -> Iterator[AgentProcess]:
+    remove_test_containers()
+    process = AgentProcess(tmp_path / "state")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.close()
+        remove_test_containers()
+
+
+def deploy(agent: AgentProcess, name: str, **body: Any) -> dict[str, Any]:
+    status, answer = post_json(agent.url + "/deploy", {"name": name, "image": TEST_IMAGE, **body})
+    assert status == 200, answer
+    return dict(answer)
+
+
+def wait_until(condition: Any, timeout: float = 10.0) -> float:
+    """Seconds until condition() is true; fails after timeout."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, "condition not reached in time"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def state_document(agent: AgentProcess) -> dict[str, Any]:
+    return dict(json.loads((agent.state_dir / "services.json").read_text()))
+
+
+class TestRestart:
+    """A restarted agent adopts its containers: nothing lost, nothing doubled."""
+
+    def test_sigkill_and_restart_keeps_services_and_idempotency(self, agent: AgentProcess) -> None:
+        first = {name: deploy(agent, name) for name in ("t-keep-a", "t-keep-b")}
+        agent.stop(signal.SIGKILL)
+        agent.start()
+        services = agent.services()
+        assert set(services) == {"t-keep-a", "t-keep-b"}
+        for name, answer in first.items():
+            assert services[name]["host"] == answer["host"] and services[name]["status"] == "healthy"
+        again = deploy(agent, "t-keep-a")
+        assert again["already_running"] is True and again["host"] == first["t-keep-a"]["host"]
+        fresh = deploy(agent, "t-keep-c")  # the adopted ports stay reserved
+        assert fresh["port"] not in {a["port"] for a in first.values()}
+
+    def test_container_removed_while_down_is_dropped(self, agent: AgentProcess) -> None:
+        deploy(agent, "t-gone")
+        deploy(agent, "t-stay")
+        agent.stop(signal.SIGKILL)
+        subprocess.run(["docker", "rm", "-f", "tidybot-t-gone"], check=True, capture_output=True)
+        agent.start()
+        assert set(agent.services()) == {"t-stay"}
+        assert [s["spec"]["name"] for s in state_document(agent)["services"]] == ["t-stay"]
+
+    def test_lost_state_file_is_rebuilt_from_labels(self, agent: AgentProcess) -> None:
+        deploy(agent, "t-lost", env={"MODEL": "m.pt"}, port=8000)
+        agent.stop()
+        (agent.state_dir / "services.json").unlink()
+        agent.start()
+        assert agent.services()["t-lost"]["status"] == "healthy"
+        assert deploy(agent, "t-lost", env={"MODEL": "m.pt"})["already_running"] is True
+        assert [s["spec"]["name"] for s in state_document(agent)["services"]] == ["t-lost"]
+
+    def test_corrupt_state_file_is_kept_aside_and_rebuilt(self, agent: AgentProcess) -> None:
+        deploy(agent, "t-corrupt")
+        agent.stop()
+        (agent.state_dir / "services.json").write_text('{"version": 1, "services": [{"trunc')
+        agent.start()
+        assert "t-corrupt" in agent.services()
+        kept = list(agent.state_dir.glob("services.json.corrupt-*"))
+        assert len(kept) == 1 and kept[0].read_text().endswith('{"trunc')
+        assert [s["spec"]["name"] for s in state_document(agent)["services"]] == ["t-corrupt"]
+
+
+class TestLiveReconcile:
+    """Container events show in /services at once."""
+
+    def test_killed_service_shows_exited_within_1_s(self, agent: AgentProcess) -> None:
+        deploy(agent, "t-killed")
+        subprocess.run(["docker", "kill", "tidybot-t-killed"], check=True, capture_output=True)
+        elapsed = wait_until(
+            lambda: agent.services()["t-killed"]["status"] in ("exited", "restarting"), timeout=5)
+        assert elapsed < 1.0
+
+    def test_stopped_service_shows_exit_code_then_recovers_on_restart(
+        self, agent: AgentProcess
+    ) -> None:
+        deploy(agent, "t-cycle")
+        subprocess.run(["docker", "stop", "-t", "0", "tidybot-t-cycle"], check=True, capture_output=True)
+        wait_until(lambda: agent.services()["t-cycle"]["status"] == "exited")
+        assert agent.services()["t-cycle"]["exit_code"] is not None
+        subprocess.run(["docker", "start", "tidybot-t-cycle"], check=True, capture_output=True)
+        wait_until(lambda: agent.services()["t-cycle"]["status"] == "healthy")
+        assert agent.services()["t-cycle"]["restarts"] >= 1
+        assert agent.services()["t-cycle"]["exit_code"] is None
+
+    def test_removed_behind_its_back_is_dropped(self, agent: AgentProcess) -> None:
+        deploy(agent, "t-rm")
+        subprocess.run(["docker", "rm", "-f", "tidybot-t-rm"], check=True, capture_output=True)
+        wait_until(lambda: "t-rm" not in agent.services(), timeout=3)
+
+
+class TestCrashMidDeploy:
+    """SIGKILL during a deploy leaves nothing the restarted agent doesn't track or remove."""
+
+    def test_sigkill_during_health_wait(self, agent: AgentProcess) -> None:
+        pending = agent.deploy_in_background(
+            {"name": "t-mid", "image": TEST_IMAGE, "env": {"DELAY": "2"}})
+        wait_until(lambda: test_containers() == ["tidybot-t-mid"])
+        agent.stop(signal.SIGKILL)
+        pending["thread"].join(5)
+        agent.start()
+        assert "t-mid" in agent.services()  # tracked again
+        wait_until(lambda: agent.services()["t-mid"]["status"] == "healthy")
+        assert deploy(agent, "t-mid", env={"DELAY": "2"})["already_running"] is True
+        assert post_json(agent.url + "/stop", {"name": "t-mid"})[0] == 200
+        assert test_containers() == []
+
+
+class TestGracefulShutdown:
+    """SIGTERM lets a deploy in flight finish, flushes state, exits 0; services keep running."""
+
+    def test_deploy_in_flight_finishes(self, agent: AgentProcess) -> None:
+        deploy(agent, "t-before")
+        pending = agent.deploy_in_background(
+            {"name": "t-during", "image": TEST_IMAGE, "env": {"DELAY": "1"}})
+        wait_until(lambda: "tidybot-t-during" in test_containers())
+        assert agent.stop(signal.SIGTERM) == 0
+        pending["thread"].join(5)
+        assert pending.get("status") == 200, pending
+        running = subprocess.run(["docker", "ps", "--format", "{{.Names}}"], capture_output=True,
+                                 text=True, check=True).stdout.split()
+        assert {"tidybot-t-before", "tidybot-t-during"} <= set(running)
+        names = {s["spec"]["name"] for s in state_document(agent)["services"]}
+        assert names == {"t-before", "t-during"}
+
+    def test_deploy_past_the_bound_is_rolled_back(self, tmp_path: Path, test_image: str) -> None:
+        agent = AgentProcess(tmp_path / "state", "--shutdown-timeout", "0.5")
+        agent.start()
+        try:
+            pending = agent.deploy_in_background(
+                {"name": "t-slowstop", "image": TEST_IMAGE, "env": {"DELAY": "20"}})
+            wait_until(lambda: "tidybot-t-slowstop" in test_containers())
+            started = time.monotonic()
+            assert agent.stop(signal.SIGTERM) == 0
+            assert time.monotonic() - started < 10
+            pending["thread"].join(5)
+            assert test_containers() == []
+        finally:
+            agent.close()
+            remove_test_containers()
+
+    def test_sigint_exits_0(self, agent: AgentProcess) -> None:
+        assert agent.stop(signal.SIGINT) == 0
+        assert (agent.state_dir / "services.json").exists()

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,18 +54,21 @@ def state_document(agent: AgentProcess) -> dict[str, Any]:
 class TestRestart:
     """A restarted agent adopts its containers: nothing lost, nothing doubled."""
 
-    def test_sigkill_and_restart_keeps_services_and_idempotency(self, agent: AgentProcess) -> None:
-        first = {name: deploy(agent, name) for name in ("t-keep-a", "t-keep-b")}
+    def test_sigkill_with_20_services_keeps_them_and_idempotency(self, agent: AgentProcess) -> None:
+        names = [f"t-keep-{i}" for i in range(20)]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            first = dict(zip(names, pool.map(lambda name: deploy(agent, name), names), strict=True))
         agent.stop(signal.SIGKILL)
         agent.start()
         services = agent.services()
-        assert set(services) == {"t-keep-a", "t-keep-b"}
+        assert set(services) == set(names)
         for name, answer in first.items():
             assert services[name]["host"] == answer["host"] and services[name]["status"] == "healthy"
-        again = deploy(agent, "t-keep-a")
-        assert again["already_running"] is True and again["host"] == first["t-keep-a"]["host"]
-        fresh = deploy(agent, "t-keep-c")  # the adopted ports stay reserved
+        again = deploy(agent, "t-keep-0")
+        assert again["already_running"] is True and again["host"] == first["t-keep-0"]["host"]
+        fresh = deploy(agent, "t-keep-new")  # the adopted ports stay reserved
         assert fresh["port"] not in {a["port"] for a in first.values()}
+        assert len(test_containers()) == 21
 
     def test_container_removed_while_down_is_dropped(self, agent: AgentProcess) -> None:
         deploy(agent, "t-gone")

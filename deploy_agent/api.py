@@ -6,11 +6,12 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 import cattrs
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from deploy_agent import __version__
 from deploy_agent.config import Config
@@ -28,8 +29,7 @@ CONVERTER_KEY = web.AppKey("converter", cattrs.Converter)
 DEPLOYER_KEY = web.AppKey("deployer", Deployer)
 RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
 GPUS_KEY = web.AppKey("gpus", GpuPool)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPENAPI_KEY = web.AppKey("openapi", bytes)
 
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 RUNNING = ("starting", "healthy", "unhealthy")
@@ -51,7 +51,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except AgentError as err:
-        return web.json_response(err.to_json(), status=err.status)
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return web.json_response(err.to_json(), status=err.status, headers=headers)
     except web.HTTPException as err:
         if err.status < 400:
             raise
@@ -135,8 +136,19 @@ async def gpus(request: web.Request) -> web.Response:
     return answer(request, request.app[GPUS_KEY].views())
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI_KEY], content_type="application/json")
+
+
+def openapi_document() -> bytes:
+    """The OpenAPI 3.1 description shipped in the package."""
+    return resources.files("deploy_agent").joinpath("openapi.json").read_bytes()
+
+
 def add_routes(app: web.Application) -> None:
+    app[OPENAPI_KEY] = openapi_document()
     app.router.add_routes([
+        web.get("/openapi.json", openapi),
         web.get("/health", health),
         web.get("/services", list_services),
         web.get("/services/{name}", get_service),

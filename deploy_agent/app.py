@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import aiodocker
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from deploy_agent.api import (
     CONFIG_KEY,
@@ -20,6 +21,7 @@ from deploy_agent.api import (
     add_routes,
     error_middleware,
 )
+from deploy_agent.auth import auth_middleware
 from deploy_agent.config import Config
 from deploy_agent.convert import make_converter
 from deploy_agent.deployer import Deployer
@@ -38,7 +40,10 @@ RECONCILE_TASK_KEY = web.AppKey("reconcile_task", asyncio.Task[None])
 def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
                gpus: GpuInventory | None = None) -> web.Application:
     """The aiohttp app; `docker` and `gpus` let tests hand in their own engine client and GPUs."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    middlewares: list[Middleware] = [error_middleware]
+    if config.token is not None:
+        middlewares.append(auth_middleware(config.token))
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[CONFIG_KEY] = config
     app[CONVERTER_KEY] = make_converter()
     add_routes(app)

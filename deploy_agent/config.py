@@ -71,6 +71,8 @@ class Config:
     fake_gpus: str | None = None
     resync_interval_s: float = 5.0
     shutdown_timeout_s: float = 30.0
+    allow_images: tuple[str, ...] = ()
+    token: str | None = attrs.field(default=None, repr=False)  # never in a log line
 
 
 def _env(environ: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -117,6 +119,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--shutdown-timeout", type=float, default=_env(environ, "shutdown_timeout", "30"),
         metavar="SECONDS", help="on SIGTERM, how long a deploy in flight may take to finish "
         "before it is rolled back (default: %(default)s)")
+    add("--token-file", type=Path, default=_env(environ, "token_file"), metavar="PATH",
+        help="file holding the bearer token every request but GET /health must carry; "
+        "or set the token itself in DEPLOY_AGENT_TOKEN (default: no authentication)")
+    add("--allow-image", action="append", default=None, metavar="PATTERN",
+        help="only deploy images whose full reference matches this glob, e.g. "
+        "'registry.lab:5000/*' (repeatable; env: comma-separated; default: any image)")
     add("--fake-gpus", type=_fake_gpus, default=_env(environ, "fake_gpus"), metavar="NAME:GB,...",
         help="simulate GPUs for development and tests, e.g. 'RTX 4090:24,RTX 4090:24': placement "
         "and accounting are real, containers get NVIDIA_VISIBLE_DEVICES and no device")
@@ -138,6 +146,9 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     allow = args.allow_host_path
     if allow is None:
         allow = [Path(p) for p in (_env(environ, "allow_host_path") or "").split(":") if p]
+    images = args.allow_image
+    if images is None:
+        images = [p.strip() for p in (_env(environ, "allow_image") or "").split(",") if p.strip()]
     return Config(
         host=args.host,
         port=args.port,
@@ -153,4 +164,19 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         fake_gpus=args.fake_gpus or None,
         resync_interval_s=args.resync_interval,
         shutdown_timeout_s=args.shutdown_timeout,
+        allow_images=tuple(images),
+        token=read_token(args.token_file, _env(environ, "token")),
     )
+
+
+def read_token(token_file: Path | None, token_env: str | None) -> str | None:
+    """The bearer token from --token-file, else DEPLOY_AGENT_TOKEN; None when neither is set."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as err:
+            raise SystemExit(f"deploy-agent: cannot read token file {token_file}: {err.strerror}") from None
+        if not token:
+            raise SystemExit(f"deploy-agent: token file {token_file} is empty")
+        return token
+    return token_env.strip() or None if token_env else None

@@ -23,7 +23,7 @@ from deploy_agent.errors import (
 )
 from deploy_agent.gpus import Assignment, GpuPool
 from deploy_agent.models import CONTAINER_PREFIX, DeployRequest, DeploySpec, Service
-from deploy_agent.policy import check_mounts
+from deploy_agent.policy import check_deploy
 from deploy_agent.ports import PortAllocator
 from deploy_agent.probe import HealthProbe
 from deploy_agent.state import StateFile, labels_for, service_from_container
@@ -107,7 +107,7 @@ class Deployer:
     async def deploy(self, request: DeployRequest) -> DeployOutcome:
         """Answer an existing healthy deployment, or replace/launch one; never half-done."""
         spec = request.spec
-        check_mounts(spec, self._config)
+        check_deploy(spec, self._config)
         async with self._locks[spec.name]:
             existing = self._services.get(spec.name)
             if existing is not None:

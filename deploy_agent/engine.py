@@ -210,7 +210,12 @@ def container_config(
             "PortBindings": {port_key: [{"HostIp": "", "HostPort": str(host_port)}]},
             "RestartPolicy": {"Name": "unless-stopped"},
             "Binds": list(volumes),
+            # Never more than a plain `docker run`: no privileges, no added capabilities,
+            # no host network, pid or ipc namespace.
             "Privileged": False,
+            "CapAdd": [],
+            "PidMode": "",
+            "IpcMode": "private",
             "Init": True,  # signals reach the service and zombies are reaped, even as PID 1
             "NetworkMode": "bridge",
         },

@@ -27,6 +27,20 @@ class InvalidRequest(AgentError):
     code = "invalid_request"
 
 
+class Unauthorized(AgentError):
+    """The request lacks the agent's bearer token, or carries a wrong one."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class ImageNotAllowed(AgentError):
+    """The image does not match the node's --allow-image patterns."""
+
+    status = 403
+    code = "image_not_allowed"
+
+
 class MountNotAllowed(AgentError):
     """A volume names a host path outside the allowed roots."""
 

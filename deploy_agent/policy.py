@@ -1,37 +1,52 @@
-"""What a deploy may ask of the node: checked before anything is pulled or created."""
+"""What a deploy may ask of the node: checked before anything is pulled or created.
+
+The agent holds the Docker socket, so a deploy that could mount the host's system paths
+or run an arbitrary image is a root shell on the node. Safe by default: only named
+volumes, and host paths under roots the operator allowed.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import os
+from collections.abc import Callable
 from pathlib import PurePosixPath
 
 from deploy_agent.config import Config
-from deploy_agent.errors import MountNotAllowed
+from deploy_agent.errors import ImageNotAllowed, MountNotAllowed
 from deploy_agent.models import DeploySpec
 
-# Host paths no service may mount, whatever the configured roots say.
-FORBIDDEN_HOST_PATHS = tuple(
+# No service may mount these, anything inside them, or anything that contains them
+# (so "/" and "/var" are refused too), whatever the configured roots say.
+SYSTEM_PATHS = tuple(
     PurePosixPath(p)
-    for p in ("/", "/etc", "/proc", "/sys", "/dev", "/boot", "/root", "/var/lib/docker",
-              "/var/run/docker.sock", "/run/docker.sock", "/run/containerd",
-              "/var/run/containerd")
+    for p in ("/etc", "/proc", "/sys", "/dev", "/boot", "/root", "/var/lib/docker",
+              "/var/run/docker.sock", "/run/docker.sock", "/run/docker", "/run/containerd",
+              "/var/run/containerd", "/var/lib/containerd", "/var/lib/deploy-agent")
 )
-ALWAYS_FORBIDDEN_TREES = FORBIDDEN_HOST_PATHS[1:]  # everything below these too; "/" only itself
 
 
-def host_path_refusal(source: str, config: Config) -> str | None:
-    """Why a host path may not be mounted, or None when it may."""
-    path = PurePosixPath(source)
-    if ".." in path.parts:
+def _touches_system_path(path: PurePosixPath) -> bool:
+    return any(path == system or system in path.parents or path in system.parents
+               for system in SYSTEM_PATHS)
+
+
+def host_path_refusal(source: str, config: Config,
+                      resolve: Callable[[str], str] = os.path.realpath) -> str | None:
+    """Why a host path may not be mounted, or None when it may.
+
+    Both the path as written and the path its symlinks lead to must pass.
+    """
+    if ".." in PurePosixPath(source).parts:
         return "host paths must not contain '..'"
-    if path == PurePosixPath("/") or any(
-        path == tree or tree in path.parents for tree in ALWAYS_FORBIDDEN_TREES
-    ):
-        return f"{source} is a system path that is never mounted into services"
     roots = [PurePosixPath(root) for root in config.allow_host_paths]
-    if not any(path == root or root in path.parents for root in roots):
-        allowed = ", ".join(str(root) for root in roots) or "none configured"
-        return (f"{source} is not under an allowed host path ({allowed}); "
-                "use a named volume or start the agent with --allow-host-path")
+    for path in dict.fromkeys((PurePosixPath(source), PurePosixPath(resolve(source)))):
+        if _touches_system_path(path):
+            return f"{path} is or contains a system path, which is never mounted into services"
+        if not any(path == root or root in path.parents for root in roots):
+            allowed = ", ".join(str(root) for root in roots) or "none configured"
+            return (f"{path} is not under an allowed host path ({allowed}); "
+                    "use a named volume or start the agent with --allow-host-path")
     return None
 
 
@@ -44,3 +59,19 @@ def check_mounts(spec: DeploySpec, config: Config) -> None:
         reason = host_path_refusal(source, config)
         if reason is not None:
             raise MountNotAllowed(f"Volume {volume!r} is not allowed: {reason}.", volume=volume)
+
+
+def check_image(spec: DeploySpec, config: Config) -> None:
+    """With --allow-image patterns, the image reference must match one (shell-style glob)."""
+    patterns = config.allow_images
+    if patterns and not any(fnmatch.fnmatchcase(spec.image, p) for p in patterns):
+        raise ImageNotAllowed(
+            f"Image {spec.image} is not allowed on this node (allowed: {', '.join(patterns)}).",
+            image=spec.image,
+        )
+
+
+def check_deploy(spec: DeploySpec, config: Config) -> None:
+    """Every policy check; runs before the image is pulled or anything is created."""
+    check_image(spec, config)
+    check_mounts(spec, config)

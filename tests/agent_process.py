@@ -24,9 +24,10 @@ def get_json(url: str, timeout: float = 5) -> Any:
         return json.loads(response.read())
 
 
-def post_json(url: str, body: object, timeout: float = 60) -> tuple[int, Any]:
+def post_json(url: str, body: object, timeout: float = 60,
+              headers: dict[str, str] | None = None) -> tuple[int, Any]:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -44,6 +45,7 @@ class AgentProcess:
         self.args = args
         self.process: subprocess.Popen[bytes] | None = None
         self.log = state_dir.parent / f"agent-{self.port}.log"
+        self.start_env: dict[str, str] = {}
 
     def start(self, timeout: float = 20) -> None:
         with self.log.open("ab") as log:
@@ -51,7 +53,8 @@ class AgentProcess:
                 [COMMAND, "--host", "127.0.0.1", "--port", str(self.port),
                  "--state-dir", str(self.state_dir), "--advertise-host", "127.0.0.1",
                  "--port-range", "28500-28599", "--resync-interval", "0.5", *self.args],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.start_env},
             )
         deadline = time.monotonic() + timeout
         while True:

@@ -42,3 +42,29 @@ class TestParseConfig:
     def test_bad_env_value_is_a_usage_error(self) -> None:
         with pytest.raises(SystemExit):
             parse_config([], {"DEPLOY_AGENT_PORT": "nine"})
+
+
+class TestSecurityConfig:
+    """The token comes from --token-file or DEPLOY_AGENT_TOKEN; image patterns repeat."""
+
+    def test_token_file(self, tmp_path: Path) -> None:
+        (tmp_path / "token").write_text("abc123\n")
+        assert parse_config(["--token-file", str(tmp_path / "token")], {}).token == "abc123"
+
+    def test_token_env(self) -> None:
+        assert parse_config([], {"DEPLOY_AGENT_TOKEN": "xyz"}).token == "xyz"
+        assert parse_config([], {}).token is None
+
+    @pytest.mark.parametrize("content", [None, "", "  \n"])
+    def test_unreadable_or_empty_token_file_is_one_line(self, tmp_path: Path, content: str | None) -> None:
+        path = tmp_path / "token"
+        if content is not None:
+            path.write_text(content)
+        with pytest.raises(SystemExit) as caught:
+            parse_config(["--token-file", str(path)], {})
+        assert "token file" in str(caught.value) and "\n" not in str(caught.value)
+
+    def test_allow_image_flags_and_env(self) -> None:
+        flags = ["--allow-image", "a/*", "--allow-image", "b:1"]
+        assert parse_config(flags, {}).allow_images == ("a/*", "b:1")
+        assert parse_config([], {"DEPLOY_AGENT_ALLOW_IMAGE": "a/*, b:1"}).allow_images == ("a/*", "b:1")

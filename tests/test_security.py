@@ -1,0 +1,159 @@
+"""Auth, deploy policy and secrecy: who may do what, and what never leaks."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import pytest
+from aiohttp.test_utils import TestClient
+
+from deploy_agent.app import create_app
+from deploy_agent.auth import warn_if_open
+from tests.conftest import TEST_IMAGE, make_config, remove_test_containers
+from tests.test_api_docker import deploy, test_containers
+
+TOKEN = "tok-0123456789abcdef"
+Client = TestClient  # type: ignore[type-arg]
+
+
+@pytest.fixture
+async def guarded(aiohttp_client: Any, tmp_path: Path, test_image: str) -> Any:
+    """An agent with a token and an image allowlist that admits only the test images."""
+    config = make_config(tmp_path / "state", token=TOKEN, allow_images=("deploy-agent-test/*",),
+                         max_ready_timeout=1.0)
+    config.state_dir.mkdir()
+    remove_test_containers()
+    client = await aiohttp_client(create_app(config))
+    client.session.headers["Authorization"] = f"Bearer {TOKEN}"
+    yield client
+    remove_test_containers()
+
+
+class TestBearerToken:
+    """With a token, only GET /health is open; the rest needs 'Authorization: Bearer'."""
+
+    @pytest.mark.parametrize("header", [None, "Bearer wrong", f"Basic {TOKEN}", "Bearer", TOKEN,
+                                        f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}"])
+    @pytest.mark.parametrize(("method", "path"), [
+        ("GET", "/services"), ("GET", "/services/x"), ("POST", "/deploy"), ("POST", "/stop"),
+        ("GET", "/gpus"), ("GET", "/openapi.json"),
+    ])
+    async def test_missing_or_wrong_token_is_401(
+        self, aiohttp_client: Any, tmp_path: Path, method: str, path: str, header: str | None
+    ) -> None:
+        client = await aiohttp_client(create_app(make_config(tmp_path, token=TOKEN)))
+        headers = {"Authorization": header} if header else {}
+        response = await client.request(method, path, headers=headers, json={"name": "t-x"})
+        assert response.status == 401
+        assert (await response.json())["error"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert test_containers() == []
+
+    async def test_health_is_open(self, aiohttp_client: Any, tmp_path: Path) -> None:
+        client = await aiohttp_client(create_app(make_config(tmp_path, token=TOKEN)))
+        assert (await client.get("/health")).status == 200
+
+    @pytest.mark.docker
+    async def test_right_token_works(self, guarded: Client) -> None:
+        assert (await guarded.get("/services")).status == 200
+        status, answer = await deploy(guarded, name="t-authed")
+        assert status == 200, answer
+
+    @pytest.mark.docker
+    async def test_token_never_logged(self, guarded: Client, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.DEBUG)
+        await deploy(guarded, name="t-logged")
+        await guarded.get("/services", headers={"Authorization": "Bearer wrong-" + TOKEN})
+        await guarded.post("/stop", json={"name": "t-logged"})
+        assert caplog.records and TOKEN not in caplog.text
+
+    def test_token_not_in_config_repr(self) -> None:
+        assert TOKEN not in repr(make_config(Path("/tmp"), token=TOKEN))
+
+
+class TestOpenWarning:
+    """Without a token, listening beyond loopback is announced loudly."""
+
+    @pytest.mark.parametrize(("host", "token", "warned"), [
+        ("0.0.0.0", None, True), ("10.0.0.5", None, True), ("::", None, True),
+        ("127.0.0.1", None, False), ("localhost", None, False), ("::1", None, False),
+        ("0.0.0.0", TOKEN, False),
+    ])
+    def test_warning(self, caplog: pytest.LogCaptureFixture, host: str, token: str | None,
+                     warned: bool) -> None:
+        caplog.set_level(logging.WARNING)
+        warn_if_open(host, 9000, token)
+        assert ("NO AUTHENTICATION" in caplog.text) is warned
+
+
+@pytest.mark.docker
+class TestDeployPolicy:
+    """Refusals are 403 and create nothing; what is allowed still works."""
+
+    @pytest.mark.parametrize("source", [
+        "/", "/var/run/docker.sock", "/run/docker.sock", "/etc", "/etc/ssl", "/proc", "/sys",
+        "/dev", "/boot", "/root", "/var/lib/docker", "/var", "/tmp/../etc", "/home",
+    ])
+    async def test_host_mount_refused(self, guarded: Client, source: str) -> None:
+        status, answer = await deploy(guarded, name="t-mount", volumes=[f"{source}:/data"])
+        assert (status, answer["error"]) == (403, "mount_not_allowed"), answer
+        assert test_containers() == []
+
+    async def test_named_volume_still_works(self, guarded: Client) -> None:
+        volume = "t-policy-models"
+        try:
+            status, answer = await deploy(guarded, name="t-named", volumes=[f"{volume}:/models"])
+            assert status == 200, answer
+        finally:
+            remove_test_containers()
+            subprocess.run(["docker", "volume", "rm", "-f", volume], capture_output=True)
+
+    async def test_image_outside_allowlist_refused_before_pull(
+        self, guarded: Client, pushed_image: str, docker: aiodocker.Docker
+    ) -> None:
+        status, answer = await deploy(guarded, name="t-img", image=pushed_image)
+        assert (status, answer["error"], answer["image"]) == (403, "image_not_allowed", pushed_image)
+        with pytest.raises(aiodocker.DockerError):
+            await docker.images.inspect(pushed_image)  # never pulled
+        assert test_containers() == []
+
+    async def test_container_gets_no_privileges(self, guarded: Client, docker: aiodocker.Docker) -> None:
+        await deploy(guarded, name="t-plain")
+        host_config = (await docker.containers.container("tidybot-t-plain").show())["HostConfig"]
+        assert host_config["Privileged"] is False and not host_config["CapAdd"]
+        assert host_config["NetworkMode"] == "bridge"
+        assert host_config["PidMode"] == "" and host_config["IpcMode"] == "private"
+
+    async def test_ready_timeout_is_capped(self, guarded: Client) -> None:
+        status, answer = await deploy(guarded, name="t-cap", health="/missing", ready_timeout=300)
+        assert (status, answer["error"]) == (504, "health_timeout")
+        assert "within 1 s" in answer["message"]
+
+
+@pytest.mark.docker
+class TestSecrecy:
+    """Env values (API keys) appear in no answer and no log line."""
+
+    SECRET = "sk-live-7f3a9c1e5b"
+
+    async def test_env_values_never_leak(self, guarded: Client, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.DEBUG)
+        answers = []
+        for body in (
+            {"name": "t-secret", "env": {"API_KEY": self.SECRET}},
+            {"name": "t-secret", "env": {"API_KEY": self.SECRET + "2"}},  # 409
+            {"name": "t-secret2", "env": {"API_KEY": self.SECRET}, "command": ["sh", "-c", "exit 2"]},
+            {"name": "t-secret3", "env": {"API_KEY": {"nested": self.SECRET}}},  # 400
+        ):
+            response = await guarded.post("/deploy", json={"image": TEST_IMAGE, **body})
+            answers.append(await response.text())
+        answers.append(await (await guarded.get("/services")).text())
+        answers.append(await (await guarded.get("/services/t-secret")).text())
+        assert [a for a in answers if self.SECRET in a] == []
+        assert self.SECRET not in caplog.text
+
+

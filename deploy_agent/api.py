@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -10,16 +11,16 @@ from importlib import resources
 from typing import Any
 
 import cattrs
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 from aiohttp.typedefs import Handler
 
 from deploy_agent import __version__
 from deploy_agent.config import Config
 from deploy_agent.convert import parse_deploy_request, parse_stop_request
-from deploy_agent.deployer import Deployer
+from deploy_agent.deployer import Deployer, DeployOutcome
 from deploy_agent.errors import AgentError, InvalidRequest
 from deploy_agent.gpus import GpuPool
-from deploy_agent.models import DeployAnswer, HealthAnswer, ServiceView
+from deploy_agent.models import DeployAnswer, DeployRequest, HealthAnswer, JSONObject, ServiceView
 from deploy_agent.reconciler import Reconciler
 
 _LOGGER = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ OPENAPI_KEY = web.AppKey("openapi", bytes)
 
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 RUNNING = ("starting", "healthy", "unhealthy")
+NDJSON = "application/x-ndjson"
 
 
 def answer(request: web.Request, payload: Any, status: int = 200) -> web.Response:
@@ -116,14 +118,80 @@ async def get_service(request: web.Request) -> web.Response:
     return answer(request, ServiceView.of(service, request.app[CONFIG_KEY].advertise_host, time.time()))
 
 
-async def deploy(request: web.Request) -> web.Response:
+async def deploy(request: web.Request) -> web.StreamResponse:
     deploy_request = parse_deploy_request(request.app[CONVERTER_KEY], await read_json(request))
+    if NDJSON in request.headers.get("Accept", ""):
+        return await stream_deploy(request, deploy_request)
     outcome = await request.app[DEPLOYER_KEY].deploy(deploy_request)
+    return answer(request, deploy_answer(request, outcome))
+
+
+def deploy_answer(request: web.Request, outcome: DeployOutcome) -> DeployAnswer:
     view = ServiceView.of(outcome.service, request.app[CONFIG_KEY].advertise_host, time.time())
-    return answer(request, DeployAnswer(
-        name=view.name, host=view.host, port=view.port, gpu=view.gpu, status=view.status,
-        already_running=outcome.already_running,
-    ))
+    return DeployAnswer(name=view.name, host=view.host, port=view.port, gpu=view.gpu,
+                        status=view.status, already_running=outcome.already_running)
+
+
+async def stream_deploy(request: web.Request, deploy_request: DeployRequest) -> web.StreamResponse:
+    """One JSON event per line while deploying; the last line is the plain answer (or error).
+
+    The deploy runs to its end even if the caller goes away, so nothing is left half-done.
+    """
+    response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    events: asyncio.Queue[JSONObject | None] = asyncio.Queue()
+    task = asyncio.create_task(request.app[DEPLOYER_KEY].deploy(deploy_request, events.put_nowait))
+    task.add_done_callback(lambda _: events.put_nowait(None))
+    listening = True
+    while (event := await events.get()) is not None:
+        listening = listening and await _write_line(response, event)
+    try:
+        final: Any = request.app[CONVERTER_KEY].unstructure(deploy_answer(request, await task))
+    except AgentError as err:
+        final = err.to_json()
+    if listening and await _write_line(response, final):
+        await response.write_eof()
+    return response
+
+
+async def _write_line(response: web.StreamResponse, payload: Any) -> bool:
+    """Write one NDJSON line; False once the caller has gone."""
+    try:
+        await response.write((_dumps(payload) + "\n").encode())
+    except (ConnectionResetError, ClientConnectionResetError):
+        return False
+    return True
+
+
+async def service_logs(request: web.Request) -> web.StreamResponse:
+    """`?tail=N` (default 100) recent lines as text; `&follow=1` streams new ones as they come."""
+    name, deployer = request.match_info["name"], request.app[DEPLOYER_KEY]
+    tail = _query_int(request, "tail", default=100, maximum=100_000)
+    follow = request.query.get("follow", "0").lower()
+    if follow not in ("0", "1", "true", "false"):
+        raise InvalidRequest("follow must be 1 or 0.",
+                             details=[{"field": "follow", "message": "must be 1 or 0"}])
+    if follow in ("0", "false"):
+        return web.Response(text=await deployer.logs(name, tail), content_type="text/plain")
+    chunks = deployer.follow_logs(name, tail)
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await response.prepare(request)
+    async for chunk in chunks:
+        try:
+            await response.write(chunk.encode())
+        except (ConnectionResetError, ClientConnectionResetError):
+            break
+    return response
+
+
+def _query_int(request: web.Request, key: str, default: int, maximum: int) -> int:
+    text = request.query.get(key)
+    if text is None:
+        return default
+    if not text.isdigit() or int(text) > maximum:
+        raise InvalidRequest(f"{key} must be a whole number from 0 to {maximum}.",
+                             details=[{"field": key, "message": f"must be 0..{maximum}"}])
+    return int(text)
 
 
 async def stop(request: web.Request) -> web.Response:
@@ -152,6 +220,7 @@ def add_routes(app: web.Application) -> None:
         web.get("/health", health),
         web.get("/services", list_services),
         web.get("/services/{name}", get_service),
+        web.get("/services/{name}/logs", service_logs),
         web.post("/deploy", deploy),
         web.post("/stop", stop),
         web.get("/gpus", gpus),

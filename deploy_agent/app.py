@@ -49,7 +49,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
     add_routes(app)
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
-        engine = Engine(docker or aiodocker.Docker(url=config.docker_host))
+        engine = Engine(docker or aiodocker.Docker(url=config.docker_host), config.instance)
         app[ENGINE_KEY] = engine
         yield
         if docker is None:
@@ -73,7 +73,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
             state_file = StateFile(config.state_dir, converter)
             deployer = Deployer(config, app[ENGINE_KEY], probe, app[GPUS_KEY], state_file, converter)
             reconciler = Reconciler(deployer, app[ENGINE_KEY], probe, state_file, converter,
-                                    config.resync_interval_s)
+                                    config.resync_interval_s, config.instance)
             app[DEPLOYER_KEY] = deployer
             app[RECONCILER_KEY] = reconciler
             await reconciler.start_up()

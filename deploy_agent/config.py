@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -73,6 +74,7 @@ class Config:
     shutdown_timeout_s: float = 30.0
     allow_images: tuple[str, ...] = ()
     token: str | None = attrs.field(default=None, repr=False)  # never in a log line
+    instance: str = "default"
 
 
 def _env(environ: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -125,10 +127,19 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--allow-image", action="append", default=None, metavar="PATTERN",
         help="only deploy images whose full reference matches this glob, e.g. "
         "'registry.lab:5000/*' (repeatable; env: comma-separated; default: any image)")
+    add("--instance", default=_env(environ, "instance", "default"), type=_instance_name,
+        help="name of this agent on its Docker engine; several agents sharing one engine "
+        "(development, tests) each manage only their own containers (default: %(default)s)")
     add("--fake-gpus", type=_fake_gpus, default=_env(environ, "fake_gpus"), metavar="NAME:GB,...",
         help="simulate GPUs for development and tests, e.g. 'RTX 4090:24,RTX 4090:24': placement "
         "and accounting are real, containers get NVIDIA_VISIBLE_DEVICES and no device")
     return parser
+
+
+def _instance_name(text: str) -> str:
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}", text):
+        raise argparse.ArgumentTypeError(f"expected letters, digits, '_', '.', '-', got {text!r}")
+    return text
 
 
 def _fake_gpus(text: str) -> str:
@@ -165,6 +176,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         resync_interval_s=args.resync_interval,
         shutdown_timeout_s=args.shutdown_timeout,
         allow_images=tuple(images),
+        instance=args.instance,
         token=read_token(args.token_file, _env(environ, "token")),
     )
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 
 import attrs
 import cattrs
@@ -22,7 +23,7 @@ from deploy_agent.errors import (
     ServiceNotFound,
 )
 from deploy_agent.gpus import Assignment, GpuPool
-from deploy_agent.models import CONTAINER_PREFIX, DeployRequest, DeploySpec, Service
+from deploy_agent.models import CONTAINER_PREFIX, DeployRequest, DeploySpec, JSONObject, Service
 from deploy_agent.policy import check_deploy
 from deploy_agent.ports import PortAllocator
 from deploy_agent.probe import HealthProbe
@@ -39,6 +40,14 @@ MAX_POLL_S = 1.0
 def poll_interval(elapsed_s: float) -> float:
     """Health polls start every 20 ms and back off to 1 s, at about 5% of the time waited."""
     return min(MAX_POLL_S, max(MIN_POLL_S, elapsed_s / 20))
+
+
+Progress = Callable[[JSONObject], None]
+"""Receives deploy progress events ({"event": "pull" | "created" | "started" | "health", ...})."""
+
+
+def no_progress(event: JSONObject) -> None:
+    del event
 
 
 @attrs.frozen
@@ -104,7 +113,7 @@ class Deployer:
 
     # -- deploy --------------------------------------------------------------------------
 
-    async def deploy(self, request: DeployRequest) -> DeployOutcome:
+    async def deploy(self, request: DeployRequest, progress: Progress = no_progress) -> DeployOutcome:
         """Answer an existing healthy deployment, or replace/launch one; never half-done."""
         spec = request.spec
         check_deploy(spec, self._config)
@@ -125,40 +134,44 @@ class Deployer:
                 await self._discard(existing)
             else:
                 await self._remove_stray(spec)
-            return DeployOutcome(await self._launch(spec), already_running=False)
+            return DeployOutcome(await self._launch(spec, progress), already_running=False)
 
     async def _remove_stray(self, spec: DeploySpec) -> None:
         """A container of this name that the agent does not track: ours is replaced, a foreign one refused."""
         info = await self._engine.inspect(spec.container_name)
         if info is None:
             return
-        if service_from_container(self._converter, info) is None:
+        if self._foreign(info):
             raise Conflict(
-                f"A container named {spec.container_name} exists that deploy-agent did not create; "
+                f"A container named {spec.container_name} exists that this agent does not manage; "
                 "remove or rename it first.", name=spec.name,
             )
         _LOGGER.info("Removing untracked container %s before deploying", spec.container_name)
         await self._engine.remove(info["Id"])
 
-    async def _ensure_image(self, image: str) -> None:
+    def _foreign(self, info: JSONObject) -> bool:
+        """A container this agent instance did not create (or can't read back)."""
+        return service_from_container(self._converter, info, self._config.instance) is None
+
+    async def _ensure_image(self, image: str, progress: Progress) -> None:
         if not await self._engine.has_image(image):
             _LOGGER.info("Pulling %s", image)
-            await self._engine.pull(image)
+            await self._engine.pull(image, lambda step: progress({"event": "pull", **step}))
 
-    async def _launch(self, spec: DeploySpec) -> Service:
+    async def _launch(self, spec: DeploySpec, progress: Progress) -> Service:
         """Reserve a GPU (before a long pull, so a full node answers at once), then a port."""
         assignment = None
         if spec.gpu:
             await self.refresh_gpus()
             assignment = self._gpus.reserve(spec.name, spec.vram_gb)
         try:
-            await self._ensure_image(spec.image)
+            await self._ensure_image(spec.image, progress)
             published = await self._engine.published_ports()
             refused: set[int] = set()
             for _ in range(PORT_ATTEMPTS):
                 host_port = self._ports.reserve(spec.port, published, frozenset(refused))
                 try:
-                    service = await self._create_and_start(spec, host_port, assignment)
+                    service = await self._create_and_start(spec, host_port, assignment, progress)
                 except PortTaken:
                     _LOGGER.info("Host port %s was taken under us; trying the next", host_port)
                     refused.add(host_port)
@@ -172,20 +185,23 @@ class Deployer:
             raise
 
     async def _create_and_start(self, spec: DeploySpec, host_port: int,
-                                assignment: Assignment | None) -> Service:
+                                assignment: Assignment | None, progress: Progress) -> Service:
         """Create, start, wait healthy. On any failure nothing is left: container, port, record."""
         service: Service | None = None
         try:
             gpu = assignment.index if assignment else None
             gpu_env, device_requests = self._gpus.handoff(assignment) if assignment else ({}, [])
-            labels = labels_for(self._converter, spec, host_port, gpu)
+            labels = labels_for(self._converter, spec, host_port, gpu, self._config.instance)
             config = container_config(spec.image, spec.port, host_port, {**spec.env, **gpu_env},
                                       tuple(spec.volumes), spec.command, labels, device_requests)
             container_id = await self._engine.create(spec.container_name, config)
             service = Service(spec=spec, container_id=container_id, host_port=host_port, gpu=gpu)
             self._track(service)
+            progress({"event": "created", "container": container_id[:12], "port": host_port,
+                      "gpu": gpu})
             await self._engine.start(container_id)
-            await self._wait_healthy(service)
+            progress({"event": "started"})
+            await self._wait_healthy(service, progress)
         except BaseException:
             # Shielded and tracked: a deploy cancelled at shutdown still removes its container,
             # and close() waits for that before the process exits.
@@ -208,12 +224,13 @@ class Deployer:
                 await self._engine.remove(service.container_id)
         self._ports.release(host_port)
 
-    async def _wait_healthy(self, service: Service) -> None:
+    async def _wait_healthy(self, service: Service, progress: Progress) -> None:
         """Poll health with backoff while watching for the container to exit."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         timeout = min(service.spec.ready_timeout, self._config.max_ready_timeout)
         exited = asyncio.ensure_future(self._engine.wait_exit(service.container_id))
+        attempt = 0
         try:
             while True:
                 elapsed = loop.time() - started
@@ -230,6 +247,9 @@ class Deployer:
                 if exited.done():
                     probe.cancel()
                     await self._raise_exited(service, exited.result())
+                attempt += 1
+                progress({"event": "health", "attempt": attempt, "healthy": probe.result(),
+                          "elapsed_s": round(loop.time() - started, 3)})
                 if probe.result():
                     return
                 pause = min(poll_interval(elapsed), max(0.0, timeout - (loop.time() - started)))
@@ -256,7 +276,7 @@ class Deployer:
             service = self._services.get(name)
             if service is None:
                 info = await self._engine.inspect(CONTAINER_PREFIX + name)
-                if info is None or service_from_container(self._converter, info) is None:
+                if info is None or self._foreign(info):
                     raise ServiceNotFound(f"No service named {name!r} is deployed on this node.",
                                           name=name)
                 await self._engine.remove(info["Id"])
@@ -271,6 +291,14 @@ class Deployer:
         self._untrack(service)
         self._release(service)
         await self._save()
+
+    async def logs(self, name: str, tail: int) -> str:
+        """The service's recent output."""
+        return await self._engine.logs(self.service(name).container_id, tail)
+
+    def follow_logs(self, name: str, tail: int) -> AsyncIterator[str]:
+        """The service's output as it comes, starting with the last `tail` lines."""
+        return self._engine.follow_logs(self.service(name).container_id, tail)
 
     async def close(self) -> None:
         """Finish rollbacks of cancelled deploys and flush the state file."""

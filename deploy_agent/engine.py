@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiodocker
 import aiodocker.events
 
 from deploy_agent.errors import (
+    AgentError,
     Conflict,
     EngineError,
     EngineUnavailable,
@@ -42,8 +43,9 @@ def _translated(action: str) -> Any:
 class Engine:
     """A thin, typed face over one aiodocker client."""
 
-    def __init__(self, docker: aiodocker.Docker) -> None:
+    def __init__(self, docker: aiodocker.Docker, instance: str = "default") -> None:
         self._docker = docker
+        self._ours = f"{MANAGED_LABEL}={instance}"  # label filter: this agent's containers only
 
     async def close(self) -> None:
         await self._docker.close()
@@ -66,10 +68,18 @@ class Engine:
                 raise
         return True
 
-    async def pull(self, ref: str) -> None:
-        """Pull `ref`; ImageNotFound when no registry has it or it can't be reached."""
+    async def pull(self, ref: str, on_progress: Callable[[JSONObject], None]) -> None:
+        """Pull `ref`, reporting each progress message (per layer: status, current, total).
+
+        ImageNotFound when no registry has it or it can't be reached.
+        """
         try:
-            await self._docker.images.pull(ref)
+            async for message in self._docker.images.pull(ref, stream=True):
+                detail = message.get("progressDetail") or {}
+                step = {"status": message.get("status", ""), "layer": message.get("id")}
+                if detail.get("total"):
+                    step.update(current=detail.get("current", 0), total=detail["total"])
+                on_progress(step)
         except aiodocker.DockerError as err:
             if err.status == UNREACHABLE:
                 raise EngineUnavailable("The Docker engine is not reachable; is dockerd running?") from err
@@ -140,19 +150,30 @@ class Engine:
         """
         with _translated("list containers"):
             containers = await self._docker.containers.list(
-                all=True, filters={"label": [MANAGED_LABEL]}
+                all=True, filters={"label": [self._ours]}
             )
         return [{"Id": c.id, "State": c["State"], "Labels": c["Labels"] or {}} for c in containers]
 
-    async def logs_tail(self, container_id: str, lines: int = 20) -> list[str]:
-        """The last lines the container wrote (stdout and stderr); [] when unavailable."""
-        try:
+    async def logs(self, container_id: str, tail: int) -> str:
+        """The last `tail` lines the container wrote, stdout and stderr interleaved."""
+        with _translated("read the container's logs"):
             chunks = await self._docker.containers.container(container_id).log(
-                stdout=True, stderr=True, tail=lines
-            )
-        except aiodocker.DockerError:
+                stdout=True, stderr=True, tail=tail)
+        return "".join(chunks)
+
+    async def follow_logs(self, container_id: str, tail: int) -> AsyncIterator[str]:
+        """The container's output as it is written, after its last `tail` lines."""
+        with _translated("follow the container's logs"):
+            async for chunk in self._docker.containers.container(container_id).log(
+                    stdout=True, stderr=True, follow=True, tail=tail):
+                yield chunk
+
+    async def logs_tail(self, container_id: str, lines: int = 20) -> list[str]:
+        """The last lines as a list, for error answers; [] when they can't be read."""
+        try:
+            text = await self.logs(container_id, lines)
+        except AgentError:
             return []
-        text = "".join(chunks)
         return text.splitlines()[-lines:]
 
     async def stop(self, container_id: str, grace_s: int) -> None:
@@ -178,7 +199,7 @@ class Engine:
         """Container events for the agent's containers, until the stream ends."""
         events = aiodocker.events.DockerEvents(self._docker)
         subscriber = events.subscribe(filters=json.dumps(
-            {"type": ["container"], "label": [MANAGED_LABEL]}))
+            {"type": ["container"], "label": [self._ours]}))
         try:
             while True:
                 event = await subscriber.get()

@@ -37,13 +37,14 @@ class Reconciler:
 
     def __init__(self, deployer: Deployer, engine: Engine, probe: HealthProbe,
                  state_file: StateFile, converter: cattrs.Converter,
-                 resync_interval_s: float) -> None:
+                 resync_interval_s: float, instance: str) -> None:
         self._deployer = deployer
         self._engine = engine
         self._probe = probe
         self._state_file = state_file
         self._converter = converter
         self._interval = resync_interval_s
+        self._instance = instance
         self._failures: dict[str, int] = {}
         self.engine_reachable = False
 
@@ -62,7 +63,7 @@ class Reconciler:
         self.engine_reachable = True
         for summary in infos:
             info = await self._engine.inspect(summary["Id"])
-            found = service_from_container(self._converter, info) if info else None
+            found = service_from_container(self._converter, info, self._instance) if info else None
             if found is not None:
                 self._deployer.adopt(found)
         adopted = {s.spec.name for s in self._deployer.services()}
@@ -184,7 +185,7 @@ class Reconciler:
             if not name or name in tracked or not current(name):
                 continue
             info = await self._engine.inspect(summary["Id"])
-            adopted = service_from_container(self._converter, info) if info else None
+            adopted = service_from_container(self._converter, info, self._instance) if info else None
             if adopted is not None and current(adopted.spec.name):
                 self._deployer.adopt(adopted)
                 changed = True

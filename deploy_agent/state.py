@@ -31,10 +31,10 @@ VRAM_LABEL = "tidybot.vram-gb"
 
 
 def labels_for(converter: cattrs.Converter, spec: DeploySpec, host_port: int,
-               gpu: int | None) -> dict[str, str]:
+               gpu: int | None, instance: str) -> dict[str, str]:
     """The labels a service container carries so it can be adopted after any restart."""
     labels = {
-        MANAGED_LABEL: "1",
+        MANAGED_LABEL: instance,
         SPEC_LABEL: json.dumps(converter.unstructure(spec), sort_keys=True),
         HOST_PORT_LABEL: str(host_port),
         VRAM_LABEL: str(spec.vram_gb),
@@ -44,9 +44,15 @@ def labels_for(converter: cattrs.Converter, spec: DeploySpec, host_port: int,
     return labels
 
 
-def service_from_container(converter: cattrs.Converter, info: JSONObject) -> Service | None:
-    """Rebuild a Service from a container's inspect document; None if its labels are unusable."""
+def service_from_container(converter: cattrs.Converter, info: JSONObject,
+                           instance: str) -> Service | None:
+    """Rebuild a Service from a container's inspect document.
+
+    None when the container is not this agent instance's, or its labels are unusable.
+    """
     labels = info.get("Config", {}).get("Labels") or {}
+    if labels.get(MANAGED_LABEL) != instance:
+        return None
     try:
         spec = converter.structure(json.loads(labels[SPEC_LABEL]), DeploySpec)
         host_port = int(labels[HOST_PORT_LABEL])

@@ -124,7 +124,7 @@ class TestDeployFlow:
             assert info["HostConfig"]["PortBindings"]["8000/tcp"][0]["HostPort"] == str(answer["port"])
             assert info["Mounts"][0]["Name"] == volume and info["Mounts"][0]["RW"] is False
             labels = info["Config"]["Labels"]
-            assert labels["tidybot.deploy-agent"] == "1"
+            assert labels["tidybot.deploy-agent"] == "default"
             assert json.loads(labels["tidybot.spec"])["env"]["MODEL"] == "yolo.pt"
             assert labels["tidybot.host-port"] == str(answer["port"])
             assert info["HostConfig"]["Privileged"] is False

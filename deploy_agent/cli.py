@@ -1,0 +1,287 @@
+"""`deployctl`: deploy-agent for people. Tables by default, --json for scripts.
+
+Nodes come from --node, else COMPUTE_NODES, else http://127.0.0.1:9000. With several
+nodes, `deploy` places the service like ComputeNodes.ensure, and `stop` and `logs` find
+the node that runs it. Exit status 0 on success; 1 with the agent's message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
+from rich.table import Table
+
+from deploy_agent.client import (
+    DEFAULT_NODE,
+    AgentRequestError,
+    AsyncAgentClient,
+    AsyncComputeNodes,
+    CapacityError,
+    NodeUnreachable,
+    ServiceNotFoundError,
+    load_manifest,
+    nodes_from_env,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deployctl", description=__doc__.splitlines()[0])
+    parser.add_argument("--node", action="append", metavar="URL",
+                        help="agent to talk to (repeatable; default: COMPUTE_NODES, else "
+                        f"{DEFAULT_NODE})")
+    parser.add_argument("--token", help="bearer token (default: DEPLOY_AGENT_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    deploy = commands.add_parser("deploy", help="deploy a service.yaml (or - for stdin), with live progress")
+    deploy.add_argument("file", metavar="FILE|-")
+    deploy.add_argument("--replace", action="store_true", help="replace it if running with another spec")
+    commands.add_parser("ps", help="list services")
+    stop = commands.add_parser("stop", help="stop and remove a service")
+    stop.add_argument("name")
+    commands.add_parser("gpus", help="GPUs and their VRAM accounting")
+    logs = commands.add_parser("logs", help="a service's output")
+    logs.add_argument("name")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    logs.add_argument("--tail", type=int, default=100, help="lines from the end (default: 100)")
+    commands.add_parser("nodes", help="the compute nodes and how they are")
+    return parser
+
+
+class Ctl:
+    """One deployctl invocation."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        # Piped output keeps every column whole instead of fitting an 80-column guess.
+        self.out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 250)
+        self.err = Console(stderr=True)
+        self.nodes = AsyncComputeNodes(args.node or nodes_from_env() or [DEFAULT_NODE], args.token)
+
+    def print_json(self, value: Any) -> None:
+        sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+    async def deploy(self) -> None:
+        body = load_manifest(self.args.file)
+        name = str(body.get("name", ""))
+        if not self.args.replace:
+            found = await self.nodes.find(name)
+            if found is not None:
+                answer = {"ok": True, "name": name, "host": found["host"], "port": found["port"],
+                          "gpu": found["gpu"], "status": found["status"], "already_running": True,
+                          "node": found["node"]}
+                return self.show_deployed(answer)
+        candidates = await self.nodes.candidates(body)
+        if not candidates:
+            raise CapacityError(503, "no_capacity", f"No reachable node can run {name!r}.")
+        client = candidates[0]
+        answer = await self.follow_deploy(client, body)
+        self.show_deployed({**answer, "node": client.url})
+
+    async def follow_deploy(self, client: AsyncAgentClient, body: dict[str, Any]) -> dict[str, Any]:
+        """Stream the deploy's events into a live view; the final answer."""
+        view = DeployView(self.err, quiet=self.args.json)
+        with view:
+            async for event in client.deploy_events(body, self.args.replace):
+                if "event" in event:
+                    view.show(event)
+                else:
+                    return event
+        raise AgentRequestError(0, "no_answer", "The agent closed the stream without an answer.")
+
+    def show_deployed(self, answer: dict[str, Any]) -> None:
+        if self.args.json:
+            return self.print_json(answer)
+        verb = "already running" if answer["already_running"] else "deployed"
+        gpu = f", GPU {answer['gpu']}" if answer.get("gpu") is not None else ""
+        self.out.print(f"[green]{answer['name']}[/] {verb} at [bold]{answer['host']}[/]{gpu} "
+                       f"on {answer['node']}")
+
+    async def ps(self) -> None:
+        statuses = await self.nodes.status()
+        rows = [{**service, "node": s["node"]} for s in statuses for service in s.get("services", [])]
+        self.warn_unreachable(statuses)
+        if self.args.json:
+            return self.print_json(rows)
+        table = Table("NAME", "STATUS", "HOST", "GPU", "VRAM GB", "UPTIME", "RESTARTS", "IMAGE",
+                      *(["NODE"] if len(statuses) > 1 else []), box=None)
+        for row in rows:
+            table.add_row(row["name"], _status(row["status"], row.get("exit_code")), row["host"],
+                          _dash(row["gpu"]), f"{row['vram_gb']:g}", _duration(row["uptime"]),
+                          str(row["restarts"]), row["image"], *([row["node"]] if len(statuses) > 1 else []))
+        self.out.print(table if rows else "no services")
+
+    async def stop(self) -> None:
+        located = await self.nodes.locate(self.args.name)
+        if located is None:
+            raise ServiceNotFoundError(404, "not_found", f"No service named {self.args.name!r} "
+                                       f"on {', '.join(self.nodes.urls)}.")
+        client, _ = located
+        answer = {**await client.stop(self.args.name), "node": client.url}
+        if self.args.json:
+            return self.print_json(answer)
+        self.out.print(f"stopped {self.args.name} on {client.url}")
+
+    async def gpus(self) -> None:
+        statuses = await self.nodes.status()
+        self.warn_unreachable(statuses)
+        rows = [{**gpu, "node": s["node"]} for s in statuses for gpu in s.get("gpus", [])]
+        if self.args.json:
+            return self.print_json(rows)
+        table = Table("NODE", "ID", "NAME", "TOTAL GB", "USED", "RESERVED", "FREE", "UTIL %",
+                      "SERVICES", box=None)
+        for g in rows:
+            table.add_row(g["node"], str(g["id"]), g["name"], f"{g['vram_total_gb']:g}",
+                          f"{g['vram_used_gb']:g}", f"{g['vram_reserved_gb']:g}",
+                          f"{g['vram_free_gb']:g}", _dash(g["utilization_pct"]),
+                          ", ".join(g["services"]) or "-")
+        self.out.print(table if rows else "no GPUs")
+
+    async def logs(self) -> None:
+        located = await self.nodes.locate(self.args.name)
+        if located is None:
+            raise ServiceNotFoundError(404, "not_found", f"No service named {self.args.name!r} "
+                                       f"on {', '.join(self.nodes.urls)}.")
+        client, _ = located
+        if not self.args.follow:
+            sys.stdout.write(await client.logs(self.args.name, self.args.tail))
+            return
+        async for chunk in client.follow_logs(self.args.name, self.args.tail):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    async def nodes_(self) -> None:
+        statuses = await self.nodes.status()
+        if self.args.json:
+            return self.print_json([_node_summary(s) for s in statuses])
+        table = Table("NODE", "REACHABLE", "ENGINE", "GPUS", "FREE VRAM GB", "SERVICES", "VERSION", box=None)
+        for s in map(_node_summary, statuses):
+            table.add_row(s["node"], "yes" if s["reachable"] else "[red]no[/]", s.get("engine", "-"),
+                          _dash(s.get("gpus")), _dash(s.get("free_vram_gb")), _dash(s.get("services")),
+                          s.get("version", "-"))
+        self.out.print(table)
+
+    def warn_unreachable(self, statuses: list[dict[str, Any]]) -> None:
+        """Warn of each dead node; fail when none answered at all."""
+        dead = [status["node"] for status in statuses if not status["reachable"]]
+        if len(dead) == len(statuses):
+            raise NodeUnreachable(0, "unreachable", f"No node answered ({', '.join(dead)}).")
+        for node in dead:
+            self.err.print(f"[yellow]warning:[/] {node} did not answer")
+
+
+class DeployView:
+    """Live progress of one deploy: a bar per image layer, then the steps, on stderr."""
+
+    def __init__(self, console: Console, quiet: bool) -> None:
+        self._console = console
+        self._quiet = quiet
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                  console=console, transient=False, disable=quiet)
+        self._layers: dict[str, TaskID] = {}
+        self._started = time.monotonic()
+
+    def __enter__(self) -> DeployView:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def show(self, event: dict[str, Any]) -> None:
+        if self._quiet:
+            return
+        kind = event["event"]
+        if kind == "pull":
+            layer = event.get("layer")
+            if layer and "total" in event:
+                if layer not in self._layers:
+                    self._layers[layer] = self._progress.add_task(f"pull {layer}", total=event["total"])
+                self._progress.update(self._layers[layer], completed=event["current"],
+                                      description=f"{event['status'].lower()} {layer}")
+            elif layer in self._layers and event["status"] in ("Pull complete", "Already exists"):
+                task = self._layers[layer]
+                self._progress.update(task, completed=self._progress.tasks[task].total or 0,
+                                      description=f"done {layer}")
+            elif not layer:
+                self._progress.console.print(f"  {event['status']}")
+        elif kind == "created":
+            gpu = f", GPU {event['gpu']}" if event.get("gpu") is not None else ""
+            self._progress.console.print(f"  created container {event['container']} on port "
+                                         f"{event['port']}{gpu}")
+        elif kind == "started":
+            self._progress.console.print("  started; waiting for health")
+        elif kind == "health" and (event["healthy"] or event["attempt"] % 10 == 1):
+            state = "[green]healthy[/]" if event["healthy"] else "not yet"
+            self._progress.console.print(f"  health attempt {event['attempt']} "
+                                         f"({event['elapsed_s']:.1f} s): {state}")
+
+
+def _node_summary(status: dict[str, Any]) -> dict[str, Any]:
+    if not status["reachable"]:
+        return {"node": status["node"], "reachable": False}
+    health = status["health"]
+    return {"node": status["node"], "reachable": True, "engine": health["engine"],
+            "gpus": health["gpus"], "services": len(status["services"]),
+            "free_vram_gb": round(sum(g["vram_free_gb"] for g in status["gpus"]), 2),
+            "version": health["version"]}
+
+
+def _status(status: str, exit_code: int | None) -> str:
+    colour = {"healthy": "green", "starting": "yellow", "unhealthy": "red", "exited": "red",
+              "restarting": "yellow"}.get(status, "white")
+    suffix = f" ({exit_code})" if exit_code is not None else ""
+    return f"[{colour}]{status}{suffix}[/]"
+
+
+def _dash(value: Any) -> str:
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: int) -> str:
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
+
+
+async def run(args: argparse.Namespace) -> int:
+    ctl = Ctl(args)
+    command = {"nodes": ctl.nodes_}.get(args.command) or getattr(ctl, args.command)
+    try:
+        await command()
+    except AgentRequestError as err:
+        ctl.err.print(f"[red]deployctl:[/] {err.message}", highlight=False)
+        for detail in err.body.get("details", []):
+            ctl.err.print(f"  {detail['field']}: {detail['message']}", highlight=False)
+        for line in err.body.get("logs", [])[-10:]:
+            ctl.err.print(f"  | {line}", highlight=False, markup=False)
+        return 1
+    finally:
+        await ctl.nodes.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except (OSError, ValueError) as err:  # unreadable or malformed manifest file
+        sys.stderr.write(f"deployctl: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

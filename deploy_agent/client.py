@@ -1,0 +1,491 @@
+"""Python client for deploy-agent: one node (AgentClient) or several (ComputeNodes).
+
+For plain scripts::
+
+    from deploy_agent.client import AgentClient, ComputeNodes
+    with AgentClient("http://10.0.0.5:9000") as agent:
+        answer = agent.deploy("services/yolo/service.yaml")
+    placed = ComputeNodes.from_env().ensure("services/yolo/service.yaml")
+    print(placed["node"], placed["host"])
+
+For asyncio code, AsyncAgentClient and AsyncComputeNodes have the same methods, awaited.
+Failures raise AgentRequestError subclasses carrying the agent's code, status and message.
+The token comes from the `token` argument or DEPLOY_AGENT_TOKEN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiohttp
+import yaml
+
+T = TypeVar("T")
+Manifest = Mapping[str, Any] | str | Path
+DEFAULT_NODE = "http://127.0.0.1:9000"
+NDJSON = "application/x-ndjson"
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+class AgentRequestError(Exception):
+    """The agent answered with an error (or could not be reached: status 0)."""
+
+    def __init__(self, status: int, code: str, message: str, body: Mapping[str, Any] | None = None,
+                 node: str | None = None) -> None:
+        super().__init__(f"{message} ({code}, {status})" if status else message)
+        self.status, self.code, self.message = status, code, message
+        self.body = dict(body or {})
+        self.node = node
+
+
+class InvalidRequestError(AgentRequestError):
+    """400: the request is malformed; `body["details"]` lists each bad field."""
+
+
+class AuthError(AgentRequestError):
+    """401: missing or wrong token."""
+
+
+class PolicyError(AgentRequestError):
+    """403: a mount or image the node refuses."""
+
+
+class ServiceNotFoundError(AgentRequestError):
+    """404: no such service on that node."""
+
+
+class ConflictError(AgentRequestError):
+    """409: deployed with a different spec (`body["differing_fields"]`)."""
+
+
+class ImageError(AgentRequestError):
+    """422: image not found or not pullable."""
+
+
+class StartError(AgentRequestError):
+    """502: the container exited before becoming healthy (`body["exit_code"]`, `body["logs"]`)."""
+
+
+class CapacityError(AgentRequestError):
+    """503: no GPU, no GPU room, no port, or no Docker engine."""
+
+
+class HealthTimeoutError(AgentRequestError):
+    """504: not healthy within ready_timeout (`body["logs"]`)."""
+
+
+class NodeUnreachable(AgentRequestError):
+    """The node did not answer at all."""
+
+
+ERRORS_BY_STATUS: dict[int, type[AgentRequestError]] = {
+    400: InvalidRequestError, 401: AuthError, 403: PolicyError, 404: ServiceNotFoundError,
+    409: ConflictError, 413: InvalidRequestError, 422: ImageError, 502: StartError,
+    503: CapacityError, 504: HealthTimeoutError,
+}
+STATUS_BY_CODE = {
+    "invalid_request": 400, "unauthorized": 401, "mount_not_allowed": 403,
+    "image_not_allowed": 403, "not_found": 404, "conflict": 409, "image_not_found": 422,
+    "container_exited": 502, "engine_error": 502, "engine_unavailable": 503, "no_gpu": 503,
+    "no_gpu_capacity": 503, "no_port_available": 503, "health_timeout": 504,
+}
+
+
+def error_from(status: int, body: Any, node: str | None = None) -> AgentRequestError:
+    if not isinstance(body, Mapping):
+        body = {"error": "http_error", "message": str(body)}
+    kind = ERRORS_BY_STATUS.get(status, AgentRequestError)
+    return kind(status, str(body.get("error", "error")), str(body.get("message", "")), body, node)
+
+
+# -- manifests ------------------------------------------------------------------------------
+
+
+def load_manifest(manifest: Manifest) -> dict[str, Any]:
+    """A deploy body from a dict (flat or nested), a service.yaml path, or '-' for stdin YAML."""
+    if isinstance(manifest, Mapping):
+        return dict(manifest)
+    text = sys.stdin.read() if str(manifest) == "-" else Path(manifest).read_text()
+    loaded = yaml.safe_load(text)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{manifest} does not hold a YAML mapping")
+    return loaded
+
+
+def requirements(body: Mapping[str, Any]) -> tuple[bool, float]:
+    """(gpu, vram_gb) of a flat or nested body, as the agent will read them."""
+    nested = body.get("requires")
+    source = nested if isinstance(nested, Mapping) else body
+    return bool(source.get("gpu", False)), float(source.get("vram_gb", 0) or 0)
+
+
+# -- one node -------------------------------------------------------------------------------
+
+
+class AsyncAgentClient:
+    """One agent, from asyncio code. Use `async with`, or call close()."""
+
+    def __init__(self, url: str = DEFAULT_NODE, token: str | None = None, timeout: float = 300.0,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        self.url = url.rstrip("/")
+        token = token if token is not None else os.environ.get("DEPLOY_AGENT_TOKEN")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session = session
+        self._owns_session = session is None
+
+    async def __aenter__(self) -> AsyncAgentClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+        self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+            self._owns_session = True
+        return self._session
+
+    async def _request(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            async with self._client().request(method, self.url + path, json=body,
+                                              headers=self._headers, timeout=self._timeout) as response:
+                text = await response.text()
+                content_type = response.content_type
+                status = response.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+            raise NodeUnreachable(0, "unreachable", f"{self.url} did not answer: {err!r}",
+                                  node=self.url) from err
+        payload = json.loads(text) if content_type == "application/json" and text else text
+        if status >= 400:
+            raise error_from(status, payload, self.url)
+        return payload
+
+    async def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("GET", "/health")
+        return result
+
+    async def services(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._request("GET", "/services")
+        return result
+
+    async def service(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("GET", f"/services/{name}")
+        return result
+
+    async def gpus(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._request("GET", "/gpus")
+        return result
+
+    async def deploy(self, manifest: Manifest, replace: bool = False) -> dict[str, Any]:
+        """Deploy and wait until healthy; the answer has host, port, gpu, already_running."""
+        result: dict[str, Any] = await self._request("POST", "/deploy", _deploy_body(manifest, replace))
+        return result
+
+    async def stop(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("POST", "/stop", {"name": name})
+        return result
+
+    async def logs(self, name: str, tail: int = 100) -> str:
+        result: str = await self._request("GET", f"/services/{name}/logs?tail={tail}")
+        return result
+
+    async def follow_logs(self, name: str, tail: int = 100) -> AsyncIterator[str]:
+        """The service's output as it is written, until the service stops or you stop reading."""
+        async with self._stream("GET", f"/services/{name}/logs?tail={tail}&follow=1") as response:
+            async for chunk in response.content.iter_any():
+                yield chunk.decode(errors="replace")
+
+    async def deploy_events(self, manifest: Manifest, replace: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """Progress events of a deploy (pull, created, started, health); the last is the answer.
+
+        An error answer as the last event raises its AgentRequestError after being yielded.
+        """
+        async with self._stream("POST", "/deploy", _deploy_body(manifest, replace),
+                                accept=NDJSON) as response:
+            async for line in response.content:
+                if not line.strip():
+                    continue
+                event: dict[str, Any] = json.loads(line)
+                yield event
+                if event.get("ok") is False:
+                    code = str(event.get("error", "error"))
+                    raise error_from(STATUS_BY_CODE.get(code, 500), event, self.url)
+
+    def _stream(self, method: str, path: str, body: Any = None,
+                accept: str | None = None) -> _StreamContext:
+        headers = {**self._headers, **({"Accept": accept} if accept else {})}
+        return _StreamContext(self, method, path, body, headers)
+
+
+class _StreamContext:
+    """`async with` a streamed response; errors before the stream starts raise as usual."""
+
+    def __init__(self, client: AsyncAgentClient, method: str, path: str, body: Any,
+                 headers: dict[str, str]) -> None:
+        self._client, self._method, self._path = client, method, path
+        self._body, self._headers = body, headers
+        self._response: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        client = self._client
+        try:
+            self._response = await client._client().request(
+                self._method, client.url + self._path, json=self._body, headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        except (aiohttp.ClientError, OSError) as err:
+            raise NodeUnreachable(0, "unreachable", f"{client.url} did not answer: {err!r}",
+                                  node=client.url) from err
+        if self._response.status >= 400:
+            body = await self._response.json(content_type=None)
+            self._response.release()
+            raise error_from(self._response.status, body, client.url)
+        return self._response
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._response is not None:
+            self._response.release()
+
+
+def _deploy_body(manifest: Manifest, replace: bool) -> dict[str, Any]:
+    body = load_manifest(manifest)
+    if replace:
+        body["replace"] = True
+    return body
+
+
+class _SyncRunner:
+    """Runs coroutines and async iterators to completion on a private event loop."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+
+    def run(self, awaitable: Awaitable[T]) -> T:
+        return self._loop.run_until_complete(awaitable)
+
+    def iterate(self, iterator: AsyncIterator[T]) -> Iterator[T]:
+        try:
+            while True:
+                try:
+                    yield self._loop.run_until_complete(iterator.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._loop.run_until_complete(iterator.aclose())  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._loop.close()
+
+
+class AgentClient:
+    """One agent, from synchronous code: the same methods as AsyncAgentClient, not awaited."""
+
+    def __init__(self, url: str = DEFAULT_NODE, token: str | None = None, timeout: float = 300.0) -> None:
+        self._runner = _SyncRunner()
+        self._async = AsyncAgentClient(url, token, timeout)
+        self.url = self._async.url
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._runner.run(self._async.close())
+        self._runner.close()
+
+    def health(self) -> dict[str, Any]:
+        return self._runner.run(self._async.health())
+
+    def services(self) -> list[dict[str, Any]]:
+        return self._runner.run(self._async.services())
+
+    def service(self, name: str) -> dict[str, Any]:
+        return self._runner.run(self._async.service(name))
+
+    def gpus(self) -> list[dict[str, Any]]:
+        return self._runner.run(self._async.gpus())
+
+    def deploy(self, manifest: Manifest, replace: bool = False) -> dict[str, Any]:
+        return self._runner.run(self._async.deploy(manifest, replace))
+
+    def deploy_events(self, manifest: Manifest, replace: bool = False) -> Iterator[dict[str, Any]]:
+        return self._runner.iterate(self._async.deploy_events(manifest, replace))
+
+    def stop(self, name: str) -> dict[str, Any]:
+        return self._runner.run(self._async.stop(name))
+
+    def logs(self, name: str, tail: int = 100) -> str:
+        return self._runner.run(self._async.logs(name, tail))
+
+    def follow_logs(self, name: str, tail: int = 100) -> Iterator[str]:
+        return self._runner.iterate(self._async.follow_logs(name, tail))
+
+
+# -- several nodes --------------------------------------------------------------------------
+
+
+def nodes_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """COMPUTE_NODES=http://a:9000,http://b:9000 (the spec's discovery option 1)."""
+    environ = os.environ if environ is None else environ
+    return [url.strip().rstrip("/") for url in environ.get("COMPUTE_NODES", "").split(",") if url.strip()]
+
+
+class AsyncComputeNodes:
+    """Several agents: find a service, or deploy it where it fits best. Dead nodes are skipped."""
+
+    def __init__(self, urls: list[str], token: str | None = None, probe_timeout: float = 2.0) -> None:
+        if not urls:
+            raise ValueError("no compute nodes given (set COMPUTE_NODES=http://host:9000,...)")
+        self._clients = [AsyncAgentClient(url, token) for url in urls]
+        self._probe_timeout = probe_timeout
+
+    @classmethod
+    def from_env(cls, token: str | None = None) -> AsyncComputeNodes:
+        return cls(nodes_from_env(), token)
+
+    @property
+    def urls(self) -> list[str]:
+        return [client.url for client in self._clients]
+
+    async def __aenter__(self) -> AsyncComputeNodes:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(client.close() for client in self._clients))
+
+    async def _ask_all(self, ask: Callable[[AsyncAgentClient], Awaitable[T]]) -> list[T | None]:
+        """Ask every node at once; None for nodes that don't answer in time.
+
+        NodeUnreachable when not one of them answered.
+        """
+        async def one(client: AsyncAgentClient) -> T | None:
+            try:
+                return await asyncio.wait_for(ask(client), self._probe_timeout)
+            except (TimeoutError, AgentRequestError):
+                return None
+        answers = list(await asyncio.gather(*(one(client) for client in self._clients)))
+        if all(answer is None for answer in answers):
+            raise NodeUnreachable(0, "unreachable", f"No node answered ({', '.join(self.urls)}).")
+        return answers
+
+    async def status(self) -> list[dict[str, Any]]:
+        """Each node's health, services and GPUs (`reachable: false` for dead ones)."""
+        async def describe(client: AsyncAgentClient) -> dict[str, Any]:
+            health, services, gpus = await asyncio.gather(client.health(), client.services(), client.gpus())
+            return {"node": client.url, "reachable": True, "health": health, "services": services,
+                    "gpus": gpus}
+        try:
+            answers = await self._ask_all(describe)
+        except NodeUnreachable:
+            answers = [None] * len(self._clients)
+        return [answer or {"node": client.url, "reachable": False}
+                for client, answer in zip(self._clients, answers, strict=True)]
+
+    async def locate(self, name: str,
+                     healthy_only: bool = False) -> tuple[AsyncAgentClient, dict[str, Any]] | None:
+        """The node that has `name` (healthy, when asked) and its /services entry."""
+        for client, listing in zip(self._clients, await self._ask_all(lambda c: c.services()), strict=True):
+            for entry in listing or []:
+                if entry["name"] == name and (entry["status"] == "healthy" or not healthy_only):
+                    return client, entry
+        return None
+
+    async def find(self, name: str) -> dict[str, Any] | None:
+        """Where `name` runs healthy: its /services entry plus `node`; None if nowhere."""
+        located = await self.locate(name, healthy_only=True)
+        return {**located[1], "node": located[0].url} if located else None
+
+    async def ensure(self, manifest: Manifest, replace: bool = False) -> dict[str, Any]:
+        """The running service if some node has it healthy, else a deploy on the best node.
+
+        Best: for GPU services, the node whose GPU has the most free VRAM that fits; for the
+        rest, the node running the fewest services. The answer includes `node`.
+        """
+        body = load_manifest(manifest)
+        name = str(body.get("name", ""))
+        found = await self.find(name)
+        if found is not None:
+            return {"ok": True, "name": name, "host": found["host"], "port": found["port"],
+                    "gpu": found["gpu"], "status": found["status"], "already_running": True,
+                    "node": found["node"]}
+        last_error: AgentRequestError | None = None
+        for client in await self.candidates(body):
+            try:
+                return {**await client.deploy(body, replace), "node": client.url}
+            except (CapacityError, NodeUnreachable) as err:
+                last_error = err  # full or gone since we asked: try the next
+        if last_error is not None:
+            raise last_error
+        reason = "no GPU with enough free VRAM" if requirements(body)[0] else "none answered"
+        raise CapacityError(503, "no_capacity", f"No reachable node can run {name!r}: {reason}.")
+
+    async def candidates(self, body: Mapping[str, Any]) -> list[AsyncAgentClient]:
+        """Reachable nodes that could run `body`, best first."""
+        gpu, vram_gb = requirements(body)
+        if gpu:
+            scored = []
+            for client, gpus in zip(self._clients, await self._ask_all(lambda c: c.gpus()), strict=True):
+                best = max((g["vram_free_gb"] for g in gpus or []), default=-1.0)
+                if best >= vram_gb:
+                    scored.append((-best, client.url, client))
+            return [client for _, _, client in sorted(scored, key=lambda item: item[:2])]
+        counted = [(len(services), client.url, client)
+                   for client, services in zip(self._clients, await self._ask_all(lambda c: c.services()),
+                                               strict=True)
+                   if services is not None]
+        return [client for _, _, client in sorted(counted, key=lambda item: item[:2])]
+
+
+class ComputeNodes:
+    """Several agents from synchronous code: find, ensure, status."""
+
+    def __init__(self, urls: list[str], token: str | None = None, probe_timeout: float = 2.0) -> None:
+        self._runner = _SyncRunner()
+        self._async = AsyncComputeNodes(urls, token, probe_timeout)
+
+    @classmethod
+    def from_env(cls, token: str | None = None) -> ComputeNodes:
+        return cls(nodes_from_env(), token)
+
+    @property
+    def urls(self) -> list[str]:
+        return self._async.urls
+
+    def __enter__(self) -> ComputeNodes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._runner.run(self._async.close())
+        self._runner.close()
+
+    def status(self) -> list[dict[str, Any]]:
+        return self._runner.run(self._async.status())
+
+    def find(self, name: str) -> dict[str, Any] | None:
+        return self._runner.run(self._async.find(name))
+
+    def ensure(self, manifest: Manifest, replace: bool = False) -> dict[str, Any]:
+        return self._runner.run(self._async.ensure(manifest, replace))

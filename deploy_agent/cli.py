@@ -92,8 +92,9 @@ class Ctl:
             async for event in client.deploy_events(body, self.args.replace):
                 if "event" in event:
                     view.show(event)
-                else:
+                elif event.get("ok"):
                     return event
+                # an error answer: deploy_events raises it as the stream ends
         raise AgentRequestError(0, "no_answer", "The agent closed the stream without an answer.")
 
     def show_deployed(self, answer: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -14,7 +15,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import free_port
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
 
 COMMAND = shutil.which("deploy-agent") or "deploy-agent"  # the installed console script
 
@@ -52,7 +59,8 @@ class AgentProcess:
             self.process = subprocess.Popen(
                 [COMMAND, "--host", "127.0.0.1", "--port", str(self.port),
                  "--state-dir", str(self.state_dir), "--advertise-host", "127.0.0.1",
-                 "--port-range", "28500-28599", "--resync-interval", "0.5", *self.args],
+                 "--port-range", "28500-28599", "--resync-interval", "0.5",
+                 "--instance", f"test-{self.port}", *self.args],
                 stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.start_env},
             )

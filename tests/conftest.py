@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient
 
 from deploy_agent.app import create_app
 from deploy_agent.config import Config
+from tests.agent_process import AgentProcess, free_port
 
 HERE = Path(__file__).parent
 TEST_IMAGE = "deploy-agent-test/httpd:1"
@@ -45,13 +46,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("docker"):
             item.add_marker(skip)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def remove_test_containers() -> None:
@@ -105,12 +99,20 @@ def registry(test_image: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture
-def pushed_image(registry: str, test_image: str) -> Iterator[str]:
-    """The test image in the local registry only (not on the engine), so a deploy must pull."""
+def pushed_image(registry: str, test_image: str, tmp_path: Path) -> Iterator[str]:
+    """An image only the local registry has, so a deploy must really pull it.
+
+    It adds a 2 MiB layer of random bytes to the test image: the engine has the base
+    layers already, but this one it must download (with progress to report).
+    """
     ref = f"{registry}/deploy-agent-test/pullme:{time.monotonic_ns()}"
-    subprocess.run(["docker", "tag", test_image, ref], check=True, capture_output=True)
-    subprocess.run(["docker", "push", ref], check=True, capture_output=True)
-    subprocess.run(["docker", "rmi", ref], check=True, capture_output=True)
+    context = tmp_path / "pullme"
+    context.mkdir()
+    (context / "blob").write_bytes(os.urandom(2 * 1024 * 1024))
+    (context / "Dockerfile").write_text(f"FROM {test_image}\nCOPY blob /blob\n")
+    for command in (["docker", "build", "-q", "-t", ref, str(context)], ["docker", "push", ref],
+                    ["docker", "rmi", ref]):
+        subprocess.run(command, check=True, capture_output=True)
     yield ref
     remove_test_containers()
     subprocess.run(["docker", "rmi", "-f", ref], capture_output=True)
@@ -150,3 +152,32 @@ async def docker() -> AsyncIterator[aiodocker.Docker]:
     client = aiodocker.Docker()
     yield client
     await client.close()
+
+
+@pytest.fixture
+def node(tmp_path: Path, test_image: str) -> Iterator[AgentProcess]:
+    """An agent process with one simulated 24 GB GPU."""
+    remove_test_containers()
+    agent = AgentProcess(tmp_path / "node", "--fake-gpus", "RTX 4090:24")
+    agent.start()
+    try:
+        yield agent
+    finally:
+        agent.close()
+        remove_test_containers()
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path, test_image: str) -> Iterator[tuple[AgentProcess, AgentProcess, str]]:
+    """A node with one 24 GB GPU, one with an 80 GB GPU, and an address nobody answers on."""
+    remove_test_containers()
+    small = AgentProcess(tmp_path / "small", "--fake-gpus", "RTX 4090:24")
+    big = AgentProcess(tmp_path / "big", "--fake-gpus", "A100 80GB:80")
+    small.start()
+    big.start()
+    try:
+        yield small, big, f"http://127.0.0.1:{free_port()}"
+    finally:
+        small.close()
+        big.close()
+        remove_test_containers()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_process import COMMAND, AgentProcess, get_json, post_json
-from tests.conftest import TEST_IMAGE, free_port, remove_test_containers
+from tests.agent_process import COMMAND, AgentProcess, free_port, get_json, post_json
+from tests.conftest import TEST_IMAGE, remove_test_containers
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -11,7 +13,8 @@ from aiohttp import http_exceptions, web
 
 from deploy_agent.app import create_app
 from deploy_agent.auth import warn_if_open
-from deploy_agent.config import parse_config
+from deploy_agent.config import Config, parse_config
+from deploy_agent.systemd import notify
 
 _LOGGER = logging.getLogger("deploy_agent")
 
@@ -40,12 +43,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.access(config.state_dir, os.W_OK):
         raise SystemExit(f"deploy-agent: state dir {config.state_dir} is not writable")
     warn_if_open(config.host, config.port, config.token)
-    # SIGTERM and SIGINT: stop accepting, give deploys in flight shutdown_timeout_s, then
-    # roll back what is left and flush state (app cleanup); services keep running.
-    web.run_app(create_app(config), host=config.host, port=config.port, print=None,
-                access_log=None, shutdown_timeout=config.shutdown_timeout_s)
+    asyncio.run(serve(config))
     _LOGGER.info("Stopped; services keep running")
     return 0
+
+
+async def serve(config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, telling systemd when ready and when stopping.
+
+    READY=1 goes out only once start-up reconcile is done and the port accepts requests.
+    On a signal: stop accepting, give deploys in flight shutdown_timeout_s, roll back what
+    is left and flush state (the app's cleanup). Services keep running.
+    """
+    runner = web.AppRunner(create_app(config), access_log=None,
+                           shutdown_timeout=config.shutdown_timeout_s)
+    await runner.setup()  # runs the cleanup contexts' start-up: engine, GPUs, reconcile
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+        _LOGGER.info("Serving on %s:%s", config.host, config.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        notify("READY=1")
+        await stop.wait()
+        notify("STOPPING=1")
+        _LOGGER.info("Shutting down")
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

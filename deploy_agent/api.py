@@ -17,9 +17,11 @@ from aiohttp.typedefs import Handler
 from deploy_agent import __version__
 from deploy_agent.config import Config
 from deploy_agent.convert import parse_deploy_request, parse_stop_request
-from deploy_agent.deployer import Deployer, DeployOutcome
+from deploy_agent.deployer import Deployer, DeployOutcome, Progress, no_progress
 from deploy_agent.errors import AgentError, InvalidRequest
 from deploy_agent.gpus import GpuPool
+from deploy_agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from deploy_agent.metrics import AgentMetrics
 from deploy_agent.models import DeployAnswer, DeployRequest, HealthAnswer, JSONObject, ServiceView
 from deploy_agent.reconciler import Reconciler
 
@@ -31,6 +33,7 @@ DEPLOYER_KEY = web.AppKey("deployer", Deployer)
 RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
 GPUS_KEY = web.AppKey("gpus", GpuPool)
 OPENAPI_KEY = web.AppKey("openapi", bytes)
+METRICS_KEY = web.AppKey("metrics", AgentMetrics)
 
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 RUNNING = ("starting", "healthy", "unhealthy")
@@ -122,8 +125,23 @@ async def deploy(request: web.Request) -> web.StreamResponse:
     deploy_request = parse_deploy_request(request.app[CONVERTER_KEY], await read_json(request))
     if NDJSON in request.headers.get("Accept", ""):
         return await stream_deploy(request, deploy_request)
-    outcome = await request.app[DEPLOYER_KEY].deploy(deploy_request)
+    outcome = await run_deploy(request, deploy_request)
     return answer(request, deploy_answer(request, outcome))
+
+
+async def run_deploy(request: web.Request, deploy_request: DeployRequest,
+                     progress: Progress = no_progress) -> DeployOutcome:
+    """The deploy, counted and timed by outcome for /metrics."""
+    started, outcome_label = time.monotonic(), "internal_error"
+    try:
+        outcome = await request.app[DEPLOYER_KEY].deploy(deploy_request, progress)
+        outcome_label = "already_running" if outcome.already_running else "deployed"
+        return outcome
+    except AgentError as err:
+        outcome_label = err.code
+        raise
+    finally:
+        request.app[METRICS_KEY].deploy_finished(outcome_label, time.monotonic() - started)
 
 
 def deploy_answer(request: web.Request, outcome: DeployOutcome) -> DeployAnswer:
@@ -140,7 +158,7 @@ async def stream_deploy(request: web.Request, deploy_request: DeployRequest) -> 
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
     await response.prepare(request)
     events: asyncio.Queue[JSONObject | None] = asyncio.Queue()
-    task = asyncio.create_task(request.app[DEPLOYER_KEY].deploy(deploy_request, events.put_nowait))
+    task = asyncio.create_task(run_deploy(request, deploy_request, events.put_nowait))
     task.add_done_callback(lambda _: events.put_nowait(None))
     listening = True
     while (event := await events.get()) is not None:
@@ -204,6 +222,11 @@ async def gpus(request: web.Request) -> web.Response:
     return answer(request, request.app[GPUS_KEY].views())
 
 
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS_KEY].render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI_KEY], content_type="application/json")
 
@@ -217,6 +240,7 @@ def add_routes(app: web.Application) -> None:
     app[OPENAPI_KEY] = openapi_document()
     app.router.add_routes([
         web.get("/openapi.json", openapi),
+        web.get("/metrics", metrics),
         web.get("/health", health),
         web.get("/services", list_services),
         web.get("/services/{name}", get_service),

@@ -17,6 +17,7 @@ from deploy_agent.api import (
     CONVERTER_KEY,
     DEPLOYER_KEY,
     GPUS_KEY,
+    METRICS_KEY,
     RECONCILER_KEY,
     add_routes,
     error_middleware,
@@ -27,6 +28,7 @@ from deploy_agent.convert import make_converter
 from deploy_agent.deployer import Deployer
 from deploy_agent.engine import Engine
 from deploy_agent.gpus import GpuInventory, GpuPool, open_inventory
+from deploy_agent.metrics import AgentMetrics
 from deploy_agent.probe import HealthProbe
 from deploy_agent.reconciler import Reconciler
 from deploy_agent.state import StateFile
@@ -76,6 +78,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
                                     config.resync_interval_s, config.instance)
             app[DEPLOYER_KEY] = deployer
             app[RECONCILER_KEY] = reconciler
+            app[METRICS_KEY] = AgentMetrics(deployer, app[GPUS_KEY], lambda: reconciler.engine_reachable)
             await reconciler.start_up()
             task = asyncio.create_task(reconciler.run(), name="reconciler")
             app[RECONCILE_TASK_KEY] = task

@@ -153,6 +153,7 @@ class StateFile:
 
 
 def _write_atomically(path: Path, document: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # heals a state dir deleted under us
     tmp = path.with_name(f".{path.name}.tmp")
     data = json.dumps(document, indent=1, sort_keys=True).encode()
     # 0600: specs carry env values, which often hold API keys.

@@ -54,7 +54,7 @@ class AgentProcess:
         self.log = state_dir.parent / f"agent-{self.port}.log"
         self.start_env: dict[str, str] = {}
 
-    def start(self, timeout: float = 20) -> None:
+    def start(self, timeout: float = 20, wait: bool = True) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [COMMAND, "--host", "127.0.0.1", "--port", str(self.port),
@@ -64,6 +64,8 @@ class AgentProcess:
                 stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.start_env},
             )
+        if not wait:
+            return
         deadline = time.monotonic() + timeout
         while True:
             try:

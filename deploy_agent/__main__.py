@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -65,10 +66,15 @@ async def serve(config: Config) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        notify("READY=1")
-        await stop.wait()
-        notify("STOPPING=1")
-        _LOGGER.info("Shutting down")
+        async with contextlib.AsyncExitStack() as stack:
+            if config.mdns:
+                from deploy_agent.mdns import advertised  # zeroconf only when asked for
+
+                await stack.enter_async_context(advertised(config.advertise_host, config.port))
+            notify("READY=1")
+            await stop.wait()
+            notify("STOPPING=1")
+            _LOGGER.info("Shutting down")
     finally:
         await runner.cleanup()
 

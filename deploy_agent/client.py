@@ -347,18 +347,35 @@ def nodes_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
     return [url.strip().rstrip("/") for url in environ.get("COMPUTE_NODES", "").split(",") if url.strip()]
 
 
+async def discover_nodes(timeout_s: float = 2.0) -> list[str]:
+    """Agents advertising `_tidybot-compute._tcp` over mDNS; [] without zeroconf installed."""
+    from deploy_agent.mdns import discover  # imports zeroconf only when called
+
+    try:
+        return await discover(timeout_s)
+    except ImportError:
+        return []
+
+
 class AsyncComputeNodes:
     """Several agents: find a service, or deploy it where it fits best. Dead nodes are skipped."""
 
     def __init__(self, urls: list[str], token: str | None = None, probe_timeout: float = 2.0) -> None:
         if not urls:
-            raise ValueError("no compute nodes given (set COMPUTE_NODES=http://host:9000,...)")
+            raise ValueError("no compute nodes: set COMPUTE_NODES=http://host:9000,... "
+                             "or run the agents with --mdns")
         self._clients = [AsyncAgentClient(url, token) for url in urls]
         self._probe_timeout = probe_timeout
 
     @classmethod
     def from_env(cls, token: str | None = None) -> AsyncComputeNodes:
+        """COMPUTE_NODES; use `await discover()` where nodes advertise over mDNS instead."""
         return cls(nodes_from_env(), token)
+
+    @classmethod
+    async def discover(cls, token: str | None = None, timeout_s: float = 2.0) -> AsyncComputeNodes:
+        """COMPUTE_NODES when set, else the agents advertising over mDNS (--mdns)."""
+        return cls(nodes_from_env() or await discover_nodes(timeout_s), token)
 
     @property
     def urls(self) -> list[str]:
@@ -464,8 +481,10 @@ class ComputeNodes:
         self._async = AsyncComputeNodes(urls, token, probe_timeout)
 
     @classmethod
-    def from_env(cls, token: str | None = None) -> ComputeNodes:
-        return cls(nodes_from_env(), token)
+    def from_env(cls, token: str | None = None, timeout_s: float = 2.0) -> ComputeNodes:
+        """COMPUTE_NODES when set, else the agents advertising over mDNS (--mdns)."""
+        urls = nodes_from_env() or asyncio.run(discover_nodes(timeout_s))
+        return cls(urls, token)
 
     @property
     def urls(self) -> list[str]:

@@ -75,6 +75,7 @@ class Config:
     allow_images: tuple[str, ...] = ()
     token: str | None = attrs.field(default=None, repr=False)  # never in a log line
     instance: str = "default"
+    mdns: bool = False
 
 
 def _env(environ: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -130,6 +131,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--instance", default=_env(environ, "instance", "default"), type=_instance_name,
         help="name of this agent on its Docker engine; several agents sharing one engine "
         "(development, tests) each manage only their own containers (default: %(default)s)")
+    add("--mdns", action="store_true", default=(_env(environ, "mdns", "") or "").lower() in ("1", "true"),
+        help="advertise this agent as _tidybot-compute._tcp over mDNS (needs the 'mdns' extra)")
     add("--fake-gpus", type=_fake_gpus, default=_env(environ, "fake_gpus"), metavar="NAME:GB,...",
         help="simulate GPUs for development and tests, e.g. 'RTX 4090:24,RTX 4090:24': placement "
         "and accounting are real, containers get NVIDIA_VISIBLE_DEVICES and no device")
@@ -177,6 +180,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         shutdown_timeout_s=args.shutdown_timeout,
         allow_images=tuple(images),
         instance=args.instance,
+        mdns=args.mdns,
         token=read_token(args.token_file, _env(environ, "token")),
     )
 

@@ -1,0 +1,40 @@
+"""Run inside a private network namespace by test_mdns.py: an agent advertises, a client finds it.
+
+Usage: python3 mdns_in_netns.py STATE_DIR. Prints one JSON line with what was found.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from deploy_agent.client import ComputeNodes
+
+state_dir = Path(sys.argv[1])
+port = 9000  # the namespace is ours alone: no other listener can be on it
+agent = subprocess.Popen(
+    ["deploy-agent", "--mdns", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
+     "--advertise-host", "127.0.0.1", "--instance", "mdns-test"],
+    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    env={k: v for k, v in os.environ.items() if k != "COMPUTE_NODES"},
+)
+try:
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    os.environ.pop("COMPUTE_NODES", None)
+    with ComputeNodes.from_env(timeout_s=2.0) as nodes:
+        found = nodes.urls
+        reachable = [s["reachable"] for s in nodes.status()]
+    print(json.dumps({"found": found, "reachable": reachable}))
+finally:
+    agent.terminate()
+    agent.wait(timeout=30)

@@ -42,8 +42,12 @@ NDJSON = "application/x-ndjson"
 
 def answer(request: web.Request, payload: Any, status: int = 200) -> web.Response:
     """A JSON answer of an attrs value (or a list of them) through the app's converter."""
-    body = request.app[CONVERTER_KEY].unstructure(payload)
-    return web.json_response(body, status=status, dumps=_dumps)
+    return json_response(request.app[CONVERTER_KEY].unstructure(payload), status)
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """Every JSON answer, errors included, in one compact form."""
+    return web.json_response(body, status=status, headers=headers, dumps=_dumps)
 
 
 def _dumps(value: Any) -> str:
@@ -57,7 +61,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except AgentError as err:
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return web.json_response(err.to_json(), status=err.status, headers=headers)
+        return json_response(err.to_json(), err.status, headers)
     except web.HTTPException as err:
         if err.status < 400:
             raise
@@ -70,11 +74,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             message = f"No such endpoint: {request.method} {request.path}."
         elif err.status == 405:
             message = f"{request.method} is not allowed on {request.path}."
-        return web.json_response({"ok": False, "error": code, "message": message},
-                                 status=err.status, headers=_allow_header(err))
+        return json_response({"ok": False, "error": code, "message": message}, err.status,
+                             _allow_header(err))
     except Exception:
         _LOGGER.exception("Unhandled error answering %s %s", request.method, request.path)
-        return web.json_response(
+        return json_response(
             {"ok": False, "error": "internal_error",
              "message": "The agent failed unexpectedly; its log has the details."},
             status=500,
@@ -215,7 +219,7 @@ def _query_int(request: web.Request, key: str, default: int, maximum: int) -> in
 async def stop(request: web.Request) -> web.Response:
     name = parse_stop_request(request.app[CONVERTER_KEY], await read_json(request))
     await request.app[DEPLOYER_KEY].stop(name)
-    return web.json_response({"ok": True, "name": name})
+    return json_response({"ok": True, "name": name})
 
 
 async def gpus(request: web.Request) -> web.Response:

@@ -7,9 +7,11 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Hashable
 from importlib import resources
 from typing import Any
 
+import attrs
 import cattrs
 from aiohttp import ClientConnectionResetError, web
 from aiohttp.typedefs import Handler
@@ -27,6 +29,14 @@ from deploy_agent.reconciler import Reconciler
 
 _LOGGER = logging.getLogger(__name__)
 
+@attrs.define
+class ListingCache:
+    """The last rendered GET /services body and what it was rendered from."""
+
+    key: Hashable = None
+    body: bytes = b""
+
+
 CONFIG_KEY = web.AppKey("config", Config)
 CONVERTER_KEY = web.AppKey("converter", cattrs.Converter)
 DEPLOYER_KEY = web.AppKey("deployer", Deployer)
@@ -34,6 +44,7 @@ RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
 GPUS_KEY = web.AppKey("gpus", GpuPool)
 OPENAPI_KEY = web.AppKey("openapi", bytes)
 METRICS_KEY = web.AppKey("metrics", AgentMetrics)
+LISTING_KEY = web.AppKey("listing", ListingCache)
 
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 RUNNING = ("starting", "healthy", "unhealthy")
@@ -115,9 +126,21 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def list_services(request: web.Request) -> web.Response:
-    advertise, now = request.app[CONFIG_KEY].advertise_host, time.time()
-    views = [ServiceView.of(s, advertise, now) for s in request.app[DEPLOYER_KEY].services()]
-    return answer(request, views)
+    """Every service, re-rendered only when something it shows has changed.
+
+    A container id fixes a service's spec, port and GPU; the rest that can change is in
+    the key, with the current second for uptime.
+    """
+    services, now = request.app[DEPLOYER_KEY].services(), time.time()
+    key = (int(now), tuple((s.container_id, s.status, s.restarts, s.exit_code, s.started_at)
+                           for s in services))
+    cache = request.app[LISTING_KEY]
+    if cache.key != key:
+        advertise = request.app[CONFIG_KEY].advertise_host
+        views = [ServiceView.of(s, advertise, now) for s in services]
+        cache.body = _dumps(request.app[CONVERTER_KEY].unstructure(views)).encode()
+        cache.key = key
+    return web.Response(body=cache.body, content_type="application/json")
 
 
 async def get_service(request: web.Request) -> web.Response:
@@ -242,6 +265,7 @@ def openapi_document() -> bytes:
 
 def add_routes(app: web.Application) -> None:
     app[OPENAPI_KEY] = openapi_document()
+    app[LISTING_KEY] = ListingCache()
     app.router.add_routes([
         web.get("/openapi.json", openapi),
         web.get("/metrics", metrics),

@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 
 import aiodocker
-import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
@@ -67,26 +66,23 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         await asyncio.to_thread(inventory.close)
 
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True)
-        ) as session:
-            probe = HealthProbe(session, config.health_host)
-            converter = app[CONVERTER_KEY]
-            state_file = StateFile(config.state_dir, converter)
-            deployer = Deployer(config, app[ENGINE_KEY], probe, app[GPUS_KEY], state_file, converter)
-            reconciler = Reconciler(deployer, app[ENGINE_KEY], probe, state_file, converter,
-                                    config.resync_interval_s, config.instance)
-            app[DEPLOYER_KEY] = deployer
-            app[RECONCILER_KEY] = reconciler
-            app[METRICS_KEY] = AgentMetrics(deployer, app[GPUS_KEY], lambda: reconciler.engine_reachable)
-            await reconciler.start_up()
-            task = asyncio.create_task(reconciler.run(), name="reconciler")
-            app[RECONCILE_TASK_KEY] = task
-            yield
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await deployer.close()
+        probe = HealthProbe(config.health_host)
+        converter = app[CONVERTER_KEY]
+        state_file = StateFile(config.state_dir, converter)
+        deployer = Deployer(config, app[ENGINE_KEY], probe, app[GPUS_KEY], state_file, converter)
+        reconciler = Reconciler(deployer, app[ENGINE_KEY], probe, state_file, converter,
+                                config.resync_interval_s, config.instance)
+        app[DEPLOYER_KEY] = deployer
+        app[RECONCILER_KEY] = reconciler
+        app[METRICS_KEY] = AgentMetrics(deployer, app[GPUS_KEY], lambda: reconciler.engine_reachable)
+        await reconciler.start_up()
+        task = asyncio.create_task(reconciler.run(), name="reconciler")
+        app[RECONCILE_TASK_KEY] = task
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await deployer.close()
 
     app.cleanup_ctx.append(engine_ctx)
     app.cleanup_ctx.append(gpus_ctx)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import cattrs
 
@@ -113,6 +114,7 @@ class Reconciler:
         elif action == "start":
             if service.status in ("exited", "restarting"):
                 service.restarts += 1
+                service.started_at = time.time()  # uptime counts from the latest start
             service.status = "starting"
             service.exit_code = None
             self._failures.pop(name, None)

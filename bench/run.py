@@ -1,0 +1,351 @@
+"""deploy-agent benchmark: every figure beside its baseline, measured in the same run.
+
+    python3 bench/run.py            # needs dockerd, the test image (tests/images/build.sh), wrk
+
+Baselines:
+  deploy latency, slow start, 8-in-parallel: the engine floor, i.e. the same container
+      config created and started through the Engine API directly, /health polled every 20 ms;
+  idempotent re-deploy, GET /services: the agent's own GET /health (the loopback HTTP floor);
+  RSS, start-up, resync CPU: the same agent with no services.
+Everything it creates carries the label tidybot.deploy-agent=bench-* and is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+
+from deploy_agent.convert import make_converter
+from deploy_agent.engine import MANAGED_LABEL, container_config
+from deploy_agent.models import DeploySpec
+from deploy_agent.state import labels_for
+
+IMAGE = "deploy-agent-test/httpd:1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+class Agent:
+    """The installed deploy-agent as a process, for one instance name."""
+
+    def __init__(self, instance: str, port_range: str, workdir: Path, resync: float = 5.0) -> None:
+        self.instance, self.port_range, self.resync = instance, port_range, resync
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.state = workdir / instance
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def spawn(self) -> float:
+        self.process = subprocess.Popen(
+            [shutil.which("deploy-agent") or "deploy-agent", "--host", "127.0.0.1",
+             "--port", str(self.port), "--state-dir", str(self.state), "--advertise-host", "127.0.0.1",
+             "--port-range", self.port_range, "--instance", self.instance,
+             "--resync-interval", str(self.resync), "--log-level", "WARNING"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter()
+
+    async def wait_for(self, session: aiohttp.ClientSession, expected_services: int) -> None:
+        while True:
+            try:
+                async with session.get(self.url + "/services") as response:
+                    if response.status == 200 and len(await response.json()) == expected_services:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.005)
+
+    def rss_mib(self) -> float:
+        assert self.process is not None
+        text = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024  # type: ignore[union-attr]
+
+    def cpu_s(self) -> float:
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+            self.process = None
+
+
+class Bench:
+    def __init__(self, rounds: int, workdir: Path) -> None:
+        self.rounds = rounds
+        self.workdir = workdir
+        self.rows: list[tuple[str, str, str, str, bool]] = []
+        self.converter = make_converter()
+
+    def report(self, figure: str, agent: str, baseline: str, target: str, met: bool) -> None:
+        self.rows.append((figure, agent, baseline, target, met))
+        print(f"  {figure}: {agent} (baseline {baseline}; target {target}) "
+              f"{'OK' if met else 'MISSED'}", flush=True)
+
+    # -- the engine floor ---------------------------------------------------------------------
+
+    async def floor_deploy(self, docker: aiodocker.Docker, session: aiohttp.ClientSession,
+                           name: str, host_port: int, env: dict[str, str] | None = None) -> float:
+        """create + start through the engine, then /health every 20 ms: the least any agent can do.
+
+        The container is removed afterwards, outside the time measured.
+        """
+        elapsed, container = await self._floor_start(docker, session, name, host_port, env)
+        await container.delete(force=True)
+        return elapsed
+
+    async def _floor_start(self, docker: aiodocker.Docker, session: aiohttp.ClientSession, name: str,
+                           host_port: int, env: dict[str, str] | None) -> tuple[float, Any]:
+        spec = self.converter.structure({"name": name, "image": IMAGE, "env": env or {}}, DeploySpec)
+        config = container_config(IMAGE, 8000, host_port, dict(spec.env), (), None,
+                                  labels_for(self.converter, spec, host_port, None, "bench-floor"))
+        started = time.perf_counter()
+        container = await docker.containers.create(config, name=f"bench-floor-{name}")
+        await container.start()
+        while True:
+            try:
+                async with session.get(f"http://127.0.0.1:{host_port}/health",
+                                       timeout=aiohttp.ClientTimeout(total=1)) as response:
+                    if response.status == 200:
+                        break
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            await asyncio.sleep(0.02)
+        return time.perf_counter() - started, container
+
+    async def agent_deploy(self, session: aiohttp.ClientSession, agent: Agent, name: str,
+                           env: dict[str, str] | None = None) -> float:
+        started = time.perf_counter()
+        async with session.post(agent.url + "/deploy",
+                                json={"name": name, "image": IMAGE, "env": env or {}}) as response:
+            body = await response.json()
+        elapsed = time.perf_counter() - started
+        assert response.status == 200, body
+        return elapsed
+
+    async def agent_stop(self, session: aiohttp.ClientSession, agent: Agent, name: str) -> None:
+        async with session.post(agent.url + "/stop", json={"name": name}) as response:
+            assert response.status == 200, await response.text()
+
+    # -- figures ------------------------------------------------------------------------------
+
+    async def deploy_figures(self, docker: aiodocker.Docker, session: aiohttp.ClientSession) -> None:
+        agent = Agent("bench-deploy", "31000-31099", self.workdir, resync=5.0)
+        agent.spawn()
+        await agent.wait_for(session, 0)
+        try:
+            ours, floor = [], []
+            for i in range(self.rounds):  # interleaved, so both see the same machine
+                floor.append(await self.floor_deploy(docker, session, f"d{i}", 31500 + i))
+                ours.append(await self.agent_deploy(session, agent, f"bench-d{i}"))
+                await self.agent_stop(session, agent, f"bench-d{i}")
+            a, f = statistics.median(ours), statistics.median(floor)
+            self.report("1. deploy latency, median", f"{a * 1000:.0f} ms", f"{f * 1000:.0f} ms",
+                        "ratio <= 1.10", a / f <= 1.10)
+
+            ours, floor = [], []
+            for i in range(max(3, self.rounds // 2)):
+                floor.append(await self.floor_deploy(docker, session, f"s{i}", 31600 + i, {"DELAY": "1.5"}))
+                ours.append(await self.agent_deploy(session, agent, f"bench-s{i}", {"DELAY": "1.5"}))
+                await self.agent_stop(session, agent, f"bench-s{i}")
+            a, f = statistics.median(ours) - 1.5, statistics.median(floor) - 1.5
+            self.report("2. slow start (healthy at 1.5 s), answer - 1.5 s", f"{a * 1000:.0f} ms",
+                        f"{f * 1000:.0f} ms", "<= floor + 150 ms", a <= f + 0.150)
+
+            await self.agent_deploy(session, agent, "bench-idem")
+            idem = await self.sequential(session, "POST", agent.url + "/deploy",
+                                         {"name": "bench-idem", "image": IMAGE}, 500)
+            bare = await self.sequential(session, "GET", agent.url + "/health", None, 500)
+            self.report("3. idempotent re-deploy p50", f"{percentile(idem, 50) * 1000:.2f} ms",
+                        f"{percentile(bare, 50) * 1000:.2f} ms (GET /health)", "<= 2 ms",
+                        percentile(idem, 50) <= 0.002)
+            await self.agent_stop(session, agent, "bench-idem")
+
+            one = await self.agent_deploy(session, agent, "bench-p")
+            await self.agent_stop(session, agent, "bench-p")
+            started = time.perf_counter()
+            await asyncio.gather(*(self.agent_deploy(session, agent, f"bench-p{i}") for i in range(8)))
+            eight = time.perf_counter() - started
+            await asyncio.gather(*(self.agent_stop(session, agent, f"bench-p{i}") for i in range(8)))
+            floor_one = await self.floor_deploy(docker, session, "p", 31700)
+            started = time.perf_counter()
+            floors = await asyncio.gather(*(self._floor_start(docker, session, f"p{i}", 31710 + i, None)
+                                            for i in range(8)))
+            floor_eight = time.perf_counter() - started
+            await asyncio.gather(*(container.delete(force=True) for _, container in floors))
+            self.report("5. 8 deploys in parallel / 1 alone", f"{eight / one:.2f}x",
+                        f"{floor_eight / floor_one:.2f}x", "<= 3", eight / one <= 3)
+        finally:
+            agent.stop()
+
+    async def sequential(self, session: aiohttp.ClientSession, method: str, url: str,
+                         body: Any, count: int) -> list[float]:
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            async with session.request(method, url, json=body) as response:
+                await response.read()
+            times.append(time.perf_counter() - started)
+        return times
+
+    async def populate(self, docker: aiodocker.Docker, instance: str, count: int, first_port: int) -> None:
+        """`count` healthy service containers of `instance`, created straight through the engine."""
+        semaphore = asyncio.Semaphore(8)
+
+        async def one(i: int) -> None:
+            spec = self.converter.structure({"name": f"bench-{i}", "image": IMAGE}, DeploySpec)
+            port = first_port + i
+            config = container_config(IMAGE, 8000, port, {}, (), None,
+                                      labels_for(self.converter, spec, port, None, instance))
+            async with semaphore:
+                container = await docker.containers.create(config, name=f"bench-{instance}-{i}")
+                await container.start()
+        await asyncio.gather(*(one(i) for i in range(count)))
+        await asyncio.sleep(1.0)  # let every httpd listen
+
+    async def scale_figures(self, docker: aiodocker.Docker, session: aiohttp.ClientSession) -> None:
+        print("  (starting 220 service containers)", flush=True)
+        await self.populate(docker, "bench-20", 20, 32000)
+        await self.populate(docker, "bench-200", 200, 32100)
+        empty = Agent("bench-0", "33000-33099", self.workdir, resync=1.0)
+        twenty = Agent("bench-20", "32000-32099", self.workdir, resync=1.0)
+        many = Agent("bench-200", "32100-32399", self.workdir, resync=1.0)
+        try:
+            started = empty.spawn()
+            await empty.wait_for(session, 0)
+            empty_start = time.perf_counter() - started
+            started = many.spawn()
+            await many.wait_for(session, 200)
+            many_start = time.perf_counter() - started
+            self.report("6b. start-up adopting 200 containers to first answer", f"{many_start:.2f} s",
+                        f"{empty_start:.2f} s (no containers)", "<= 2 s", many_start <= 2.0)
+            twenty.spawn()
+            await twenty.wait_for(session, 20)
+
+            p50 = {}
+            for agent, n in ((twenty, 20), (many, 200)):
+                times = await self.sequential(session, "GET", agent.url + "/services", None, 500)
+                p50[n] = percentile(times, 50)
+            bare = await self.sequential(session, "GET", many.url + "/health", None, 500)
+            self.report("4a. GET /services p50, 20 | 200 services",
+                        f"{p50[20] * 1000:.2f} | {p50[200] * 1000:.2f} ms",
+                        f"{percentile(bare, 50) * 1000:.2f} ms (GET /health)", "<= 2 ms",
+                        max(p50.values()) <= 0.002)
+            load = {n: wrk(agent.url + "/services") for agent, n in ((twenty, 20), (many, 200))}
+            bare_load = wrk(many.url + "/health")
+            self.report("4b. GET /services req/s, 16 clients, 200 services", f"{load[200]['rps']:.0f}/s",
+                        f"{bare_load['rps']:.0f}/s (GET /health)", ">= 1500/s", load[200]["rps"] >= 1500)
+            self.report("4c. GET /services p99, 16 clients, 200 vs 20",
+                        f"{load[200]['p99'] * 1000:.2f} vs {load[20]['p99'] * 1000:.2f} ms",
+                        f"{bare_load['p99'] * 1000:.2f} ms (GET /health)", "200 <= 3x 20",
+                        load[200]["p99"] <= 3 * load[20]["p99"])
+
+            self.report("6a. agent RSS with 200 services", f"{many.rss_mib():.1f} MiB",
+                        f"{empty.rss_mib():.1f} MiB (no services)", "<= 64 MiB", many.rss_mib() <= 64)
+
+            window = 10.0
+            cpu = {}
+            for agent in (empty, many):
+                before = agent.cpu_s()
+                await asyncio.sleep(window)  # resync every 1 s, no requests
+                cpu[agent.instance] = (agent.cpu_s() - before) / window
+            self.report("7. CPU time of one resync, 200 services", f"{cpu['bench-200'] * 1000:.0f} ms",
+                        f"{cpu['bench-0'] * 1000:.0f} ms (no services)", "<= 100 ms",
+                        cpu["bench-200"] <= 0.100)
+        finally:
+            for agent in (empty, twenty, many):
+                agent.stop()
+
+    async def run(self) -> None:
+        async with aiodocker.Docker() as docker, aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=64)) as session:
+            await cleanup(docker)
+            try:
+                print("deploy figures", flush=True)
+                await self.deploy_figures(docker, session)
+                print("scale figures", flush=True)
+                await self.scale_figures(docker, session)
+            finally:
+                await cleanup(docker)
+
+
+def wrk(url: str, seconds: int = 5) -> dict[str, float]:
+    """16 concurrent connections for `seconds`: requests/s and latency p50/p99 in seconds."""
+    out = subprocess.run(["wrk", "-t2", "-c16", f"-d{seconds}s", "--latency", url],
+                         capture_output=True, text=True, check=True).stdout
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+    def latency(label: str) -> float:
+        value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * units[unit]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return {"rps": rps, "p50": latency("50%"), "p99": latency("99%")}
+
+
+async def cleanup(docker: aiodocker.Docker) -> None:
+    containers = await docker.containers.list(all=True, filters={"label": [MANAGED_LABEL]})
+    doomed = [c for c in containers if str(c["Labels"].get(MANAGED_LABEL, "")).startswith("bench-")]
+    await asyncio.gather(*(c.delete(force=True) for c in doomed))
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
+    docker = subprocess.run(["docker", "version", "-f", "{{.Server.Version}}"], capture_output=True,
+                            text=True).stdout.strip()
+    return (f"{os.cpu_count()} cores ({cpu}), {memory / 1024 / 1024:.0f} GiB, Linux {platform.release()}, "
+            f"Python {platform.python_version()}, Docker {docker}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7, help="deploys per latency figure")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench: needs wrk (apt-get install wrk)")
+    with tempfile.TemporaryDirectory() as workdir:
+        bench = Bench(args.rounds, Path(workdir))
+        print(f"machine: {machine()}", flush=True)
+        asyncio.run(bench.run())
+    width = max(len(row[0]) for row in bench.rows)
+    print(f"\n{'figure'.ljust(width)}  {'agent':>22}  {'baseline':>30}  {'target':>18}  met")
+    for figure, agent, baseline, target, met in bench.rows:
+        print(f"{figure.ljust(width)}  {agent:>22}  {baseline:>30}  {target:>18}  {'yes' if met else 'NO'}")
+    if args.json:
+        args.json.write_text(json.dumps([dict(zip(("figure", "agent", "baseline", "target", "met"), row,
+                                                  strict=True)) for row in bench.rows], indent=1))
+    return 0 if all(row[4] for row in bench.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -60,7 +60,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         inventory: GpuInventory = (
             gpus if gpus is not None else await asyncio.to_thread(open_inventory, config.fake_gpus))
         pool = GpuPool(inventory)
-        await pool.refresh(())
+        await pool.refresh(frozenset())
         app[GPUS_KEY] = pool
         yield
         await asyncio.to_thread(inventory.close)
@@ -74,7 +74,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
                                 config.resync_interval_s, config.instance)
         app[DEPLOYER_KEY] = deployer
         app[RECONCILER_KEY] = reconciler
-        app[METRICS_KEY] = AgentMetrics(deployer, app[GPUS_KEY], lambda: reconciler.engine_reachable)
+        app[METRICS_KEY] = AgentMetrics(deployer, app[GPUS_KEY], reconciler)
         await reconciler.start_up()
         task = asyncio.create_task(reconciler.run(), name="reconciler")
         app[RECONCILE_TASK_KEY] = task
@@ -83,6 +83,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await deployer.close()
+        probe.close()
 
     app.cleanup_ctx.append(engine_ctx)
     app.cleanup_ctx.append(gpus_ctx)

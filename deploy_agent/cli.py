@@ -119,12 +119,16 @@ class Ctl:
                           str(row["restarts"]), row["image"], *([row["node"]] if len(statuses) > 1 else []))
         self.out.print(table if rows else "no services")
 
-    async def stop(self) -> None:
-        located = await self.nodes.locate(self.args.name)
+    async def node_running(self, name: str) -> AsyncAgentClient:
+        """The node that has `name`, in any status; 404 when none has it."""
+        located = await self.nodes.locate(name)
         if located is None:
-            raise ServiceNotFoundError(404, "not_found", f"No service named {self.args.name!r} "
+            raise ServiceNotFoundError(404, "not_found", f"No service named {name!r} "
                                        f"on {', '.join(self.nodes.urls)}.")
-        client, _ = located
+        return located[0]
+
+    async def stop(self) -> None:
+        client = await self.node_running(self.args.name)
         answer = {**await client.stop(self.args.name), "node": client.url}
         if self.args.json:
             return self.print_json(answer)
@@ -146,11 +150,7 @@ class Ctl:
         self.out.print(table if rows else "no GPUs")
 
     async def logs(self) -> None:
-        located = await self.nodes.locate(self.args.name)
-        if located is None:
-            raise ServiceNotFoundError(404, "not_found", f"No service named {self.args.name!r} "
-                                       f"on {', '.join(self.nodes.urls)}.")
-        client, _ = located
+        client = await self.node_running(self.args.name)
         if not self.args.follow:
             sys.stdout.write(await client.logs(self.args.name, self.args.tail))
             return

@@ -308,7 +308,7 @@ class Deployer:
 
     async def refresh_gpus(self) -> None:
         """Re-read the GPUs, telling the pool which containers are the agent's own."""
-        await self._gpus.refresh(s.container_id for s in self._services.values())
+        await self._gpus.refresh(frozenset(s.container_id for s in self._services.values()))
 
     # -- state ---------------------------------------------------------------------------
 

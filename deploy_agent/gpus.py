@@ -16,7 +16,6 @@ import contextlib
 import importlib
 import logging
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -226,15 +225,19 @@ class GpuPool:
     def count(self) -> int:
         return len(self._readings)
 
-    async def refresh(self, agent_containers: Iterable[str]) -> None:
-        """Read the GPUs again (in a thread); on a driver error keep the last reading."""
+    async def refresh(self, agent_containers: frozenset[str]) -> None:
+        """Read the GPUs again (in a thread); on a driver error keep the last reading.
+
+        agent_containers is a snapshot taken by the caller: the service table may change
+        while the driver is read.
+        """
         try:
             readings = await asyncio.to_thread(self.inventory.read)
         except Exception as err:  # NVMLError and friends: a flaky driver must not stop the agent
             _LOGGER.warning("Reading the GPUs failed: %s", err)
             return
         self._readings = readings
-        self._agent_containers = frozenset(agent_containers)
+        self._agent_containers = agent_containers
 
     def reserved_gb(self, index: int) -> float:
         return sum(a.vram_gb for a in self._reservations.values() if a.index == index)

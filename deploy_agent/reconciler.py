@@ -48,6 +48,8 @@ class Reconciler:
         self._instance = instance
         self._failures: dict[str, int] = {}
         self.engine_reachable = False
+        self.resyncs = 0  # completed, for /metrics
+        self.resync_seconds = 0.0
 
     async def start_up(self) -> None:
         """Adopt every container the agent created; drop records whose container is gone."""
@@ -141,8 +143,11 @@ class Reconciler:
             await self._resync_logged()
 
     async def _resync_logged(self) -> None:
+        started = time.monotonic()
         try:
             await self.resync()
+            self.resyncs += 1
+            self.resync_seconds += time.monotonic() - started
         except asyncio.CancelledError:
             raise
         except AgentError as err:
@@ -204,13 +209,12 @@ class Reconciler:
             service.restarts = int(info.get("RestartCount", service.restarts))
 
     async def _probe_all(self) -> None:
-        """Probe every running service at once, each with a short timeout."""
+        """Probe every running service, several at a time, each with a short timeout."""
         running = [s for s in self._deployer.services()
                    if s.status in ("starting", "healthy", "unhealthy")
                    and not self._deployer.lock(s.spec.name).locked()]
-        results = await asyncio.gather(*(
-            self._probe.healthy(s.host_port, s.spec.health, PROBE_TIMEOUT_S) for s in running
-        ))
+        results = await self._probe.healthy_all(
+            [(s.host_port, s.spec.health) for s in running], PROBE_TIMEOUT_S)
         for service, healthy in zip(running, results, strict=True):
             self._record_probe(service, healthy)
 

@@ -47,7 +47,7 @@ def reading(index: int, total: float = 24, used: float = 0,
 
 async def pool_of(*readings: GpuReading, agent: tuple[str, ...] = ()) -> GpuPool:
     pool = GpuPool(StaticGpus(list(readings)))
-    await pool.refresh(agent)
+    await pool.refresh(frozenset(agent))
     return pool
 
 
@@ -183,7 +183,7 @@ class TestFakeGpus:
 
     async def test_fake_handoff_is_env_only(self) -> None:
         pool = GpuPool(FakeGpus("RTX 4090:24,RTX 4090:24"))
-        await pool.refresh(())
+        await pool.refresh(frozenset())
         pool.reserve("a", 20)
         env, requests = pool.handoff(pool.reserve("b", 8))
         assert (env, requests) == ({"NVIDIA_VISIBLE_DEVICES": "1"}, [])
@@ -310,3 +310,36 @@ class TestNvmlInventory:
 
     def test_fake_gpus_win_over_nvml(self) -> None:
         assert isinstance(open_inventory("A:1", nvml=fake_nvml([device()])), FakeGpus)
+
+
+class TestRefreshWhileDeploying:
+    """The service table may change while the GPUs are read (found by fuzzing)."""
+
+    async def test_table_changes_during_a_slow_read(self, tmp_path: Path) -> None:
+        import asyncio
+        import time
+        from unittest.mock import MagicMock
+
+        from deploy_agent.convert import make_converter
+        from deploy_agent.deployer import Deployer
+        from deploy_agent.engine import Engine
+        from deploy_agent.models import DeploySpec, Service
+        from deploy_agent.probe import HealthProbe
+        from deploy_agent.state import StateFile
+        from tests.conftest import make_config
+
+        class SlowGpus(StaticGpus):
+            def read(self) -> list[GpuReading]:
+                time.sleep(0.2)  # a slow driver, read in a thread
+                return self.readings
+
+        converter = make_converter()
+        deployer = Deployer(make_config(tmp_path), MagicMock(spec=Engine), MagicMock(spec=HealthProbe),
+                            GpuPool(SlowGpus([reading(0)])), StateFile(tmp_path, converter), converter)
+        spec = converter.structure({"name": "first", "image": "img:1"}, DeploySpec)
+        deployer.adopt(Service(spec=spec, container_id="a" * 64, host_port=28000))
+        refresh = asyncio.create_task(deployer.refresh_gpus())
+        await asyncio.sleep(0.05)
+        deployer.adopt(Service(spec=converter.structure({"name": "second", "image": "img:1"}, DeploySpec),
+                               container_id="b" * 64, host_port=28001))
+        await refresh  # raised "dictionary changed size during iteration" before the fix

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,3 +63,20 @@ class TestServing:
         assert (tmp_path / "s" / "services.json").exists()
         assert post_json(running_agent + "/stop", {"name": "t-cli"})[0] == 200
         assert get_json(running_agent + "/services") == []
+
+
+class TestDaemonFootprint:
+    """The daemon never loads what only deployctl and the client need."""
+
+    def test_cli_and_client_modules_stay_out(self, tmp_path: Path) -> None:
+        probe = (
+            "import sys\n"
+            "from deploy_agent.__main__ import main\n"
+            "from deploy_agent.app import create_app\n"
+            "from deploy_agent.config import parse_config\n"
+            f"create_app(parse_config(['--state-dir', {str(tmp_path)!r}], {{}}))\n"
+            "print(sorted(m for m in ('rich', 'zeroconf', 'yaml', 'deploy_agent.client', "
+            "'deploy_agent.cli', 'schemathesis') if m in sys.modules))\n"
+        )
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+        assert result.stdout.strip() == "[]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import socket
@@ -127,6 +128,17 @@ class TestMetrics:
         assert sample(found["deploy_agent_engine_reachable"]) == 1
         build = found["deploy_agent_build_info"]
         assert build.samples[0].labels["version"]
+
+    async def test_resyncs_are_counted(self, agent: Client) -> None:
+        async def resyncs() -> tuple[float, float]:
+            found = families(await (await agent.get("/metrics")).text())
+            return sample(found["deploy_agent_resyncs"]), sample(found["deploy_agent_resync_seconds"])
+        first, _ = await resyncs()
+        deadline = asyncio.get_running_loop().time() + 5
+        while (await resyncs())[0] < first + 2:  # the test agent resyncs every 0.5 s
+            assert asyncio.get_running_loop().time() < deadline, "resync counter did not move"
+            await asyncio.sleep(0.1)
+        assert (await resyncs())[1] > 0
 
     async def test_each_app_has_its_own_registry(self, agent: Client, aiohttp_client: Any,
                                                  tmp_path: Path) -> None:

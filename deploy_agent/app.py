@@ -35,7 +35,6 @@ from deploy_agent.state import StateFile
 _LOGGER = logging.getLogger(__name__)
 
 ENGINE_KEY = web.AppKey("engine", Engine)
-RECONCILE_TASK_KEY = web.AppKey("reconcile_task", asyncio.Task[None])
 
 
 def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
@@ -77,7 +76,6 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         app[METRICS_KEY] = AgentMetrics(deployer, app[GPUS_KEY], reconciler)
         await reconciler.start_up()
         task = asyncio.create_task(reconciler.run(), name="reconciler")
-        app[RECONCILE_TASK_KEY] = task
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

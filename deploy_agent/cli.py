@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ from deploy_agent.client import (
     CapacityError,
     NodeUnreachable,
     ServiceNotFoundError,
+    already_running_answer,
     load_manifest,
     nodes_from_env,
 )
@@ -74,10 +74,7 @@ class Ctl:
         if not self.args.replace:
             found = await self.nodes.find(name)
             if found is not None:
-                answer = {"ok": True, "name": name, "host": found["host"], "port": found["port"],
-                          "gpu": found["gpu"], "status": found["status"], "already_running": True,
-                          "node": found["node"]}
-                return self.show_deployed(answer)
+                return self.show_deployed(already_running_answer(found))
         candidates = await self.nodes.candidates(body)
         if not candidates:
             raise CapacityError(503, "no_capacity", f"No reachable node can run {name!r}.")
@@ -182,12 +179,10 @@ class DeployView:
     """Live progress of one deploy: a bar per image layer, then the steps, on stderr."""
 
     def __init__(self, console: Console, quiet: bool) -> None:
-        self._console = console
         self._quiet = quiet
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                   console=console, transient=False, disable=quiet)
         self._layers: dict[str, TaskID] = {}
-        self._started = time.monotonic()
 
     def __enter__(self) -> DeployView:
         self._progress.start()

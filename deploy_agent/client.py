@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 import aiohttp
 import yaml
 
+from deploy_agent import errors
+
 T = TypeVar("T")
 Manifest = Mapping[str, Any] | str | Path
 DEFAULT_NODE = "http://127.0.0.1:9000"
@@ -92,12 +94,18 @@ ERRORS_BY_STATUS: dict[int, type[AgentRequestError]] = {
     409: ConflictError, 413: InvalidRequestError, 422: ImageError, 502: StartError,
     503: CapacityError, 504: HealthTimeoutError,
 }
-STATUS_BY_CODE = {
-    "invalid_request": 400, "unauthorized": 401, "mount_not_allowed": 403,
-    "image_not_allowed": 403, "not_found": 404, "conflict": 409, "image_not_found": 422,
-    "container_exited": 502, "engine_error": 502, "engine_unavailable": 503, "no_gpu": 503,
-    "no_gpu_capacity": 503, "no_port_available": 503, "health_timeout": 504,
-}
+def _status_by_code() -> dict[str, int]:
+    """The agent's error codes and their HTTP statuses, from its own exception tree."""
+    found, pending = {}, list(errors.AgentError.__subclasses__())
+    while pending:
+        kind = pending.pop()
+        found[kind.code] = kind.status
+        pending.extend(kind.__subclasses__())
+    return found
+
+
+# For streamed answers, where the HTTP status was 200 before the error was known.
+STATUS_BY_CODE = _status_by_code()
 
 
 def error_from(status: int, body: Any, node: str | None = None) -> AgentRequestError:
@@ -357,6 +365,13 @@ async def discover_nodes(timeout_s: float = 2.0) -> list[str]:
         return []
 
 
+def already_running_answer(found: Mapping[str, Any]) -> dict[str, Any]:
+    """What a deploy answers for a service `find()` found running, plus its node."""
+    return {"ok": True, "name": found["name"], "host": found["host"], "port": found["port"],
+            "gpu": found["gpu"], "status": found["status"], "already_running": True,
+            "node": found["node"]}
+
+
 class AsyncComputeNodes:
     """Several agents: find a service, or deploy it where it fits best. Dead nodes are skipped."""
 
@@ -442,9 +457,7 @@ class AsyncComputeNodes:
         name = str(body.get("name", ""))
         found = await self.find(name)
         if found is not None:
-            return {"ok": True, "name": name, "host": found["host"], "port": found["port"],
-                    "gpu": found["gpu"], "status": found["status"], "already_running": True,
-                    "node": found["node"]}
+            return already_running_answer(found)
         last_error: AgentRequestError | None = None
         for client in await self.candidates(body):
             try:

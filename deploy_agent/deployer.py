@@ -50,6 +50,10 @@ def no_progress(event: JSONObject) -> None:
     del event
 
 
+def _not_found(name: str) -> ServiceNotFound:
+    return ServiceNotFound(f"No service named {name!r} is deployed on this node.", name=name)
+
+
 @attrs.frozen
 class DeployOutcome:
     service: Service
@@ -82,8 +86,7 @@ class Deployer:
         try:
             return self._services[name]
         except KeyError:
-            raise ServiceNotFound(f"No service named {name!r} is deployed on this node.",
-                                  name=name) from None
+            raise _not_found(name) from None
 
     def lock(self, name: str) -> asyncio.Lock:
         """The lock that serialises deploy, stop and reconcile of one name."""
@@ -277,8 +280,7 @@ class Deployer:
             if service is None:
                 info = await self._engine.inspect(CONTAINER_PREFIX + name)
                 if info is None or self._foreign(info):
-                    raise ServiceNotFound(f"No service named {name!r} is deployed on this node.",
-                                          name=name)
+                    raise _not_found(name)
                 await self._engine.remove(info["Id"])
                 return
             await self._engine.stop(service.container_id, self._config.stop_timeout)

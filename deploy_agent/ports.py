@@ -30,10 +30,6 @@ class PortAllocator:
         self._low, self._high = port_range
         self._reserved: set[int] = set()
 
-    @property
-    def reserved(self) -> frozenset[int]:
-        return frozenset(self._reserved)
-
     def candidates(self, preferred: int) -> Iterator[int]:
         """`preferred` first when it is in the range, then the rest of the range in order."""
         if self._low <= preferred <= self._high:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -44,9 +45,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.access(config.state_dir, os.W_OK):
         raise SystemExit(f"deploy-agent: state dir {config.state_dir} is not writable")
     warn_if_open(config.host, config.port, config.token)
+    raise_open_files_limit()
     asyncio.run(serve(config))
     _LOGGER.info("Stopped; services keep running")
     return 0
+
+
+def raise_open_files_limit() -> None:
+    """Each follow holds two sockets (its client's and the engine's): lift the soft
+    open-files limit to the hard one, as servers do, so --max-streams fits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        _LOGGER.debug("Open-files limit raised from %s to %s", soft, hard)
 
 
 async def serve(config: Config) -> None:

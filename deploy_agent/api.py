@@ -21,11 +21,19 @@ from deploy_agent.config import Config
 from deploy_agent.convert import parse_deploy_request, parse_stop_request
 from deploy_agent.deployer import Deployer, DeployOutcome, Progress, no_progress
 from deploy_agent.errors import AgentError, InvalidRequest
-from deploy_agent.gpus import GpuPool
 from deploy_agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from deploy_agent.metrics import AgentMetrics
-from deploy_agent.models import DeployAnswer, DeployRequest, HealthAnswer, JSONObject, ServiceView
+from deploy_agent.models import (
+    DeployAnswer,
+    DeployRequest,
+    HealthAnswer,
+    HealthWarning,
+    JSONObject,
+    ServiceView,
+)
 from deploy_agent.reconciler import Reconciler
+from deploy_agent.streams import Streams, relay
+from deploy_agent.table import ServiceTable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -41,11 +49,14 @@ CONFIG_KEY = web.AppKey("config", Config)
 CONVERTER_KEY = web.AppKey("converter", cattrs.Converter)
 DEPLOYER_KEY = web.AppKey("deployer", Deployer)
 RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
-GPUS_KEY = web.AppKey("gpus", GpuPool)
+TABLE_KEY = web.AppKey("table", ServiceTable)
+STREAMS_KEY = web.AppKey("streams", Streams)
 OPENAPI_KEY = web.AppKey("openapi", bytes)
 METRICS_KEY = web.AppKey("metrics", AgentMetrics)
 LISTING_KEY = web.AppKey("listing", ListingCache)
 
+INTERNAL_ERROR = {"ok": False, "error": "internal_error",
+                  "message": "The agent failed unexpectedly; its log has the details."}
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 RUNNING = ("starting", "healthy", "unhealthy")
 NDJSON = "application/x-ndjson"
@@ -89,11 +100,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                              _allow_header(err))
     except Exception:
         _LOGGER.exception("Unhandled error answering %s %s", request.method, request.path)
-        return json_response(
-            {"ok": False, "error": "internal_error",
-             "message": "The agent failed unexpectedly; its log has the details."},
-            status=500,
-        )
+        return json_response(INTERNAL_ERROR, status=500)
 
 
 def _allow_header(err: web.HTTPException) -> dict[str, str]:
@@ -112,17 +119,33 @@ async def read_json(request: web.Request) -> Any:
 
 
 async def health(request: web.Request) -> web.Response:
-    deployer = request.app[DEPLOYER_KEY]
+    table = request.app[TABLE_KEY]
     reachable = request.app[RECONCILER_KEY].engine_reachable
-    running = sum(1 for s in deployer.services() if s.status in RUNNING)
+    running = sum(1 for s in table.services() if s.status in RUNNING)
     return answer(request, HealthAnswer(
         status="ok" if reachable else "degraded",
         hostname=socket.gethostname(),
-        gpus=request.app[GPUS_KEY].count,
+        gpus=table.gpus.count,
         services_running=running,
         engine="reachable" if reachable else "unreachable",
         version=__version__,
+        warnings=health_warnings(request.app),
     ))
+
+
+def health_warnings(app: web.Application) -> list[HealthWarning]:
+    """Every degraded condition the agent knows of; [] when all is well."""
+    warnings = []
+    if not app[RECONCILER_KEY].engine_reachable:
+        warnings.append(HealthWarning(
+            "engine_unreachable", "The Docker engine does not answer; deploys and stops get 503 "
+            "until it does. Services are served from memory meanwhile."))
+    state_error = app[TABLE_KEY].state_error
+    if state_error is not None:
+        warnings.append(HealthWarning(
+            "state_not_writable", f"services.json cannot be written ({state_error}); retrying. "
+            "Services keep running and their containers' labels still record them."))
+    return warnings
 
 
 async def list_services(request: web.Request) -> web.Response:
@@ -131,7 +154,7 @@ async def list_services(request: web.Request) -> web.Response:
     A container id fixes a service's spec, port and GPU; the rest that can change is in
     the key, with the current second for uptime.
     """
-    services, now = request.app[DEPLOYER_KEY].services(), time.time()
+    services, now = request.app[TABLE_KEY].services(), time.time()
     key = (int(now), tuple((s.container_id, s.status, s.restarts, s.exit_code, s.started_at)
                            for s in services))
     cache = request.app[LISTING_KEY]
@@ -144,7 +167,7 @@ async def list_services(request: web.Request) -> web.Response:
 
 
 async def get_service(request: web.Request) -> web.Response:
-    service = request.app[DEPLOYER_KEY].service(request.match_info["name"])
+    service = request.app[TABLE_KEY].service(request.match_info["name"])
     return answer(request, ServiceView.of(service, request.app[CONFIG_KEY].advertise_host, time.time()))
 
 
@@ -181,22 +204,35 @@ async def stream_deploy(request: web.Request, deploy_request: DeployRequest) -> 
     """One JSON event per line while deploying; the last line is the plain answer (or error).
 
     The deploy runs to its end even if the caller goes away, so nothing is left half-done.
+    Once the stream has begun, every outcome is a line: never a second response.
     """
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
     await response.prepare(request)
     events: asyncio.Queue[JSONObject | None] = asyncio.Queue()
-    task = asyncio.create_task(run_deploy(request, deploy_request, events.put_nowait))
-    task.add_done_callback(lambda _: events.put_nowait(None))
-    listening = True
-    while (event := await events.get()) is not None:
-        listening = listening and await _write_line(response, event)
+    writer = asyncio.ensure_future(_write_lines(response, events))
+    final: Any
     try:
-        final: Any = request.app[CONVERTER_KEY].unstructure(deploy_answer(request, await task))
+        outcome = await run_deploy(request, deploy_request, events.put_nowait)
+        final = request.app[CONVERTER_KEY].unstructure(deploy_answer(request, outcome))
     except AgentError as err:
         final = err.to_json()
+    except Exception:
+        _LOGGER.exception("Unhandled error in the streamed deploy of %s", deploy_request.spec.name)
+        final = INTERNAL_ERROR
+    finally:
+        events.put_nowait(None)
+        listening = await writer
     if listening and await _write_line(response, final):
         await response.write_eof()
     return response
+
+
+async def _write_lines(response: web.StreamResponse, events: asyncio.Queue[JSONObject | None]) -> bool:
+    """Write each event until None; False when the caller left on the way."""
+    listening = True
+    while (event := await events.get()) is not None:
+        listening = listening and await _write_line(response, event)
+    return listening
 
 
 async def _write_line(response: web.StreamResponse, payload: Any) -> bool:
@@ -219,13 +255,10 @@ async def service_logs(request: web.Request) -> web.StreamResponse:
     if follow in ("0", "false"):
         return web.Response(text=await deployer.logs(name, tail), content_type="text/plain")
     chunks = deployer.follow_logs(name, tail)
-    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-    await response.prepare(request)
-    async for chunk in chunks:
-        try:
-            await response.write(chunk.encode())
-        except (ConnectionResetError, ClientConnectionResetError):
-            break
+    async with request.app[STREAMS_KEY].opened(request) as gone:
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await response.prepare(request)
+        await relay(response, chunks, gone)
     return response
 
 
@@ -246,7 +279,7 @@ async def stop(request: web.Request) -> web.Response:
 
 
 async def gpus(request: web.Request) -> web.Response:
-    return answer(request, request.app[GPUS_KEY].views())
+    return answer(request, request.app[TABLE_KEY].gpus.views())
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -1,9 +1,11 @@
-"""create_app: wiring of config, engine, deployer and reconciler, with one cleanup_ctx each."""
+"""create_app: wiring of config, engine, service table, deployer and reconciler.
+
+One cleanup_ctx per resource: set up before `yield`, closed after it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -15,9 +17,10 @@ from deploy_agent.api import (
     CONFIG_KEY,
     CONVERTER_KEY,
     DEPLOYER_KEY,
-    GPUS_KEY,
     METRICS_KEY,
     RECONCILER_KEY,
+    STREAMS_KEY,
+    TABLE_KEY,
     add_routes,
     error_middleware,
 )
@@ -25,16 +28,23 @@ from deploy_agent.auth import auth_middleware
 from deploy_agent.config import Config
 from deploy_agent.convert import make_converter
 from deploy_agent.deployer import Deployer
-from deploy_agent.engine import Engine
+from deploy_agent.engine import Engine, close_docker, open_docker
 from deploy_agent.gpus import GpuInventory, GpuPool, open_inventory
 from deploy_agent.metrics import AgentMetrics
+from deploy_agent.ports import PortAllocator
 from deploy_agent.probe import HealthProbe
 from deploy_agent.reconciler import Reconciler
 from deploy_agent.state import StateFile
+from deploy_agent.streams import Streams
+from deploy_agent.supervise import Supervisor
+from deploy_agent.table import ServiceTable
 
 _LOGGER = logging.getLogger(__name__)
 
 ENGINE_KEY = web.AppKey("engine", Engine)
+GPUS_KEY = web.AppKey("gpus", GpuPool)
+# Control calls are short and bounded; streams have a pool of their own, capped by --max-streams.
+CONTROL_CONNECTIONS = 100
 
 
 def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
@@ -46,14 +56,23 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[CONFIG_KEY] = config
     app[CONVERTER_KEY] = make_converter()
+    app[STREAMS_KEY] = Streams(config.max_streams)
     add_routes(app)
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
-        engine = Engine(docker or aiodocker.Docker(url=config.docker_host), config.instance)
-        app[ENGINE_KEY] = engine
+        if docker is not None:
+            control = streams = docker
+            owned = []
+        else:
+            control = open_docker(config.docker_host, CONTROL_CONNECTIONS)
+            streams = open_docker(config.docker_host, 0)  # no limit: --max-streams bounds it
+            owned = [control, streams]
+        app[ENGINE_KEY] = Engine(control, streams, instance=config.instance,
+                                 timeout_s=config.engine_timeout_s,
+                                 pull_stall_s=config.pull_stall_timeout_s)
         yield
-        if docker is None:
-            await engine.close()
+        for client in owned:
+            await close_docker(client)
 
     async def gpus_ctx(app: web.Application) -> AsyncIterator[None]:
         inventory: GpuInventory = (
@@ -68,22 +87,31 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         probe = HealthProbe(config.health_host)
         converter = app[CONVERTER_KEY]
         state_file = StateFile(config.state_dir, converter)
-        deployer = Deployer(config, app[ENGINE_KEY], probe, app[GPUS_KEY], state_file, converter)
-        reconciler = Reconciler(deployer, app[ENGINE_KEY], probe, state_file, converter,
+        table = ServiceTable(PortAllocator(config.port_range), app[GPUS_KEY], state_file)
+        deployer = Deployer(config, app[ENGINE_KEY], probe, table, converter)
+        reconciler = Reconciler(table, app[ENGINE_KEY], probe, state_file, converter,
                                 config.resync_interval_s, config.instance)
+        supervisor = Supervisor()
+        app[TABLE_KEY] = table
         app[DEPLOYER_KEY] = deployer
         app[RECONCILER_KEY] = reconciler
-        app[METRICS_KEY] = AgentMetrics(deployer, app[GPUS_KEY], reconciler)
+        app[METRICS_KEY] = AgentMetrics(table, reconciler, supervisor, app[STREAMS_KEY])
         await reconciler.start_up()
-        task = asyncio.create_task(reconciler.run(), name="reconciler")
+        supervisor.start("engine-watch", reconciler.watch_engine)
+        supervisor.start("events", reconciler.follow_events)
+        supervisor.start("resync", reconciler.resync_forever)
+        supervisor.start("state-file", table.keep_written)
+        supervisor.start("stream-watch", app[STREAMS_KEY].watch)
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await supervisor.close()
         await deployer.close()
         probe.close()
+
+    async def end_streams(app: web.Application) -> None:
+        app[STREAMS_KEY].end_all()
 
     app.cleanup_ctx.append(engine_ctx)
     app.cleanup_ctx.append(gpus_ctx)
     app.cleanup_ctx.append(services_ctx)
+    app.on_shutdown.append(end_streams)  # before the server waits for handlers to finish
     return app

@@ -76,6 +76,9 @@ class Config:
     token: str | None = attrs.field(default=None, repr=False)  # never in a log line
     instance: str = "default"
     mdns: bool = False
+    engine_timeout_s: float = 30.0
+    pull_stall_timeout_s: float = 120.0
+    max_streams: int = 256
 
 
 def _env(environ: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -133,10 +136,30 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "(development, tests) each manage only their own containers (default: %(default)s)")
     add("--mdns", action="store_true", default=(_env(environ, "mdns", "") or "").lower() in ("1", "true"),
         help="advertise this agent as _tidybot-compute._tcp over mDNS (needs the 'mdns' extra)")
+    add("--engine-timeout", type=_positive, default=_env(environ, "engine_timeout", "30"),
+        metavar="SECONDS", help="bound on each Docker control call (create, start, inspect, "
+        "remove, list, the start of a pull); a deploy against a frozen engine answers 503 within "
+        "about this (default: %(default)s)")
+    add("--pull-stall-timeout", type=_positive, default=_env(environ, "pull_stall_timeout", "120"),
+        metavar="SECONDS", help="a pull that makes no progress this long while the engine still "
+        "answers fails with 504 pull_stalled (default: %(default)s)")
+    add("--max-streams", type=int, default=_env(environ, "max_streams", "256"), metavar="N",
+        help="log and event follows open at once; one more gets 429 too_many_streams "
+        "(default: %(default)s)")
     add("--fake-gpus", type=_fake_gpus, default=_env(environ, "fake_gpus"), metavar="NAME:GB,...",
         help="simulate GPUs for development and tests, e.g. 'RTX 4090:24,RTX 4090:24': placement "
         "and accounting are real, containers get NVIDIA_VISIBLE_DEVICES and no device")
     return parser
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
 
 
 def _instance_name(text: str) -> str:
@@ -181,6 +204,9 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         allow_images=tuple(images),
         instance=args.instance,
         mdns=args.mdns,
+        engine_timeout_s=args.engine_timeout,
+        pull_stall_timeout_s=args.pull_stall_timeout,
+        max_streams=args.max_streams,
         token=read_token(args.token_file, _env(environ, "token")),
     )
 

@@ -1,12 +1,11 @@
-"""The deploy and stop flows, the per-name locks, and the in-memory service table."""
+"""The deploy and stop flows on one Docker engine, through the service table."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+import secrets
+from collections.abc import AsyncGenerator, Callable
 
 import attrs
 import cattrs
@@ -22,12 +21,12 @@ from deploy_agent.errors import (
     PortTaken,
     ServiceNotFound,
 )
-from deploy_agent.gpus import Assignment, GpuPool
+from deploy_agent.gpus import Assignment
 from deploy_agent.models import CONTAINER_PREFIX, DeployRequest, DeploySpec, JSONObject, Service
 from deploy_agent.policy import check_deploy
-from deploy_agent.ports import PortAllocator
 from deploy_agent.probe import HealthProbe
-from deploy_agent.state import StateFile, labels_for, service_from_container
+from deploy_agent.state import labels_for, service_from_container
+from deploy_agent.table import ServiceTable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -50,78 +49,59 @@ def no_progress(event: JSONObject) -> None:
     del event
 
 
-def _not_found(name: str) -> ServiceNotFound:
-    return ServiceNotFound(f"No service named {name!r} is deployed on this node.", name=name)
-
-
 @attrs.frozen
 class DeployOutcome:
     service: Service
     already_running: bool
 
 
-class Deployer:
-    """Owns the service table; serialises work per name, runs different names in parallel."""
+@attrs.define
+class _Attempt:
+    """One try at creating a service's container, and what it holds so far."""
 
-    def __init__(self, config: Config, engine: Engine, probe: HealthProbe, gpus: GpuPool,
-                 state_file: StateFile, converter: cattrs.Converter) -> None:
+    spec: DeploySpec
+    host_port: int
+    id: str = attrs.field(factory=lambda: secrets.token_hex(8))
+    service: Service | None = None  # set once the engine has created the container
+    created_unknown: bool = False  # the create call failed in a way that may still create it
+
+
+class Deployer:
+    """Deploys and stops; serialises work per name, runs different names in parallel.
+
+    Each deploy runs as a task the deployer owns, so a caller that leaves (or a handler
+    cancelled at shutdown) never abandons it half-way: close() waits for it or rolls it back.
+    """
+
+    def __init__(self, config: Config, engine: Engine, probe: HealthProbe, table: ServiceTable,
+                 converter: cattrs.Converter) -> None:
         self._config = config
-        self._gpus = gpus
         self._engine = engine
         self._probe = probe
-        self._state_file = state_file
+        self._table = table
         self._converter = converter
-        self._ports = PortAllocator(config.port_range)
-        self._services: dict[str, Service] = {}
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._generations: defaultdict[str, int] = defaultdict(int)
+        self._inflight: set[asyncio.Task[DeployOutcome]] = set()
         self._rollbacks: set[asyncio.Task[None]] = set()
-
-    # -- reading -------------------------------------------------------------------------
-
-    def services(self) -> list[Service]:
-        return sorted(self._services.values(), key=lambda s: s.spec.name)
-
-    def service(self, name: str) -> Service:
-        try:
-            return self._services[name]
-        except KeyError:
-            raise _not_found(name) from None
-
-    def lock(self, name: str) -> asyncio.Lock:
-        """The lock that serialises deploy, stop and reconcile of one name."""
-        return self._locks[name]
-
-    def generations(self) -> dict[str, int]:
-        """A counter per name, bumped on every change to its record.
-
-        A background pass that read the engine earlier compares these to know whether its
-        view of a name is still current, or a deploy or stop has overtaken it.
-        """
-        return dict(self._generations)
-
-    def generation(self, name: str) -> int:
-        return self._generations.get(name, 0)
-
-    def _track(self, service: Service) -> None:
-        self._services[service.spec.name] = service
-        self._generations[service.spec.name] += 1
-
-    def _untrack(self, service: Service) -> bool:
-        if self._services.get(service.spec.name) is not service:
-            return False
-        del self._services[service.spec.name]
-        self._generations[service.spec.name] += 1
-        return True
 
     # -- deploy --------------------------------------------------------------------------
 
     async def deploy(self, request: DeployRequest, progress: Progress = no_progress) -> DeployOutcome:
         """Answer an existing healthy deployment, or replace/launch one; never half-done."""
+        task = asyncio.create_task(self._deploy(request, progress), name=f"deploy {request.spec.name}")
+        self._inflight.add(task)
+        task.add_done_callback(self._deploy_done)
+        return await asyncio.shield(task)
+
+    def _deploy_done(self, task: asyncio.Task[DeployOutcome]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: its caller may have gone and will never see it
+
+    async def _deploy(self, request: DeployRequest, progress: Progress) -> DeployOutcome:
         spec = request.spec
-        check_deploy(spec, self._config)
-        async with self._locks[spec.name]:
-            existing = self._services.get(spec.name)
+        await asyncio.to_thread(check_deploy, spec, self._config)  # resolves host paths
+        async with self._table.locked(spec.name):
+            existing = self._table.get(spec.name)
             if existing is not None:
                 if existing.status == "healthy":
                     differing = existing.spec.differing_fields(spec)
@@ -165,67 +145,87 @@ class Deployer:
         """Reserve a GPU (before a long pull, so a full node answers at once), then a port."""
         assignment = None
         if spec.gpu:
-            await self.refresh_gpus()
-            assignment = self._gpus.reserve(spec.name, spec.vram_gb)
+            await self._table.refresh_gpus()
+            assignment = self._table.reserve_gpu(spec.name, spec.vram_gb)
         try:
             await self._ensure_image(spec.image, progress)
             published = await self._engine.published_ports()
             refused: set[int] = set()
             for _ in range(PORT_ATTEMPTS):
-                host_port = self._ports.reserve(spec.port, published, frozenset(refused))
+                host_port = await self._table.reserve_port(spec.port, published, frozenset(refused))
                 try:
-                    service = await self._create_and_start(spec, host_port, assignment, progress)
+                    service = await self._create_and_start(_Attempt(spec, host_port), assignment,
+                                                           progress)
                 except PortTaken:
                     _LOGGER.info("Host port %s was taken under us; trying the next", host_port)
                     refused.add(host_port)
                     continue
-                await self._save()
+                await self._table.persist()
                 return service
             raise NoPortAvailable(
                 f"The engine refused {PORT_ATTEMPTS} host ports in a row for {spec.name}.")
         except BaseException:
-            self._gpus.release(spec.name)
+            self._table.release_gpu(spec.name)
             raise
 
-    async def _create_and_start(self, spec: DeploySpec, host_port: int,
-                                assignment: Assignment | None, progress: Progress) -> Service:
+    async def _create_and_start(self, attempt: _Attempt, assignment: Assignment | None,
+                                progress: Progress) -> Service:
         """Create, start, wait healthy. On any failure nothing is left: container, port, record."""
-        service: Service | None = None
+        spec, host_port = attempt.spec, attempt.host_port
         try:
             gpu = assignment.index if assignment else None
-            gpu_env, device_requests = self._gpus.handoff(assignment) if assignment else ({}, [])
-            labels = labels_for(self._converter, spec, host_port, gpu, self._config.instance)
+            gpu_env, device_requests = self._table.gpus.handoff(assignment) if assignment else ({}, [])
+            labels = labels_for(self._converter, spec, host_port, gpu, self._config.instance,
+                                attempt.id)
             config = container_config(spec.image, spec.port, host_port, {**spec.env, **gpu_env},
                                       tuple(spec.volumes), spec.command, labels, device_requests)
-            container_id = await self._engine.create(spec.container_name, config)
-            service = Service(spec=spec, container_id=container_id, host_port=host_port, gpu=gpu)
-            self._track(service)
+            try:
+                container_id = await self._engine.create(spec.container_name, config)
+            except EngineUnavailable:
+                attempt.created_unknown = True  # the engine may still act on the request
+                raise
+            attempt.service = Service(spec=spec, container_id=container_id, host_port=host_port,
+                                      gpu=gpu)
+            self._table.track(attempt.service)
             progress({"event": "created", "container": container_id[:12], "port": host_port,
                       "gpu": gpu})
             await self._engine.start(container_id)
             progress({"event": "started"})
-            await self._wait_healthy(service, progress)
-        except BaseException:
-            # Shielded and tracked: a deploy cancelled at shutdown still removes its container,
-            # and close() waits for that before the process exits.
-            rollback = asyncio.ensure_future(self._roll_back(spec, service, host_port))
+            await self._wait_healthy(attempt.service, progress)
+        except BaseException as err:
+            # Shielded and tracked: a deploy cancelled at shutdown still rolls back, and
+            # close() waits for that before the process exits.
+            rollback = asyncio.ensure_future(self._roll_back(attempt, err))
             self._rollbacks.add(rollback)
             rollback.add_done_callback(self._rollbacks.discard)
             await asyncio.shield(rollback)
             raise
-        service.status = "healthy"
+        attempt.service.status = "healthy"
         _LOGGER.info("Deployed %s on host port %s%s", spec.name, host_port,
                      f", GPU {gpu}" if gpu is not None else "")
-        return service
+        return attempt.service
 
-    async def _roll_back(self, spec: DeploySpec, service: Service | None, host_port: int) -> None:
-        _LOGGER.info("Deploy of %s failed or was cancelled; removing its container and "
-                     "releasing host port %s", spec.name, host_port)
-        if service is not None:
-            self._untrack(service)
-            with contextlib.suppress(EngineUnavailable):
-                await self._engine.remove(service.container_id)
-        self._ports.release(host_port)
+    async def _roll_back(self, attempt: _Attempt, cause: BaseException) -> None:
+        """Remove what the attempt created and release its port. Never raises: whatever
+        fails here, the caller gets the original error and the reservations come back."""
+        spec = attempt.spec
+        _LOGGER.info("Deploy of %s failed or was cancelled (%s); removing its container and "
+                     "releasing host port %s", spec.name, type(cause).__name__, attempt.host_port)
+        try:
+            if attempt.service is not None:
+                self._table.untrack(attempt.service)
+            if attempt.created_unknown or (attempt.service and isinstance(cause, EngineUnavailable)):
+                # Don't wait on an engine that is away: the resync removes it when it is back.
+                self._table.abandon(attempt.id, spec.name)
+            elif attempt.service is not None:
+                await self._engine.remove(attempt.service.container_id)
+        except Exception as err:
+            _LOGGER.warning("Could not remove the container of the failed deploy of %s (%s); "
+                            "it will be removed when the engine answers", spec.name,
+                            getattr(err, "message", err))
+            self._table.abandon(attempt.id, spec.name)
+        finally:
+            self._table.release_port(attempt.host_port)
 
     async def _wait_healthy(self, service: Service, progress: Progress) -> None:
         """Poll health with backoff while watching for the container to exit."""
@@ -247,7 +247,7 @@ class Deployer:
                 probe = asyncio.ensure_future(self._probe.healthy(
                     service.host_port, service.spec.health, min(1.0, remaining)))
                 await asyncio.wait({probe, exited}, return_when=asyncio.FIRST_COMPLETED)
-                if exited.done():
+                if exited.done():  # exited, or the engine failed under the watch
                     probe.cancel()
                     await self._raise_exited(service, exited.result())
                 attempt += 1
@@ -259,8 +259,7 @@ class Deployer:
                 await asyncio.wait({exited}, timeout=pause)
         finally:
             exited.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await exited
+            await asyncio.gather(exited, return_exceptions=True)
 
     async def _raise_exited(self, service: Service, exit_code: int) -> None:
         raise ContainerExited(
@@ -275,12 +274,13 @@ class Deployer:
 
     async def stop(self, name: str) -> None:
         """Stop (grace, then kill), remove, release, persist. 404 when nothing is deployed."""
-        async with self._locks[name]:
-            service = self._services.get(name)
+        async with self._table.locked(name):
+            service = self._table.get(name)
             if service is None:
                 info = await self._engine.inspect(CONTAINER_PREFIX + name)
                 if info is None or self._foreign(info):
-                    raise _not_found(name)
+                    raise ServiceNotFound(f"No service named {name!r} is deployed on this node.",
+                                          name=name)
                 await self._engine.remove(info["Id"])
                 return
             await self._engine.stop(service.container_id, self._config.stop_timeout)
@@ -290,45 +290,23 @@ class Deployer:
     async def _discard(self, service: Service) -> None:
         """Remove the container and forget the service, releasing what it held."""
         await self._engine.remove(service.container_id)
-        self._untrack(service)
-        self._release(service)
-        await self._save()
+        self._table.forget(service)
+        await self._table.persist()
 
     async def logs(self, name: str, tail: int) -> str:
         """The service's recent output."""
-        return await self._engine.logs(self.service(name).container_id, tail)
+        return await self._engine.logs(self._table.service(name).container_id, tail)
 
-    def follow_logs(self, name: str, tail: int) -> AsyncIterator[str]:
+    def follow_logs(self, name: str, tail: int) -> AsyncGenerator[str, None]:
         """The service's output as it comes, starting with the last `tail` lines."""
-        return self._engine.follow_logs(self.service(name).container_id, tail)
+        return self._engine.follow_logs(self._table.service(name).container_id, tail)
 
     async def close(self) -> None:
-        """Finish rollbacks of cancelled deploys and flush the state file."""
-        if self._rollbacks:
-            await asyncio.gather(*self._rollbacks, return_exceptions=True)
-        await self._save()
+        """Roll back deploys still in flight (shutdown already gave them their time), wait
+        for every rollback, flush the state file."""
+        for task in self._inflight:
+            task.cancel()
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        await asyncio.gather(*self._rollbacks, return_exceptions=True)
+        await self._table.persist()
 
-    async def refresh_gpus(self) -> None:
-        """Re-read the GPUs, telling the pool which containers are the agent's own."""
-        await self._gpus.refresh(frozenset(s.container_id for s in self._services.values()))
-
-    # -- state ---------------------------------------------------------------------------
-
-    async def _save(self) -> None:
-        await self._state_file.save(list(self._services.values()))
-
-    def adopt(self, service: Service) -> None:
-        """Track a service found running at start-up or by a resync."""
-        self._track(service)
-        self._ports.claim(service.host_port)
-        if service.gpu is not None:
-            self._gpus.claim(service.spec.name, service.gpu, service.spec.vram_gb)
-
-    def forget(self, service: Service) -> None:
-        """Drop a record whose container is gone."""
-        if self._untrack(service):
-            self._release(service)
-
-    def _release(self, service: Service) -> None:
-        self._ports.release(service.host_port)
-        self._gpus.release(service.spec.name)

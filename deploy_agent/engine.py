@@ -1,15 +1,23 @@
-"""Everything that talks to Docker. aiodocker errors are translated here and nowhere else."""
+"""Everything that talks to Docker. Engine-client errors are translated here and nowhere else.
+
+Every control call (create, start, inspect, remove, list, the start of a pull) is bounded
+by `timeout_s`; stop by its grace period plus that. Long waits (a container's exit, the
+event stream, log follows, a pull's progress) run on a second client with connections of
+their own, so a hundred open streams never make a deploy queue for a connection.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from typing import TypeVar
 
 import aiodocker
 import aiodocker.events
+import aiohttp
 
 from deploy_agent.errors import (
     AgentError,
@@ -18,80 +26,132 @@ from deploy_agent.errors import (
     EngineUnavailable,
     ImageNotFound,
     PortTaken,
+    PullStalled,
 )
 from deploy_agent.models import JSONObject
 
 _LOGGER = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 UNREACHABLE = 900  # aiodocker's status for "cannot connect to the engine"
 MANAGED_LABEL = "tidybot.deploy-agent"
+PING_TIMEOUT_S = 2.0
+# What the engine client can raise besides DockerError: time-outs, dropped connections,
+# a half-read body, JSON it cannot parse.
+_TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientError, OSError)
+_PAYLOAD_ERRORS = (ValueError, KeyError, TypeError)
+
+
+def _unavailable(action: str, reason: str) -> EngineUnavailable:
+    return EngineUnavailable(f"The Docker engine did not answer ({reason}) while trying to "
+                             f"{action}; is dockerd running and responsive?", action=action)
 
 
 @contextlib.contextmanager
-def _translated(action: str) -> Any:
-    """Turn aiodocker's errors into the agent's, naming what was being done."""
+def _translated(action: str) -> Iterator[None]:
+    """Turn every engine-client failure into an AgentError naming what was being done."""
     try:
         yield
+    except AgentError:
+        raise
     except aiodocker.DockerError as err:
         if err.status == UNREACHABLE:
-            raise EngineUnavailable(
-                "The Docker engine is not reachable; is dockerd running?", action=action
-            ) from err
+            raise _unavailable(action, "connection refused") from err
         raise EngineError(f"Docker refused to {action}: {err.message}") from err
+    except TimeoutError as err:
+        raise _unavailable(action, "timed out") from err
+    except _TRANSPORT_ERRORS as err:
+        raise _unavailable(action, type(err).__name__) from err
+    except _PAYLOAD_ERRORS as err:
+        raise EngineError(f"The Docker engine's answer could not be read while trying to "
+                          f"{action}: {err!r}") from err
+
+
+def open_docker(url: str, connection_limit: int) -> aiodocker.Docker:
+    """An engine client whose pool holds at most `connection_limit` connections (0: no limit)."""
+    if url.startswith("unix://"):
+        connector = aiohttp.UnixConnector(url.removeprefix("unix://"), limit=connection_limit)
+        return aiodocker.Docker(url="http://docker", connector=connector)
+    if url.startswith(("tcp://", "http://")):
+        return aiodocker.Docker(url="http://" + url.split("://", 1)[1],
+                                connector=aiohttp.TCPConnector(limit=connection_limit))
+    return aiodocker.Docker(url=url)  # TLS, ssh: aiodocker's own connector
+
+
+async def close_docker(docker: aiodocker.Docker) -> None:
+    await docker.close()
+    await docker.connector.close()  # ours when open_docker made it; closing twice is harmless
 
 
 class Engine:
-    """A thin, typed face over one aiodocker client."""
+    """A thin, typed face over the engine: one client for control calls, one for streams."""
 
-    def __init__(self, docker: aiodocker.Docker, instance: str = "default") -> None:
-        self._docker = docker
+    def __init__(self, control: aiodocker.Docker, streams: aiodocker.Docker | None = None, *,
+                 instance: str = "default", timeout_s: float = 30.0,
+                 pull_stall_s: float = 120.0) -> None:
+        self._docker = control
+        self._streams = streams or control
         self._ours = f"{MANAGED_LABEL}={instance}"  # label filter: this agent's containers only
+        self.timeout_s = timeout_s
+        self._pull_stall_s = pull_stall_s
 
-    async def close(self) -> None:
-        await self._docker.close()
+    async def _bounded(self, action: str, call: Awaitable[T], timeout_s: float | None = None) -> T:
+        with _translated(action):
+            async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
+                return await call
 
     async def ping(self) -> bool:
-        """Whether the engine answers right now."""
+        """Whether the engine answers within a couple of seconds, right now."""
         try:
-            await self._docker.system.info()
-        except aiodocker.DockerError:
+            await self._bounded("ping", self._docker.system.info(), PING_TIMEOUT_S)
+        except AgentError:
             return False
         return True
 
     async def has_image(self, ref: str) -> bool:
-        with _translated(f"inspect image {ref}"):
-            try:
-                await self._docker.images.inspect(ref)
-            except aiodocker.DockerError as err:
-                if err.status == 404:
-                    return False
-                raise
+        try:
+            await self._bounded(f"inspect image {ref}", self._docker.images.inspect(ref))
+        except EngineError as err:
+            if isinstance(err.__cause__, aiodocker.DockerError) and err.__cause__.status == 404:
+                return False
+            raise
         return True
 
     async def pull(self, ref: str, on_progress: Callable[[JSONObject], None]) -> None:
         """Pull `ref`, reporting each progress message (per layer: status, current, total).
 
-        ImageNotFound when no registry has it or it can't be reached.
+        Bounded by progress, not by the clock: the engine must answer within timeout_s and
+        then say something at least every pull_stall_s. ImageNotFound when no registry has
+        it; PullStalled when the engine answers pings but the pull goes quiet.
         """
+        loop = asyncio.get_running_loop()
+        action = f"pull {ref}"
         try:
-            async for message in self._docker.images.pull(ref, stream=True):
-                detail = message.get("progressDetail") or {}
-                step = {"status": message.get("status", ""), "layer": message.get("id")}
-                if detail.get("total"):
-                    step.update(current=detail.get("current", 0), total=detail["total"])
-                on_progress(step)
-        except aiodocker.DockerError as err:
-            if err.status == UNREACHABLE:
-                raise EngineUnavailable("The Docker engine is not reachable; is dockerd running?") from err
-            raise ImageNotFound(
-                f"Image {ref} is not on this node and could not be pulled: {err.message}",
-                image=ref,
-            ) from err
+            with _translated(action):
+                async with asyncio.timeout(self.timeout_s) as deadline:
+                    async for message in self._streams.images.pull(ref, stream=True):
+                        deadline.reschedule(loop.time() + self._pull_stall_s)
+                        detail = message.get("progressDetail") or {}
+                        step = {"status": message.get("status", ""), "layer": message.get("id")}
+                        if detail.get("total"):
+                            step.update(current=detail.get("current", 0), total=detail["total"])
+                        on_progress(step)
+        except EngineUnavailable as err:
+            if not isinstance(err.__cause__, TimeoutError) or not await self.ping():
+                raise
+            raise PullStalled(f"The pull of {ref} made no progress for {self._pull_stall_s:g} s "
+                              "although the engine answers; is the registry reachable?",
+                              image=ref) from err
+        except EngineError as err:
+            cause = err.__cause__
+            reason = cause.message if isinstance(cause, aiodocker.DockerError) else repr(cause)
+            raise ImageNotFound(f"Image {ref} is not on this node and could not be pulled: {reason}",
+                                image=ref) from err
 
     async def published_ports(self) -> set[int]:
         """Host ports that running containers publish, as the engine reports them."""
-        with _translated("list containers"):
-            containers = await self._docker.containers.list()
+        containers = await self._bounded("list containers", self._docker.containers.list())
         return {
             port["PublicPort"]
             for container in containers
@@ -102,45 +162,45 @@ class Engine:
     async def create(self, name: str, config: JSONObject) -> str:
         """Create the container; Conflict when the name is taken."""
         try:
-            container = await self._docker.containers.create(config, name=name)
-        except aiodocker.DockerError as err:
-            if err.status == 409:
+            container = await self._bounded(f"create {name}",
+                                            self._docker.containers.create(config, name=name))
+        except EngineError as err:
+            status = getattr(err.__cause__, "status", None)
+            if status == 409:
                 raise Conflict(f"A container named {name} already exists.", container=name) from err
-            if err.status == 404:
+            if status == 404:
                 raise ImageNotFound(f"Image {config['Image']} is not on this node.",
                                     image=config["Image"]) from err
-            with _translated(f"create {name}"):
-                raise
+            raise
         container_id: str = container.id
         return container_id
 
     async def start(self, container_id: str) -> None:
         """Start it; PortTaken when the engine finds the host port already allocated."""
         try:
-            await self._docker.containers.container(container_id).start()
-        except aiodocker.DockerError as err:
+            await self._bounded("start the container",
+                                self._docker.containers.container(container_id).start())
+        except EngineError as err:
             if "port is already allocated" in err.message or "address already in use" in err.message:
                 raise PortTaken(err.message) from err
-            with _translated("start the container"):
-                raise
+            raise
 
     async def wait_exit(self, container_id: str) -> int:
-        """Block until the container next exits; its exit code."""
+        """Block until the container next exits; its exit code. Not bounded: it may run for days."""
         with _translated("wait for the container"):
-            result = await self._docker.containers.container(container_id).wait(
-                condition="next-exit"
-            )
+            result = await self._streams.containers.container(container_id).wait(
+                condition="next-exit")
         return int(result.get("StatusCode", -1))
 
     async def inspect(self, name_or_id: str) -> JSONObject | None:
         """The container's inspect document, or None when it does not exist."""
-        with _translated(f"inspect {name_or_id}"):
-            try:
-                info: JSONObject = await self._docker.containers.container(name_or_id).show()
-            except aiodocker.DockerError as err:
-                if err.status == 404:
-                    return None
-                raise
+        try:
+            info: JSONObject = await self._bounded(
+                f"inspect {name_or_id}", self._docker.containers.container(name_or_id).show())
+        except EngineError as err:
+            if getattr(err.__cause__, "status", None) == 404:
+                return None
+            raise
         return info
 
     async def list_managed(self) -> list[JSONObject]:
@@ -148,25 +208,29 @@ class Engine:
 
         A single cheap call, for resyncs; inspect() gives the details when they are needed.
         """
-        with _translated("list containers"):
-            containers = await self._docker.containers.list(
-                all=True, filters={"label": [self._ours]}
-            )
+        containers = await self._bounded("list containers", self._docker.containers.list(
+            all=True, filters={"label": [self._ours]}))
         return [{"Id": c.id, "State": c["State"], "Labels": c["Labels"] or {}} for c in containers]
 
     async def logs(self, container_id: str, tail: int) -> str:
         """The last `tail` lines the container wrote, stdout and stderr interleaved."""
-        with _translated("read the container's logs"):
-            chunks = await self._docker.containers.container(container_id).log(
-                stdout=True, stderr=True, tail=tail)
+        chunks = await self._bounded("read the container's logs",
+                                     self._docker.containers.container(container_id).log(
+                                         stdout=True, stderr=True, tail=tail))
         return "".join(chunks)
 
-    async def follow_logs(self, container_id: str, tail: int) -> AsyncIterator[str]:
-        """The container's output as it is written, after its last `tail` lines."""
+    async def follow_logs(self, container_id: str, tail: int) -> AsyncGenerator[str, None]:
+        """The container's output as it is written, after its last `tail` lines.
+
+        Not bounded: it ends when the container stops or the caller closes the iterator.
+        """
+        # aiodocker annotates this as an AsyncIterator; it is an async generator, closable.
+        stream: AsyncGenerator[str, None] = self._streams.containers.container(container_id).log(
+            stdout=True, stderr=True, follow=True, tail=tail)  # type: ignore[assignment]
         with _translated("follow the container's logs"):
-            async for chunk in self._docker.containers.container(container_id).log(
-                    stdout=True, stderr=True, follow=True, tail=tail):
-                yield chunk
+            async with contextlib.aclosing(stream):  # gives the engine connection back at once
+                async for chunk in stream:
+                    yield chunk
 
     async def logs_tail(self, container_id: str, lines: int = 20) -> list[str]:
         """The last lines as a list, for error answers; [] when they can't be read."""
@@ -178,26 +242,27 @@ class Engine:
 
     async def stop(self, container_id: str, grace_s: int) -> None:
         """Stop (SIGTERM, then SIGKILL after grace_s); a missing container is fine."""
-        with _translated("stop the container"):
-            try:
-                await self._docker.containers.container(container_id).stop(t=grace_s)
-            except aiodocker.DockerError as err:
-                if err.status not in (304, 404):
-                    raise
+        try:
+            await self._bounded("stop the container",
+                                self._docker.containers.container(container_id).stop(t=grace_s),
+                                grace_s + self.timeout_s)
+        except EngineError as err:
+            if getattr(err.__cause__, "status", None) not in (304, 404):
+                raise
 
     async def remove(self, container_id: str) -> None:
         """Force-remove; a container that is already gone is fine."""
-        with _translated("remove the container"):
-            try:
-                await self._docker.containers.container(container_id).delete(force=True)
-            except aiodocker.DockerError as err:
-                if err.status == 404 or "already in progress" in err.message:
-                    return
-                raise
+        try:
+            await self._bounded("remove the container",
+                                self._docker.containers.container(container_id).delete(force=True))
+        except EngineError as err:
+            if getattr(err.__cause__, "status", None) == 404 or "already in progress" in err.message:
+                return
+            raise
 
     async def events(self) -> AsyncIterator[JSONObject]:
         """Container events for the agent's containers, until the stream ends."""
-        events = aiodocker.events.DockerEvents(self._docker)
+        events = aiodocker.events.DockerEvents(self._streams)
         subscriber = events.subscribe(filters=json.dumps(
             {"type": ["container"], "label": [self._ours]}))
         try:

@@ -62,6 +62,13 @@ class Conflict(AgentError):
     code = "conflict"
 
 
+class TooManyStreams(AgentError):
+    """Every one of the --max-streams log or event follows is taken."""
+
+    status = 429
+    code = "too_many_streams"
+
+
 class ImageNotFound(AgentError):
     """The image is neither present nor pullable."""
 
@@ -116,6 +123,13 @@ class HealthTimeout(AgentError):
 
     status = 504
     code = "health_timeout"
+
+
+class PullStalled(AgentError):
+    """The pull made no progress for --pull-stall-timeout while the engine still answered."""
+
+    status = 504
+    code = "pull_stalled"
 
 
 class PortTaken(Exception):

@@ -15,9 +15,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from deploy_agent import __version__
-from deploy_agent.deployer import Deployer
-from deploy_agent.gpus import GpuPool
 from deploy_agent.reconciler import Reconciler
+from deploy_agent.streams import Streams
+from deploy_agent.supervise import Supervisor
+from deploy_agent.table import ServiceTable
 
 STATUSES = ("starting", "healthy", "unhealthy", "restarting", "exited")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -26,7 +27,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class AgentMetrics:
     """The registry behind GET /metrics."""
 
-    def __init__(self, deployer: Deployer, gpus: GpuPool, reconciler: Reconciler) -> None:
+    def __init__(self, table: ServiceTable, reconciler: Reconciler, supervisor: Supervisor,
+                 streams: Streams) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._deploys = Counter(
             "deploy_agent_deploys", "Deploy requests that passed validation, by outcome "
@@ -35,7 +37,7 @@ class AgentMetrics:
             "deploy_agent_deploy_duration_seconds", "Time to answer a deploy, pull and health wait included.",
             ["outcome"], registry=self.registry,
             buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
-        self.registry.register(_StateCollector(deployer, gpus, reconciler))
+        self.registry.register(_StateCollector(table, reconciler, supervisor, streams))
 
     def deploy_finished(self, outcome: str, seconds: float) -> None:
         self._deploys.labels(outcome).inc()
@@ -48,13 +50,15 @@ class AgentMetrics:
 class _StateCollector(Collector):
     """Gauges read from the agent's memory on each scrape."""
 
-    def __init__(self, deployer: Deployer, gpus: GpuPool, reconciler: Reconciler) -> None:
-        self._deployer = deployer
-        self._gpus = gpus
+    def __init__(self, table: ServiceTable, reconciler: Reconciler, supervisor: Supervisor,
+                 streams: Streams) -> None:
+        self._table = table
         self._reconciler = reconciler
+        self._supervisor = supervisor
+        self._streams = streams
 
     def collect(self) -> Iterator[Metric]:
-        by_status: Tally[str] = Tally(service.status for service in self._deployer.services())
+        by_status: Tally[str] = Tally(service.status for service in self._table.services())
         services = GaugeMetricFamily("deploy_agent_services", "Services by status.", labels=["status"])
         for status in STATUSES:
             services.add_metric([status], by_status.get(status, 0))
@@ -69,7 +73,7 @@ class _StateCollector(Collector):
             "used": GaugeMetricFamily("deploy_agent_gpu_vram_used_gb", "VRAM in use (all processes).",
                                       labels=["gpu", "name"]),
         }
-        for view in self._gpus.views():
+        for view in self._table.gpus.views():
             labels = [str(view.id), view.name]
             families["total"].add_metric(labels, view.vram_total_gb)
             families["reserved"].add_metric(labels, view.vram_reserved_gb)
@@ -87,6 +91,24 @@ class _StateCollector(Collector):
         seconds = CounterMetricFamily("deploy_agent_resync_seconds", "Wall time spent in resyncs.")
         seconds.add_metric([], self._reconciler.resync_seconds)
         yield seconds
+
+        failures = CounterMetricFamily("deploy_agent_task_failures",
+                                       "Background tasks that failed and were restarted, by task.",
+                                       labels=["task"])
+        for task, count in sorted(self._supervisor.failures.items()):
+            failures.add_metric([task], count)
+        yield failures
+        writes = CounterMetricFamily("deploy_agent_state_write_failures",
+                                     "Writes of services.json that failed (and are retried).")
+        writes.add_metric([], self._table.state_write_failures)
+        yield writes
+        streams = GaugeMetricFamily("deploy_agent_streams_open", "Log and event follows open now.")
+        streams.add_metric([], self._streams.count)
+        yield streams
+        refused = CounterMetricFamily("deploy_agent_streams_refused",
+                                      "Follows refused with 429 because --max-streams were open.")
+        refused.add_metric([], self._streams.refused)
+        yield refused
 
         info = InfoMetricFamily("deploy_agent_build", "Version of the agent and its Python.")
         info.add_metric([], {"version": __version__, "python": platform.python_version()})

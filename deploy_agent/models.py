@@ -128,6 +128,14 @@ class DeployAnswer:
 
 
 @attrs.frozen
+class HealthWarning:
+    """A degraded condition: a stable code for programs, a sentence for people."""
+
+    code: str
+    message: str
+
+
+@attrs.frozen
 class HealthAnswer:
     """The agent's own `GET /health`."""
 
@@ -137,6 +145,7 @@ class HealthAnswer:
     services_running: int
     engine: Literal["reachable", "unreachable"]
     version: str
+    warnings: list[HealthWarning]
 
 
 def service_url(advertise_host: str, host_port: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 
@@ -22,8 +23,9 @@ def bound_on_host(port: int) -> bool:
 class PortAllocator:
     """Reserves host ports for services; a reservation lasts until released.
 
-    Reservations are taken synchronously, with no await in between, so concurrent
-    deploys on the event loop never receive the same port.
+    The bind() probes (up to one per port in the range) run in a thread; the port they
+    find is then re-checked and reserved with no await in between, so concurrent deploys
+    never receive the same port and the event loop never waits on a probe.
     """
 
     def __init__(self, port_range: tuple[int, int]) -> None:
@@ -38,18 +40,23 @@ class PortAllocator:
         else:
             yield from range(self._low, self._high + 1)
 
-    def reserve(self, preferred: int, published: set[int], skip: frozenset[int] = frozenset()) -> int:
+    def _first_unbound(self, preferred: int, excluded: frozenset[int]) -> int | None:
+        """Blocking: the first candidate not excluded that nothing on the host listens on."""
+        return next((port for port in self.candidates(preferred)
+                     if port not in excluded and not bound_on_host(port)), None)
+
+    async def reserve(self, preferred: int, published: set[int],
+                      skip: frozenset[int] = frozenset()) -> int:
         """Take the first candidate not reserved, not published by a container, not bound."""
-        for port in self.candidates(preferred):
-            if port in self._reserved or port in published or port in skip:
-                continue
-            if bound_on_host(port):
-                continue
-            self._reserved.add(port)
-            return port
-        raise NoPortAvailable(
-            f"No free host port in {self._low}-{self._high}; stop a service or widen --port-range."
-        )
+        while True:
+            excluded = frozenset(self._reserved | published | skip)
+            port = await asyncio.to_thread(self._first_unbound, preferred, excluded)
+            if port is None:
+                raise NoPortAvailable(f"No free host port in {self._low}-{self._high}; "
+                                      "stop a service or widen --port-range.")
+            if port not in self._reserved:  # another deploy may have taken it during the probe
+                self._reserved.add(port)
+                return port
 
     def claim(self, port: int) -> None:
         """Record a port already in use by a service the agent adopted."""
@@ -57,3 +64,6 @@ class PortAllocator:
 
     def release(self, port: int) -> None:
         self._reserved.discard(port)
+
+    def reserved(self) -> frozenset[int]:
+        return frozenset(self._reserved)

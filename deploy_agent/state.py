@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import attrs
 import cattrs
 
 from deploy_agent.engine import MANAGED_LABEL
@@ -28,16 +29,36 @@ SPEC_LABEL = "tidybot.spec"
 HOST_PORT_LABEL = "tidybot.host-port"
 GPU_LABEL = "tidybot.gpu"
 VRAM_LABEL = "tidybot.vram-gb"
+ATTEMPT_LABEL = "tidybot.attempt"  # one per deploy attempt: what an abandoned attempt is known by
+
+
+@attrs.frozen
+class Abandoned:
+    """A deploy attempt whose container could not be removed (or may yet be created):
+    resyncs remove its container when the engine is back, and never adopt it."""
+
+    attempt: str
+    name: str
+    since: float
+
+
+@attrs.frozen
+class SavedState:
+    """What services.json holds."""
+
+    services: list[Service]
+    abandoned: list[Abandoned] = attrs.field(factory=list)
 
 
 def labels_for(converter: cattrs.Converter, spec: DeploySpec, host_port: int,
-               gpu: int | None, instance: str) -> dict[str, str]:
+               gpu: int | None, instance: str, attempt: str) -> dict[str, str]:
     """The labels a service container carries so it can be adopted after any restart."""
     labels = {
         MANAGED_LABEL: instance,
         SPEC_LABEL: json.dumps(converter.unstructure(spec), sort_keys=True),
         HOST_PORT_LABEL: str(host_port),
         VRAM_LABEL: str(spec.vram_gb),
+        ATTEMPT_LABEL: attempt,
     }
     if gpu is not None:
         labels[GPU_LABEL] = str(gpu)
@@ -93,6 +114,12 @@ def summary_state(summary_state: str) -> JSONObject:
             "Restarting": summary_state == "restarting"}
 
 
+def attempt_of(labels: JSONObject) -> str | None:
+    """The deploy attempt a container was created by (None for containers from before 0.2)."""
+    attempt = labels.get(ATTEMPT_LABEL)
+    return attempt if isinstance(attempt, str) else None
+
+
 def summary_name(summary: JSONObject) -> str | None:
     """The service name a `docker ps` summary's spec label declares."""
     try:
@@ -123,25 +150,20 @@ class StateFile:
         self._converter = converter
         self._lock = asyncio.Lock()
 
-    def _document(self, services: list[Service]) -> JSONObject:
-        return {
-            "version": FORMAT_VERSION,
-            "services": [self._converter.unstructure(service) for service in services],
-        }
-
-    async def save(self, services: list[Service]) -> None:
-        """Write the services off the event loop; one writer at a time."""
-        document = self._document(services)
+    async def save(self, state: SavedState) -> None:
+        """Write the state off the event loop; one writer at a time. OSError when it can't."""
+        document = {"version": FORMAT_VERSION, **self._converter.unstructure(state)}
         async with self._lock:
             await asyncio.to_thread(_write_atomically, self.path, document)
 
-    def load(self) -> list[Service] | None:
-        """The saved services; None when the file is missing or corrupt (kept aside)."""
+    def load(self) -> SavedState | None:
+        """The saved state; None when the file is missing or corrupt (kept aside)."""
         try:
             document = json.loads(self.path.read_text())
             if document.get("version") != FORMAT_VERSION:
                 raise ValueError(f"unknown format version {document.get('version')!r}")
-            return self._converter.structure(document["services"], list[Service])
+            del document["version"]
+            return self._converter.structure(document, SavedState)
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError, AttributeError, cattrs.BaseValidationError) as err:

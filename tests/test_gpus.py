@@ -318,15 +318,12 @@ class TestRefreshWhileDeploying:
     async def test_table_changes_during_a_slow_read(self, tmp_path: Path) -> None:
         import asyncio
         import time
-        from unittest.mock import MagicMock
 
         from deploy_agent.convert import make_converter
-        from deploy_agent.deployer import Deployer
-        from deploy_agent.engine import Engine
         from deploy_agent.models import DeploySpec, Service
-        from deploy_agent.probe import HealthProbe
+        from deploy_agent.ports import PortAllocator
         from deploy_agent.state import StateFile
-        from tests.conftest import make_config
+        from deploy_agent.table import ServiceTable
 
         class SlowGpus(StaticGpus):
             def read(self) -> list[GpuReading]:
@@ -334,12 +331,12 @@ class TestRefreshWhileDeploying:
                 return self.readings
 
         converter = make_converter()
-        deployer = Deployer(make_config(tmp_path), MagicMock(spec=Engine), MagicMock(spec=HealthProbe),
-                            GpuPool(SlowGpus([reading(0)])), StateFile(tmp_path, converter), converter)
+        table = ServiceTable(PortAllocator((28000, 28010)), GpuPool(SlowGpus([reading(0)])),
+                             StateFile(tmp_path, converter))
         spec = converter.structure({"name": "first", "image": "img:1"}, DeploySpec)
-        deployer.adopt(Service(spec=spec, container_id="a" * 64, host_port=28000))
-        refresh = asyncio.create_task(deployer.refresh_gpus())
+        table.adopt(Service(spec=spec, container_id="a" * 64, host_port=28000))
+        refresh = asyncio.create_task(table.refresh_gpus())
         await asyncio.sleep(0.05)
-        deployer.adopt(Service(spec=converter.structure({"name": "second", "image": "img:1"}, DeploySpec),
-                               container_id="b" * 64, host_port=28001))
+        table.adopt(Service(spec=converter.structure({"name": "second", "image": "img:1"}, DeploySpec),
+                            container_id="b" * 64, host_port=28001))
         await refresh  # raised "dictionary changed size during iteration" before the fix

@@ -28,43 +28,43 @@ def listener() -> socket.socket:
 class TestPortAllocator:
     """Reservations never collide with each other, published ports, or bound sockets."""
 
-    def test_preferred_port_when_free(self) -> None:
-        assert PortAllocator((29200, 29210)).reserve(29205, set()) == 29205
+    async def test_preferred_port_when_free(self) -> None:
+        assert await PortAllocator((29200, 29210)).reserve(29205, set()) == 29205
 
-    def test_reserved_port_goes_to_the_next(self) -> None:
+    async def test_reserved_port_goes_to_the_next(self) -> None:
         ports = PortAllocator((29200, 29210))
-        assert [ports.reserve(29205, set()) for _ in range(3)] == [29205, 29206, 29207]
+        assert [await ports.reserve(29205, set()) for _ in range(3)] == [29205, 29206, 29207]
 
-    def test_published_port_is_skipped(self) -> None:
-        assert PortAllocator((29200, 29210)).reserve(29205, {29205, 29206}) == 29207
+    async def test_published_port_is_skipped(self) -> None:
+        assert await PortAllocator((29200, 29210)).reserve(29205, {29205, 29206}) == 29207
 
-    def test_port_bound_on_host_is_skipped(self, listener: socket.socket) -> None:
+    async def test_port_bound_on_host_is_skipped(self, listener: socket.socket) -> None:
         port = listener.getsockname()[1]
         with listener:
             assert bound_on_host(port)
-            assert PortAllocator((port, port + 5)).reserve(port, set()) == port + 1
+            assert await PortAllocator((port, port + 5)).reserve(port, set()) == port + 1
         assert not bound_on_host(port)
 
-    def test_wraps_to_the_start_of_the_range(self) -> None:
+    async def test_wraps_to_the_start_of_the_range(self) -> None:
         ports = PortAllocator((29200, 29202))
-        assert [ports.reserve(29202, set()) for _ in range(3)] == [29202, 29200, 29201]
+        assert [await ports.reserve(29202, set()) for _ in range(3)] == [29202, 29200, 29201]
 
-    def test_preferred_outside_range_starts_at_range_low(self) -> None:
-        assert PortAllocator((29200, 29210)).reserve(80, set()) == 29200
+    async def test_preferred_outside_range_starts_at_range_low(self) -> None:
+        assert await PortAllocator((29200, 29210)).reserve(80, set()) == 29200
 
-    def test_refused_ports_are_skipped(self) -> None:
-        assert PortAllocator((29200, 29210)).reserve(29200, set(), frozenset({29200})) == 29201
+    async def test_refused_ports_are_skipped(self) -> None:
+        assert await PortAllocator((29200, 29210)).reserve(29200, set(), frozenset({29200})) == 29201
 
-    def test_exhausted_range_is_503(self) -> None:
+    async def test_exhausted_range_is_503(self) -> None:
         ports = PortAllocator((29200, 29201))
-        ports.reserve(29200, set())
-        ports.reserve(29200, set())
+        await ports.reserve(29200, set())
+        await ports.reserve(29200, set())
         with pytest.raises(NoPortAvailable) as caught:
-            ports.reserve(29200, set())
+            await ports.reserve(29200, set())
         assert caught.value.status == 503
 
-    def test_release_frees_the_port(self) -> None:
+    async def test_release_frees_the_port(self) -> None:
         ports = PortAllocator((29200, 29210))
-        port = ports.reserve(29200, set())
+        port = await ports.reserve(29200, set())
         ports.release(port)
-        assert ports.reserve(29200, set()) == port
+        assert await ports.reserve(29200, set()) == port

@@ -1,0 +1,233 @@
+"""The service table: the one owner of what the agent runs.
+
+It holds the records, the per-name locks, the generations, the host-port and GPU
+reservations, the abandoned deploy attempts, and their copy in services.json. The
+deployer and the reconciler both work through its methods; neither touches the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import attrs
+
+from deploy_agent.errors import ServiceNotFound
+from deploy_agent.gpus import Assignment, GpuPool
+from deploy_agent.models import Service
+from deploy_agent.ports import PortAllocator
+from deploy_agent.state import Abandoned, SavedState, StateFile
+
+_LOGGER = logging.getLogger(__name__)
+
+# An abandoned attempt whose container never showed up is forgotten after this long: the
+# engine that was away when it was created has long since answered or dropped the request.
+ABANDONED_TTL_S = 3600.0
+STATE_RETRY_S = 2.0
+
+
+@attrs.define
+class _NameLock:
+    lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
+    users: int = 0  # holding or waiting
+
+
+@attrs.define
+class Observation:
+    """A background pass's view of the table: which names changed since it began."""
+
+    _table: ServiceTable
+    mark: int
+
+    def current(self, name: str) -> bool:
+        """Whether nothing touched `name` since the pass began, and nothing is touching it now."""
+        return not self._table.busy(name) and self._table.changed_at(name) <= self.mark
+
+
+class ServiceTable:
+    """Records, locks, generations and reservations, with the methods that change them."""
+
+    def __init__(self, ports: PortAllocator, gpus: GpuPool, state_file: StateFile) -> None:
+        self._ports = ports
+        self._gpus = gpus
+        self._state_file = state_file
+        self._services: dict[str, Service] = {}
+        self._locks: dict[str, _NameLock] = {}
+        self._generation = 0  # one counter for the agent: a name gone and back never looks unchanged
+        self._changed: dict[str, int] = {}  # name -> generation of its last change
+        self._observers = 0
+        self._abandoned: dict[str, Abandoned] = {}
+        self._dirty = False
+        self.state_error: str | None = None  # why the last write of services.json failed
+        self.state_write_failures = 0
+
+    # -- reading -------------------------------------------------------------------------
+
+    def services(self) -> list[Service]:
+        return sorted(self._services.values(), key=lambda s: s.spec.name)
+
+    def get(self, name: str) -> Service | None:
+        return self._services.get(name)
+
+    def service(self, name: str) -> Service:
+        """The record of `name`; ServiceNotFound (404) when there is none."""
+        try:
+            return self._services[name]
+        except KeyError:
+            raise ServiceNotFound(f"No service named {name!r} is deployed on this node.",
+                                  name=name) from None
+
+    @property
+    def gpus(self) -> GpuPool:
+        return self._gpus
+
+    # -- locks and generations -----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def locked(self, name: str) -> AsyncIterator[None]:
+        """Serialise deploy, stop and reconcile of one name; the lock lives while used."""
+        entry = self._locks.get(name)
+        if entry is None:
+            entry = self._locks[name] = _NameLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[name]
+
+    def busy(self, name: str) -> bool:
+        """Whether a deploy or stop holds or waits for `name`."""
+        return name in self._locks
+
+    def changed_at(self, name: str) -> int:
+        return self._changed.get(name, 0)
+
+    @contextlib.contextmanager
+    def observe(self) -> Iterator[Observation]:
+        """For a pass that reads the engine, then applies what it saw to names still current."""
+        self._observers += 1
+        try:
+            yield Observation(self, self._generation)
+        finally:
+            self._observers -= 1
+            if not self._observers:  # no pass needs to know about names long gone
+                for name in [n for n in self._changed if n not in self._services]:
+                    del self._changed[name]
+
+    def _bump(self, name: str) -> None:
+        self._generation += 1
+        self._changed[name] = self._generation
+        self._dirty = True
+
+    # -- records -------------------------------------------------------------------------
+
+    def track(self, service: Service) -> None:
+        """Record a service whose container exists; its reservations are already held."""
+        self._services[service.spec.name] = service
+        self._bump(service.spec.name)
+
+    def untrack(self, service: Service) -> bool:
+        """Drop the record, keeping its reservations (the caller releases them)."""
+        if self._services.get(service.spec.name) is not service:
+            return False
+        del self._services[service.spec.name]
+        self._bump(service.spec.name)
+        return True
+
+    def adopt(self, service: Service) -> None:
+        """Track a service found running at start-up or by a resync, with its reservations."""
+        self.track(service)
+        self._ports.claim(service.host_port)
+        if service.gpu is not None:
+            self._gpus.claim(service.spec.name, service.gpu, service.spec.vram_gb)
+
+    def forget(self, service: Service) -> bool:
+        """Drop a record whose container is gone, releasing what it held."""
+        if not self.untrack(service):
+            return False
+        self.release_gpu(service.spec.name)
+        self.release_port(service.host_port)
+        return True
+
+    # -- reservations --------------------------------------------------------------------
+
+    def reserve_gpu(self, name: str, vram_gb: float) -> Assignment:
+        """Place on a GPU now, with no await: NoGpu / NoGpuCapacity when nothing fits."""
+        return self._gpus.reserve(name, vram_gb)
+
+    async def reserve_port(self, preferred: int, published: set[int],
+                           refused: frozenset[int] = frozenset()) -> int:
+        return await self._ports.reserve(preferred, published, refused)
+
+    def release_gpu(self, name: str) -> None:
+        self._gpus.release(name)
+
+    def release_port(self, host_port: int) -> None:
+        self._ports.release(host_port)
+
+    async def refresh_gpus(self) -> None:
+        """Re-read the GPUs, telling the pool which containers are the agent's own."""
+        await self._gpus.refresh(frozenset(s.container_id for s in self._services.values()))
+
+    # -- abandoned deploy attempts -------------------------------------------------------
+
+    def abandon(self, attempt: str, name: str) -> None:
+        """A deploy attempt that may have left a container: remove it later, never adopt it."""
+        self._abandoned[attempt] = Abandoned(attempt=attempt, name=name, since=time.time())
+        self._dirty = True
+
+    def is_abandoned(self, attempt: str | None) -> bool:
+        return attempt is not None and attempt in self._abandoned
+
+    def settle(self, attempts_seen: set[str], removed: set[str]) -> None:
+        """After a resync: drop attempts whose container was removed or never showed up."""
+        now = time.time()
+        for attempt, entry in list(self._abandoned.items()):
+            gone = attempt not in attempts_seen and now - entry.since > ABANDONED_TTL_S
+            if attempt in removed or gone:
+                del self._abandoned[attempt]
+                self._dirty = True
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def restore(self, saved: SavedState | None) -> list[Service]:
+        """Take the abandoned attempts of a saved state; its services, for the caller to adopt."""
+        if saved is None:
+            return []
+        self._abandoned = {entry.attempt: entry for entry in saved.abandoned}
+        return list(saved.services)
+
+    async def persist(self) -> None:
+        """Write services.json now. A failure is remembered and retried, never raised:
+        the containers and their labels stay the truth, and reservations stay held."""
+        self._dirty = False
+        try:
+            await self._state_file.save(SavedState(self.services(), list(self._abandoned.values())))
+        except OSError as err:
+            self._dirty = True
+            self.state_write_failures += 1
+            if self.state_error is None:
+                _LOGGER.error("Cannot write %s (%s); retrying. The services keep running and "
+                              "their containers' labels still record them.",
+                              self._state_file.path, err)
+            self.state_error = f"{self._state_file.path}: {err.strerror or err}"
+            return
+        if self.state_error is not None:
+            _LOGGER.info("%s is written again", self._state_file.path)
+            self.state_error = None
+
+    async def persist_if_dirty(self) -> None:
+        if self._dirty:
+            await self.persist()
+
+    async def keep_written(self) -> None:
+        """Write what changed without a write of its own (or failed to write); runs until cancelled."""
+        while True:
+            await asyncio.sleep(STATE_RETRY_S)
+            await self.persist_if_dirty()

@@ -32,26 +32,39 @@ from deploy_agent.client import (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deployctl", description=__doc__.splitlines()[0])
-    parser.add_argument("--node", action="append", metavar="URL",
+def add_global_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """--node, --token, --json: before the subcommand, or after it as docker and kubectl take
+    them. After it, no defaults, so a flag given before is not overwritten by one unsaid."""
+    unset: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument("--node", action="append", metavar="URL", **unset,
                         help="agent to talk to (repeatable; default: COMPUTE_NODES, else "
                         f"{DEFAULT_NODE})")
-    parser.add_argument("--token", help="bearer token (default: DEPLOY_AGENT_TOKEN)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--token", **unset, help="bearer token (default: DEPLOY_AGENT_TOKEN)")
+    parser.add_argument("--json", action="store_true", **unset, help="print JSON instead of tables")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deployctl", description=__doc__.splitlines()[0])
+    add_global_flags(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    deploy = commands.add_parser("deploy", help="deploy a service.yaml (or - for stdin), with live progress")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        add_global_flags(sub, defaults=False)
+        return sub
+
+    deploy = command("deploy", "deploy a service.yaml (or - for stdin), with live progress")
     deploy.add_argument("file", metavar="FILE|-")
     deploy.add_argument("--replace", action="store_true", help="replace it if running with another spec")
-    commands.add_parser("ps", help="list services")
-    stop = commands.add_parser("stop", help="stop and remove a service")
+    command("ps", "list services")
+    stop = command("stop", "stop and remove a service")
     stop.add_argument("name")
-    commands.add_parser("gpus", help="GPUs and their VRAM accounting")
-    logs = commands.add_parser("logs", help="a service's output")
+    command("gpus", "GPUs and their VRAM accounting")
+    logs = command("logs", "a service's output")
     logs.add_argument("name")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
     logs.add_argument("--tail", type=int, default=100, help="lines from the end (default: 100)")
-    commands.add_parser("nodes", help="the compute nodes and how they are")
+    command("nodes", "the compute nodes and how they are")
     return parser
 
 
@@ -69,16 +82,19 @@ class Ctl:
         sys.stdout.write(json.dumps(value, indent=2) + "\n")
 
     async def deploy(self) -> None:
+        """Where some node has it live, there (or already running); else the best node."""
         body = load_manifest(self.args.file)
         name = str(body.get("name", ""))
-        if not self.args.replace:
-            found = await self.nodes.find(name)
-            if found is not None:
-                return self.show_deployed(already_running_answer(found))
-        candidates = await self.nodes.candidates(body)
-        if not candidates:
-            raise CapacityError(503, "no_capacity", f"No reachable node can run {name!r}.")
-        client = candidates[0]
+        located = await self.nodes.locate(name)
+        if located is not None:
+            client, entry = located
+            if entry["status"] == "healthy" and not self.args.replace:
+                return self.show_deployed(already_running_answer({**entry, "node": client.url}))
+        else:
+            candidates = await self.nodes.candidates(body)
+            if not candidates:
+                raise CapacityError(503, "no_capacity", f"No reachable node can run {name!r}.")
+            client = candidates[0]
         answer = await self.follow_deploy(client, body)
         self.show_deployed({**answer, "node": client.url})
 
@@ -118,7 +134,7 @@ class Ctl:
 
     async def node_running(self, name: str) -> AsyncAgentClient:
         """The node that has `name`, in any status; 404 when none has it."""
-        located = await self.nodes.locate(name)
+        located = await self.nodes.locate(name, statuses=())
         if located is None:
             raise ServiceNotFoundError(404, "not_found", f"No service named {name!r} "
                                        f"on {', '.join(self.nodes.urls)}.")

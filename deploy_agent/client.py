@@ -85,15 +85,34 @@ class HealthTimeoutError(AgentRequestError):
     """504: not healthy within ready_timeout (`body["logs"]`)."""
 
 
+class TooManyStreamsError(AgentRequestError):
+    """429: the node already serves its --max-streams follows."""
+
+
+class PullStalledError(AgentRequestError):
+    """504 pull_stalled: the image pull made no progress while the engine still answered."""
+
+
 class NodeUnreachable(AgentRequestError):
-    """The node did not answer at all."""
+    """The node could not be reached: the request never got to it."""
+
+
+class DeployInterrupted(AgentRequestError):
+    """The deploy reached the node, then its answer stalled or the connection dropped.
+
+    It may still finish there: look on `node` (it is never placed on another node for you).
+    """
 
 
 ERRORS_BY_STATUS: dict[int, type[AgentRequestError]] = {
     400: InvalidRequestError, 401: AuthError, 403: PolicyError, 404: ServiceNotFoundError,
-    409: ConflictError, 413: InvalidRequestError, 422: ImageError, 502: StartError,
-    503: CapacityError, 504: HealthTimeoutError,
+    409: ConflictError, 413: InvalidRequestError, 422: ImageError, 429: TooManyStreamsError,
+    502: StartError, 503: CapacityError, 504: HealthTimeoutError,
 }
+ERRORS_BY_CODE: dict[str, type[AgentRequestError]] = {"pull_stalled": PullStalledError}
+LIVE = ("starting", "healthy", "unhealthy")  # statuses of a service that is placed and running
+
+
 def _status_by_code() -> dict[str, int]:
     """The agent's error codes and their HTTP statuses, from its own exception tree."""
     found, pending = {}, list(errors.AgentError.__subclasses__())
@@ -111,7 +130,7 @@ STATUS_BY_CODE = _status_by_code()
 def error_from(status: int, body: Any, node: str | None = None) -> AgentRequestError:
     if not isinstance(body, Mapping):
         body = {"error": "http_error", "message": str(body)}
-    kind = ERRORS_BY_STATUS.get(status, AgentRequestError)
+    kind = ERRORS_BY_CODE.get(str(body.get("error")), ERRORS_BY_STATUS.get(status, AgentRequestError))
     return kind(status, str(body.get("error", "error")), str(body.get("message", "")), body, node)
 
 
@@ -140,14 +159,21 @@ def requirements(body: Mapping[str, Any]) -> tuple[bool, float]:
 
 
 class AsyncAgentClient:
-    """One agent, from asyncio code. Use `async with`, or call close()."""
+    """One agent, from asyncio code. Use `async with`, or call close().
+
+    `timeout` bounds each plain request. A deploy has no wall-clock bound (a pull and a
+    slow model load may take long): it follows the NDJSON progress and gives up only when
+    the node says nothing for `stall_timeout` seconds, longer than any silence the agent
+    allows itself (--pull-stall-timeout, 120 s by default).
+    """
 
     def __init__(self, url: str = DEFAULT_NODE, token: str | None = None, timeout: float = 300.0,
-                 session: aiohttp.ClientSession | None = None) -> None:
+                 session: aiohttp.ClientSession | None = None, stall_timeout: float = 150.0) -> None:
         self.url = url.rstrip("/")
         token = token if token is not None else os.environ.get("DEPLOY_AGENT_TOKEN")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._stall_timeout = stall_timeout
         self._session = session
         self._owns_session = session is None
 
@@ -160,7 +186,7 @@ class AsyncAgentClient:
     async def close(self) -> None:
         if self._session is not None and self._owns_session:
             await self._session.close()
-        self._session = None
+            self._session = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -200,9 +226,18 @@ class AsyncAgentClient:
         return result
 
     async def deploy(self, manifest: Manifest, replace: bool = False) -> dict[str, Any]:
-        """Deploy and wait until healthy; the answer has host, port, gpu, already_running."""
-        result: dict[str, Any] = await self._request("POST", "/deploy", _deploy_body(manifest, replace))
-        return result
+        """Deploy and wait until healthy; the answer has host, port, gpu, already_running.
+
+        DeployInterrupted when the node goes quiet for stall_timeout or the connection drops
+        after the request reached it (the deploy may still finish there).
+        """
+        answer: dict[str, Any] | None = None
+        async for event in self.deploy_events(manifest, replace):
+            answer = event
+        if answer is None or "event" in answer:
+            raise DeployInterrupted(0, "interrupted", f"{self.url} closed the deploy stream "
+                                    "without an answer.", node=self.url)
+        return answer
 
     async def stop(self, name: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._request("POST", "/stop", {"name": name})
@@ -221,32 +256,42 @@ class AsyncAgentClient:
     async def deploy_events(self, manifest: Manifest, replace: bool = False) -> AsyncIterator[dict[str, Any]]:
         """Progress events of a deploy (pull, created, started, health); the last is the answer.
 
-        An error answer as the last event raises its AgentRequestError after being yielded.
+        An error answer as the last event raises its AgentRequestError after being yielded;
+        silence for stall_timeout, or a dropped connection, raises DeployInterrupted.
         """
         async with self._stream("POST", "/deploy", _deploy_body(manifest, replace),
-                                accept=NDJSON) as response:
-            async for line in response.content:
-                if not line.strip():
-                    continue
-                event: dict[str, Any] = json.loads(line)
-                yield event
-                if event.get("ok") is False:
-                    code = str(event.get("error", "error"))
-                    raise error_from(STATUS_BY_CODE.get(code, 500), event, self.url)
+                                accept=NDJSON, stall_timeout=self._stall_timeout) as response:
+            try:
+                async for line in response.content:
+                    if not line.strip():
+                        continue
+                    event: dict[str, Any] = json.loads(line)
+                    yield event
+                    if event.get("ok") is False:
+                        code = str(event.get("error", "error"))
+                        raise error_from(STATUS_BY_CODE.get(code, 500), event, self.url)
+            except (TimeoutError, aiohttp.ClientError, OSError) as err:
+                raise _interrupted(self.url, err) from err
 
-    def _stream(self, method: str, path: str, body: Any = None,
-                accept: str | None = None) -> _StreamContext:
+    def _stream(self, method: str, path: str, body: Any = None, accept: str | None = None,
+                stall_timeout: float | None = None) -> _StreamContext:
         headers = {**self._headers, **({"Accept": accept} if accept else {})}
-        return _StreamContext(self, method, path, body, headers)
+        return _StreamContext(self, method, path, body, headers, stall_timeout)
+
+
+def _interrupted(url: str, err: BaseException) -> DeployInterrupted:
+    return DeployInterrupted(0, "interrupted", f"{url} stopped answering during the deploy "
+                             f"({err!r}); it may still finish there.", node=url)
 
 
 class _StreamContext:
     """`async with` a streamed response; errors before the stream starts raise as usual."""
 
     def __init__(self, client: AsyncAgentClient, method: str, path: str, body: Any,
-                 headers: dict[str, str]) -> None:
+                 headers: dict[str, str], stall_timeout: float | None) -> None:
         self._client, self._method, self._path = client, method, path
         self._body, self._headers = body, headers
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=stall_timeout)
         self._response: aiohttp.ClientResponse | None = None
 
     async def __aenter__(self) -> aiohttp.ClientResponse:
@@ -254,8 +299,13 @@ class _StreamContext:
         try:
             self._response = await client._client().request(
                 self._method, client.url + self._path, json=self._body, headers=self._headers,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
-        except (aiohttp.ClientError, OSError) as err:
+                timeout=self._timeout)
+        except aiohttp.ClientConnectorError as err:  # it never got to the node
+            raise NodeUnreachable(0, "unreachable", f"{client.url} did not answer: {err!r}",
+                                  node=client.url) from err
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+            if self._method == "POST":
+                raise _interrupted(client.url, err) from err
             raise NodeUnreachable(0, "unreachable", f"{client.url} did not answer: {err!r}",
                                   node=client.url) from err
         if self._response.status >= 400:
@@ -277,34 +327,49 @@ def _deploy_body(manifest: Manifest, replace: bool) -> dict[str, Any]:
 
 
 class _SyncRunner:
-    """Runs coroutines and async iterators to completion on a private event loop."""
+    """Runs each call on a fresh event loop and then closes the sessions it opened, so a
+    sync client holds nothing between calls and never leaves a session unclosed."""
 
-    def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
+    def __init__(self, close: Callable[[], Awaitable[None]]) -> None:
+        self._close = close
 
     def run(self, awaitable: Awaitable[T]) -> T:
-        return self._loop.run_until_complete(awaitable)
+        async def call() -> T:
+            try:
+                return await awaitable
+            finally:
+                await self._close()
+
+        return asyncio.run(call())
 
     def iterate(self, iterator: AsyncIterator[T]) -> Iterator[T]:
-        try:
-            while True:
-                try:
-                    yield self._loop.run_until_complete(iterator.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._loop.run_until_complete(iterator.aclose())  # type: ignore[attr-defined]
+        async def step() -> T:
+            return await anext(iterator)
 
-    def close(self) -> None:
-        self._loop.close()
+        async def finish() -> None:
+            try:
+                await iterator.aclose()  # type: ignore[attr-defined]
+            finally:
+                await self._close()
+
+        with asyncio.Runner() as runner:
+            try:
+                while True:
+                    try:
+                        yield runner.run(step())
+                    except StopAsyncIteration:
+                        return
+            finally:
+                runner.run(finish())
 
 
 class AgentClient:
     """One agent, from synchronous code: the same methods as AsyncAgentClient, not awaited."""
 
-    def __init__(self, url: str = DEFAULT_NODE, token: str | None = None, timeout: float = 300.0) -> None:
-        self._runner = _SyncRunner()
-        self._async = AsyncAgentClient(url, token, timeout)
+    def __init__(self, url: str = DEFAULT_NODE, token: str | None = None, timeout: float = 300.0,
+                 stall_timeout: float = 150.0) -> None:
+        self._async = AsyncAgentClient(url, token, timeout, stall_timeout=stall_timeout)
+        self._runner = _SyncRunner(self._async.close)
         self.url = self._async.url
 
     def __enter__(self) -> AgentClient:
@@ -315,8 +380,7 @@ class AgentClient:
         self.close()
 
     def close(self) -> None:
-        self._runner.run(self._async.close())
-        self._runner.close()
+        """Nothing stays open between calls; kept so `with` and close() read naturally."""
 
     def health(self) -> dict[str, Any]:
         return self._runner.run(self._async.health())
@@ -375,11 +439,12 @@ def already_running_answer(found: Mapping[str, Any]) -> dict[str, Any]:
 class AsyncComputeNodes:
     """Several agents: find a service, or deploy it where it fits best. Dead nodes are skipped."""
 
-    def __init__(self, urls: list[str], token: str | None = None, probe_timeout: float = 2.0) -> None:
+    def __init__(self, urls: list[str], token: str | None = None, probe_timeout: float = 2.0,
+                 stall_timeout: float = 150.0) -> None:
         if not urls:
             raise ValueError("no compute nodes: set COMPUTE_NODES=http://host:9000,... "
                              "or run the agents with --mdns")
-        self._clients = [AsyncAgentClient(url, token) for url in urls]
+        self._clients = [AsyncAgentClient(url, token, stall_timeout=stall_timeout) for url in urls]
         self._probe_timeout = probe_timeout
 
     @classmethod
@@ -433,41 +498,61 @@ class AsyncComputeNodes:
         return [answer or {"node": client.url, "reachable": False}
                 for client, answer in zip(self._clients, answers, strict=True)]
 
-    async def locate(self, name: str,
-                     healthy_only: bool = False) -> tuple[AsyncAgentClient, dict[str, Any]] | None:
-        """The node that has `name` (healthy, when asked) and its /services entry."""
+    async def locate(self, name: str, statuses: tuple[str, ...] = LIVE
+                     ) -> tuple[AsyncAgentClient, dict[str, Any]] | None:
+        """The node that has `name` in one of `statuses` (any, when empty), and its entry."""
         for client, listing in zip(self._clients, await self._ask_all(lambda c: c.services()), strict=True):
             for entry in listing or []:
-                if entry["name"] == name and (entry["status"] == "healthy" or not healthy_only):
+                if entry["name"] == name and (not statuses or entry["status"] in statuses):
                     return client, entry
         return None
 
     async def find(self, name: str) -> dict[str, Any] | None:
         """Where `name` runs healthy: its /services entry plus `node`; None if nowhere."""
-        located = await self.locate(name, healthy_only=True)
+        located = await self.locate(name, statuses=("healthy",))
         return {**located[1], "node": located[0].url} if located else None
 
     async def ensure(self, manifest: Manifest, replace: bool = False) -> dict[str, Any]:
         """The running service if some node has it healthy, else a deploy on the best node.
 
-        Best: for GPU services, the node whose GPU has the most free VRAM that fits; for the
+        A node that has it in any live status (starting, healthy, unhealthy) is the only
+        place it is deployed: one service is never placed on two nodes. Elsewhere, best
+        is, for GPU services, the node whose GPU has the most free VRAM that fits; for the
         rest, the node running the fewest services. The answer includes `node`.
         """
         body = load_manifest(manifest)
         name = str(body.get("name", ""))
-        found = await self.find(name)
-        if found is not None:
-            return already_running_answer(found)
+        located = await self.locate(name)
+        if located is not None:
+            client, entry = located
+            if entry["status"] == "healthy" and not replace:
+                return already_running_answer({**entry, "node": client.url})
+            return await self._deploy_on(client, name, body, replace)
         last_error: AgentRequestError | None = None
         for client in await self.candidates(body):
             try:
-                return {**await client.deploy(body, replace), "node": client.url}
+                return await self._deploy_on(client, name, body, replace)
             except (CapacityError, NodeUnreachable) as err:
-                last_error = err  # full or gone since we asked: try the next
+                last_error = err  # refused, or never reached: nothing placed there, try the next
         if last_error is not None:
             raise last_error
         reason = "no GPU with enough free VRAM" if requirements(body)[0] else "none answered"
         raise CapacityError(503, "no_capacity", f"No reachable node can run {name!r}: {reason}.")
+
+    async def _deploy_on(self, client: AsyncAgentClient, name: str, body: Mapping[str, Any],
+                         replace: bool) -> dict[str, Any]:
+        """Deploy on this node. If its answer stalls, look again there, never elsewhere."""
+        try:
+            return {**await client.deploy(body, replace), "node": client.url}
+        except DeployInterrupted as err:
+            try:
+                entry = await client.service(name)
+            except AgentRequestError:
+                raise err from None
+            if entry["status"] != "healthy":
+                err.body["service"] = entry
+                raise
+            return {**already_running_answer({**entry, "node": client.url}), "already_running": False}
 
     async def candidates(self, body: Mapping[str, Any]) -> list[AsyncAgentClient]:
         """Reachable nodes that could run `body`, best first."""
@@ -489,9 +574,10 @@ class AsyncComputeNodes:
 class ComputeNodes:
     """Several agents from synchronous code: find, ensure, status."""
 
-    def __init__(self, urls: list[str], token: str | None = None, probe_timeout: float = 2.0) -> None:
-        self._runner = _SyncRunner()
-        self._async = AsyncComputeNodes(urls, token, probe_timeout)
+    def __init__(self, urls: list[str], token: str | None = None, probe_timeout: float = 2.0,
+                 stall_timeout: float = 150.0) -> None:
+        self._async = AsyncComputeNodes(urls, token, probe_timeout, stall_timeout)
+        self._runner = _SyncRunner(self._async.close)
 
     @classmethod
     def from_env(cls, token: str | None = None, timeout_s: float = 2.0) -> ComputeNodes:
@@ -510,8 +596,7 @@ class ComputeNodes:
         self.close()
 
     def close(self) -> None:
-        self._runner.run(self._async.close())
-        self._runner.close()
+        """Nothing stays open between calls; kept so `with` and close() read naturally."""
 
     def status(self) -> list[dict[str, Any]]:
         return self._runner.run(self._async.status())

@@ -226,6 +226,8 @@ class Deployer:
             self._table.abandon(attempt.id, spec.name)
         finally:
             self._table.release_port(attempt.host_port)
+        if self._table.is_abandoned(attempt.id):
+            await self._table.persist()  # so a restart still knows to remove it
 
     async def _wait_healthy(self, service: Service, progress: Progress) -> None:
         """Poll health with backoff while watching for the container to exit."""

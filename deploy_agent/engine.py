@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiodocker
 import aiodocker.events
@@ -68,15 +68,33 @@ def _translated(action: str) -> Iterator[None]:
                           f"{action}: {err!r}") from err
 
 
+class _Docker(aiodocker.Docker):
+    """aiodocker's client, except that a response is closed when its reader leaves.
+
+    aiodocker's `_query` hands out the response and never closes it, so a read cancelled
+    half-way (a time-out, a follow whose client left, an exit wait no longer needed) kept
+    its engine connection open until garbage collection. Every call goes through here.
+    """
+
+    @contextlib.asynccontextmanager
+    async def _query(self, path: Any, method: str = "GET", **kwargs: Any
+                     ) -> AsyncIterator[aiohttp.ClientResponse]:
+        response = await self._do_query(path, method, **kwargs)
+        try:
+            yield response
+        finally:
+            response.close()  # after a full read the connection is already back in the pool
+
+
 def open_docker(url: str, connection_limit: int) -> aiodocker.Docker:
     """An engine client whose pool holds at most `connection_limit` connections (0: no limit)."""
     if url.startswith("unix://"):
         connector = aiohttp.UnixConnector(url.removeprefix("unix://"), limit=connection_limit)
-        return aiodocker.Docker(url="http://docker", connector=connector)
+        return _Docker(url="http://docker", connector=connector)
     if url.startswith(("tcp://", "http://")):
-        return aiodocker.Docker(url="http://" + url.split("://", 1)[1],
-                                connector=aiohttp.TCPConnector(limit=connection_limit))
-    return aiodocker.Docker(url=url)  # TLS, ssh: aiodocker's own connector
+        return _Docker(url="http://" + url.split("://", 1)[1],
+                       connector=aiohttp.TCPConnector(limit=connection_limit))
+    return _Docker(url=url)  # TLS, ssh: aiodocker's own connector
 
 
 async def close_docker(docker: aiodocker.Docker) -> None:
@@ -266,13 +284,13 @@ class Engine:
         subscriber = events.subscribe(filters=json.dumps(
             {"type": ["container"], "label": [self._ours]}))
         try:
-            while True:
-                event = await subscriber.get()
-                if event is None:
-                    return
+            while (event := await subscriber.get()) is not None:
                 yield event
         finally:
-            await events.stop()
+            # Stopping re-raises what ended the stream (the engine went away, say); the
+            # caller resubscribes and resyncs either way.
+            with contextlib.suppress(Exception):
+                await events.stop()
 
 
 def container_config(

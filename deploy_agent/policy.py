@@ -32,11 +32,13 @@ def _touches_system_path(path: PurePosixPath) -> bool:
 
 
 def host_path_refusal(source: str, config: Config,
-                      resolve: Callable[[str], str] = os.path.realpath) -> str | None:
+                      resolve: Callable[[str], str] | None = None) -> str | None:
     """Why a host path may not be mounted, or None when it may.
 
-    Both the path as written and the path its symlinks lead to must pass.
+    Both the path as written and the path its symlinks lead to must pass. Resolving
+    touches the file system (a slow NFS mount, say): callers run this off the event loop.
     """
+    resolve = resolve or os.path.realpath
     if ".." in PurePosixPath(source).parts:
         return "host paths must not contain '..'"
     roots = [PurePosixPath(root) for root in config.allow_host_paths]

@@ -67,7 +67,7 @@ class Reconciler:
             for service in recorded:
                 self._table.adopt(service)
             return
-        self.engine_reachable = True
+        self._engine_is(reachable=True)
         for summary in infos:
             with contextlib.suppress(AgentError):  # what can't be read now, the resync reads
                 await self._adopt_or_remove(summary)
@@ -97,14 +97,18 @@ class Reconciler:
     async def watch_engine(self) -> None:
         """Ping every second (2 s bound), so /health knows within seconds that the engine froze."""
         while True:
-            reachable = await self._engine.ping()
-            if reachable != self.engine_reachable:
-                _LOGGER.log(logging.INFO if reachable else logging.WARNING,
-                            "The Docker engine is %s", "back" if reachable else "not answering")
-                self.engine_reachable = reachable
-                if reachable:
-                    self._wake.set()
+            self._engine_is(reachable=await self._engine.ping())
             await asyncio.sleep(LIVENESS_INTERVAL_S)
+
+    def _engine_is(self, reachable: bool) -> None:
+        """Record what the last engine call showed; a return triggers a resync."""
+        if reachable == self.engine_reachable:
+            return
+        _LOGGER.log(logging.INFO if reachable else logging.WARNING,
+                    "The Docker engine is %s", "answering" if reachable else "not answering")
+        self.engine_reachable = reachable
+        if reachable:
+            self._wake.set()
 
     # -- events --------------------------------------------------------------------------
 
@@ -170,7 +174,7 @@ class Reconciler:
         except AgentError as err:
             if self.engine_reachable:
                 _LOGGER.warning("Resync failed: %s", err.message)
-            self.engine_reachable = False
+            self._engine_is(reachable=False)
             return
         self.resyncs += 1
         self.resync_seconds += time.monotonic() - started
@@ -183,7 +187,7 @@ class Reconciler:
         """
         with self._table.observe() as seen:
             infos = await self._engine.list_managed()
-            self.engine_reachable = True
+            self._engine_is(reachable=True)
             by_id = {info["Id"]: info for info in infos}
             attempts = {a for info in infos if (a := attempt_of(info["Labels"])) is not None}
             for service in self._table.services():

@@ -106,3 +106,18 @@ class TestDeployctl:
         assert listing.returncode == 0 and "NODE" in listing.stdout.splitlines()[0]
         assert "did not answer" in listing.stderr
         assert ctl("stop", "t-ctl-multi", nodes=nodes).returncode == 0
+
+
+class TestFlagsAnywhere:
+    """--json, --node and --token work after the subcommand too, as docker and kubectl users type."""
+
+    def test_flags_after_the_subcommand(self, node: AgentProcess) -> None:
+        after = ctl("ps", "--json", "--node", node.url)
+        before = ctl("--json", "--node", node.url, "ps")
+        assert after.returncode == 0 and before.returncode == 0, after.stderr + before.stderr
+        assert json.loads(after.stdout) == json.loads(before.stdout) == []
+
+    def test_flag_before_is_not_undone_after(self, node: AgentProcess) -> None:
+        mixed = ctl("--json", "ps", "--node", node.url)
+        assert mixed.returncode == 0, mixed.stderr
+        assert json.loads(mixed.stdout) == []

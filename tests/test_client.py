@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +21,16 @@ from deploy_agent.client import (
     CapacityError,
     ComputeNodes,
     ConflictError,
+    DeployInterrupted,
+    HealthTimeoutError,
     InvalidRequestError,
     NodeUnreachable,
     PolicyError,
+    PullStalledError,
     ServiceNotFoundError,
     StartError,
+    TooManyStreamsError,
+    error_from,
     nodes_from_env,
 )
 from tests.agent_process import AgentProcess, free_port
@@ -249,3 +257,78 @@ class TestComputeNodes:
         monkeypatch.setenv("COMPUTE_NODES", "http://a:9000, http://b:9000/")
         assert nodes_from_env() == ["http://a:9000", "http://b:9000"]
         assert ComputeNodes.from_env().urls == ["http://a:9000", "http://b:9000"]
+
+
+class TestNeverTwice:
+    """ensure() places one service on one node, whatever the node's answer does."""
+
+    def test_slow_deploy_is_never_placed_on_another_node(
+        self, two_nodes: tuple[AgentProcess, AgentProcess, str]
+    ) -> None:
+        import threading
+
+        small, big, _ = two_nodes
+        slow = manifest("t-twice", env={"DELAY": "4"})
+        first = threading.Thread(target=lambda: AgentClient(small.url).deploy(slow), daemon=True)
+        first.start()  # someone else's deploy, still waiting for health on `small`
+        with AgentClient(small.url) as agent:
+            for _ in range(200):
+                if any(s["name"] == "t-twice" for s in agent.services()):
+                    break
+                time.sleep(0.02)
+        with ComputeNodes([big.url, small.url], stall_timeout=1.0) as nodes, \
+                pytest.raises(DeployInterrupted) as caught:
+            nodes.ensure(slow)  # small answers nothing while the first deploy holds the name
+        assert caught.value.node == small.url
+        assert caught.value.body["service"]["status"] == "starting"
+        with AgentClient(big.url) as agent:
+            assert agent.services() == []  # not placed twice
+        first.join(15)
+        with ComputeNodes([big.url, small.url]) as nodes:
+            assert nodes.ensure(slow)["node"] == small.url
+
+    def test_live_but_unhealthy_service_is_redeployed_where_it_is(
+        self, two_nodes: tuple[AgentProcess, AgentProcess, str]
+    ) -> None:
+        small, big, _ = two_nodes
+        body = manifest("t-where")
+        with AgentClient(small.url) as agent:
+            agent.deploy(body)
+        subprocess.run(["docker", "exec", "tidybot-t-where", "rm", "/www/health"], check=True)
+        with AgentClient(small.url) as agent:
+            for _ in range(100):
+                if agent.service("t-where")["status"] == "unhealthy":
+                    break
+                time.sleep(0.1)
+            assert agent.service("t-where")["status"] == "unhealthy"
+        with ComputeNodes([big.url, small.url]) as nodes:
+            assert nodes.find("t-where") is None  # find() means healthy, as before
+            placed = nodes.ensure(body)  # big is emptier, but small has it: replaced there
+        assert (placed["node"], placed["already_running"]) == (small.url, False)
+        with AgentClient(big.url) as agent:
+            assert agent.services() == []
+
+
+class TestClientHygiene:
+    """No session left unclosed; errors mapped to their own types."""
+
+    def test_no_unclosed_sessions_even_without_close(self, node: AgentProcess) -> None:
+        script = (
+            "from deploy_agent.client import AgentClient, ComputeNodes\n"
+            f"print(ComputeNodes([{node.url!r}, 'http://127.0.0.1:{free_port()}']).status()[0]['reachable'])\n"
+            f"print(len(AgentClient({node.url!r}).services()))\n"
+            f"body = {{'name': 't-hygiene', 'image': {TEST_IMAGE!r}}}\n"
+            f"print(ComputeNodes([{node.url!r}]).ensure(body)['ok'])\n"
+        )
+        result = subprocess.run([sys.executable, "-X", "dev", "-W", "always", "-c", script],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["True", "0", "True"]
+        assert "Unclosed" not in result.stderr and "unclosed" not in result.stderr, result.stderr
+
+    def test_429_and_pull_stalled_have_their_types(self) -> None:
+        assert isinstance(error_from(429, {"error": "too_many_streams", "message": "m"}),
+                          TooManyStreamsError)
+        assert isinstance(error_from(504, {"error": "pull_stalled", "message": "m"}), PullStalledError)
+        assert isinstance(error_from(504, {"error": "health_timeout", "message": "m"}),
+                          HealthTimeoutError)

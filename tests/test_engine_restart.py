@@ -1,22 +1,26 @@
-"""The Docker engine stops and comes back: the agent stays up, says so, and recovers.
+"""The Docker engine stops, freezes, comes back: the agent stays up, says so, and recovers.
 
-This restarts the machine's dockerd, so it runs only where that is wanted: CI sets
+This restarts and freezes the machine's dockerd, so it runs only where that is wanted: CI sets
 DEPLOY_AGENT_TEST_ENGINE_RESTART=1 (.ci/run), and so can a developer on a disposable engine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.agent_process import AgentProcess, get_json, post_json
 from tests.conftest import TEST_IMAGE, remove_test_containers
+from tests.test_api_docker import test_containers
 from tests.test_restarts import deploy, wait_until
 
 pytestmark = [
@@ -85,6 +89,85 @@ class TestEngineOutage:
             started = time.monotonic()
             wait_until(lambda: agent.services()["t-outage"]["status"] in ("exited", "restarting"))
             assert time.monotonic() - started < 1.0  # events resubscribed
+        finally:
+            agent.close()
+            remove_test_containers()
+
+
+@contextlib.contextmanager
+def frozen(process: str) -> Iterator[None]:
+    """SIGSTOP a daemon (dockerd, containerd) for the block; it is thawed whatever happens."""
+    pid = int(subprocess.run(["pgrep", "-xo", process], capture_output=True, text=True,
+                             check=True).stdout)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def timed_post(agent: AgentProcess, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], float]:
+    started = time.monotonic()
+    status, answer = post_json(agent.url + path, body, timeout=60)
+    return status, answer, time.monotonic() - started
+
+
+class TestFrozenEngine:
+    """dockerd frozen (SIGSTOP): answers are bounded, /health tells, reads stay fast."""
+
+    def test_frozen_dockerd(self, tmp_path: Path, test_image: str) -> None:
+        remove_test_containers()
+        agent = AgentProcess(tmp_path / "state", "--engine-timeout", "5", "--stop-timeout", "1")
+        agent.start()
+        try:
+            deploy(agent, "t-frozen")
+            with frozen("dockerd"):
+                unnoticed = wait_until(lambda: get_json(agent.url + "/health")["engine"] != "reachable",
+                                       timeout=10)
+                health = get_json(agent.url + "/health")
+                assert health["status"] == "degraded" and unnoticed < 5
+                assert "engine_unreachable" in [w["code"] for w in health["warnings"]]
+                started = time.monotonic()
+                assert "t-frozen" in agent.services()  # reads come from memory
+                assert time.monotonic() - started < 0.5
+                status, answer, took = timed_post(agent, "/deploy", {"name": "t-frozen-new",
+                                                                     "image": TEST_IMAGE})
+                assert (status, answer["error"]) == (503, "engine_unavailable") and took < 15, took
+                status, answer, took = timed_post(agent, "/stop", {"name": "t-frozen"})
+                assert (status, answer["error"]) == (503, "engine_unavailable") and took < 15, took
+            wait_until(lambda: get_json(agent.url + "/health")["engine"] == "reachable", timeout=15)
+            assert get_json(agent.url + "/health")["warnings"] == []
+            assert agent.services()["t-frozen"]["status"] == "healthy"  # nothing lost
+            deploy(agent, "t-frozen-after")
+            assert post_json(agent.url + "/stop", {"name": "t-frozen"})[0] == 200
+            assert test_containers() == ["tidybot-t-frozen-after"]
+        finally:
+            agent.close()
+            remove_test_containers()
+
+    def test_start_timed_out_leaves_no_adopted_stranger(self, tmp_path: Path, test_image: str) -> None:
+        """containerd frozen: the create works, the start hangs past --engine-timeout, and on
+        thaw the engine starts the container anyway. It must be removed, never adopted."""
+        remove_test_containers()
+        agent = AgentProcess(tmp_path / "state", "--engine-timeout", "3")
+        agent.start()
+        try:
+            with frozen("containerd"):
+                status, answer, _ = timed_post(agent, "/deploy", {"name": "t-abandoned",
+                                                                  "image": TEST_IMAGE})
+                assert (status, answer["error"]) == (503, "engine_unavailable"), answer
+                assert test_containers() == ["tidybot-t-abandoned"]  # left by the engine
+                saved = json.loads((agent.state_dir / "services.json").read_text())
+                assert [entry["name"] for entry in saved["abandoned"]] == ["t-abandoned"]
+
+            def removed() -> bool:
+                assert "t-abandoned" not in agent.services()  # never adopted on the way
+                return test_containers() == []
+
+            wait_until(removed, timeout=30)
+            wait_until(lambda: json.loads(
+                (agent.state_dir / "services.json").read_text())["abandoned"] == [], timeout=10)
+            assert post_json(agent.url + "/deploy", {"name": "t-abandoned", "image": TEST_IMAGE})[0] == 200
         finally:
             agent.close()
             remove_test_containers()

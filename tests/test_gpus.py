@@ -196,7 +196,6 @@ class TestFakeGpus:
         assert env == {}
         assert requests == [{"Driver": "", "Count": 0, "DeviceIDs": ["GPU-1"],
                              "Capabilities": [["gpu"]], "Options": {}}]
-        assert "CUDA_VISIBLE_DEVICES" not in str((env, requests))
 
 
 # -- the NVML inventory against a fake pynvml that behaves like the real one ----------------
@@ -340,3 +339,6 @@ class TestRefreshWhileDeploying:
         table.adopt(Service(spec=converter.structure({"name": "second", "image": "img:1"}, DeploySpec),
                             container_id="b" * 64, host_port=28001))
         await refresh  # raised "dictionary changed size during iteration" before the fix
+        # The reading counts what the table held when it began: "first" is the agent's own.
+        first_only = GpuProcess(pid=1, used_gb=4, container_id="a" * 64)
+        assert table.gpus.foreign_gb(reading(0, used=4, processes=(first_only,))) == 0

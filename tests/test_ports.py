@@ -68,3 +68,33 @@ class TestPortAllocator:
         port = await ports.reserve(29200, set())
         ports.release(port)
         assert await ports.reserve(29200, set()) == port
+
+
+class TestOffTheLoop:
+    """bind() probes run in a thread: a slow probe never stalls the event loop."""
+
+    async def test_slow_probes_leave_the_loop_free(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import asyncio
+        import time
+
+        from deploy_agent import ports as ports_module
+
+        def slow_probe(port: int) -> bool:
+            time.sleep(0.1)  # a probe stuck in the kernel, say
+            return port < 29205  # the first five are taken
+
+        monkeypatch.setattr(ports_module, "bound_on_host", slow_probe)
+        loop = asyncio.get_running_loop()
+        gaps: list[float] = []
+
+        async def tick() -> None:
+            while True:
+                before = loop.time()
+                await asyncio.sleep(0.01)
+                gaps.append(loop.time() - before)
+
+        ticker = asyncio.create_task(tick())
+        port = await PortAllocator((29200, 29210)).reserve(29200, set())
+        ticker.cancel()
+        assert port == 29205
+        assert max(gaps) < 0.08, max(gaps)  # on the loop, each probe would stall it 0.1 s

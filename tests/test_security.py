@@ -51,6 +51,14 @@ class TestBearerToken:
         assert response.status == 401
         assert (await response.json())["error"] == "unauthorized"
         assert response.headers["WWW-Authenticate"] == "Bearer"
+
+    @pytest.mark.docker
+    async def test_refused_deploy_creates_nothing(self, aiohttp_client: Any, tmp_path: Path,
+                                                  test_image: str) -> None:
+        remove_test_containers()
+        client = await aiohttp_client(create_app(make_config(tmp_path, token=TOKEN)))
+        response = await client.post("/deploy", json={"name": "t-x", "image": TEST_IMAGE})
+        assert response.status == 401
         assert test_containers() == []
 
     async def test_health_is_open(self, aiohttp_client: Any, tmp_path: Path) -> None:

@@ -1,0 +1,186 @@
+"""The deploy flow's bookkeeping when the engine misbehaves, with a stand-in engine.
+
+What crosses into Docker is tested against the real engine elsewhere; these tests drive
+the engine into failures it won't produce on cue (a removal that fails mid-rollback, a
+create whose outcome is unknown) and check that nothing leaks and nothing is hidden.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+from unittest.mock import AsyncMock, MagicMock
+
+import pytest
+
+from deploy_agent.convert import make_converter, parse_deploy_request
+from deploy_agent.deployer import Deployer
+from deploy_agent.engine import Engine
+from deploy_agent.errors import AgentError, EngineError, EngineUnavailable
+from deploy_agent.gpus import FakeGpus, GpuPool
+from deploy_agent.ports import PortAllocator
+from deploy_agent.probe import HealthProbe
+from deploy_agent.state import StateFile
+from deploy_agent.table import ServiceTable
+from tests.conftest import make_config
+
+CONVERTER = make_converter()
+PORTS = (29400, 29409)
+
+
+async def never_exits(container_id: str) -> int:
+    await asyncio.sleep(3600)
+    return 0
+
+
+def stand_in_engine(**overrides: Any) -> Any:
+    """An Engine whose calls succeed at once unless a test overrides them."""
+    engine = MagicMock(spec=Engine)
+    engine.inspect = AsyncMock(return_value=None)
+    engine.has_image = AsyncMock(return_value=True)
+    engine.published_ports = AsyncMock(return_value=set())
+    engine.create = AsyncMock(return_value="c" * 64)
+    engine.start = AsyncMock(return_value=None)
+    engine.wait_exit = AsyncMock(side_effect=never_exits)
+    engine.logs_tail = AsyncMock(return_value=["last line"])
+    engine.remove = AsyncMock(return_value=None)
+    for name, value in overrides.items():
+        setattr(engine, name, value)
+    return engine
+
+
+async def deployer_with(engine: Any, tmp_path: Path, healthy: bool = True) -> tuple[Deployer, ServiceTable]:
+    gpus = GpuPool(FakeGpus("RTX 4090:24"))
+    await gpus.refresh(frozenset())
+    table = ServiceTable(PortAllocator(PORTS), gpus, StateFile(tmp_path, CONVERTER))
+    probe = MagicMock(spec=HealthProbe)
+    probe.healthy = AsyncMock(return_value=healthy)
+    config = make_config(tmp_path, port_range=PORTS)
+    return Deployer(config, engine, probe, table, CONVERTER), table
+
+
+def request(name: str = "svc", **body: Any) -> Any:
+    return parse_deploy_request(CONVERTER, {"name": name, "image": "img:1", "port": PORTS[0],
+                                            "gpu": True, "vram_gb": 20, "ready_timeout": 1, **body})
+
+
+async def assert_everything_released(table: ServiceTable) -> None:
+    assert table.services() == []
+    assert await table.reserve_port(PORTS[0], set()) == PORTS[0]
+    assert table.reserve_gpu("probe", 24).index == 0
+
+
+class TestRollback:
+    """Whatever fails during a rollback, reservations come back and the cause is kept."""
+
+    async def test_failed_removal_keeps_the_original_error(self, tmp_path: Path) -> None:
+        engine = stand_in_engine(
+            wait_exit=AsyncMock(return_value=3),  # the service crashes at once: 502
+            remove=AsyncMock(side_effect=EngineError("Docker refused to remove the container")))
+        deployer, table = await deployer_with(engine, tmp_path, healthy=False)
+        with pytest.raises(AgentError) as caught:
+            await deployer.deploy(request())
+        assert (caught.value.status, caught.value.code) == (502, "container_exited")
+        assert caught.value.extra["exit_code"] == 3
+        await assert_everything_released(table)
+        await table.persist()
+        saved = json.loads((tmp_path / "services.json").read_text())
+        assert [entry["name"] for entry in saved["abandoned"]] == ["svc"]
+
+    async def test_create_that_timed_out_is_abandoned_not_forgotten(self, tmp_path: Path) -> None:
+        engine = stand_in_engine(create=AsyncMock(side_effect=EngineUnavailable("timed out")))
+        deployer, table = await deployer_with(engine, tmp_path)
+        with pytest.raises(EngineUnavailable):
+            await deployer.deploy(request())
+        await assert_everything_released(table)
+        labels = engine.create.call_args.args[1]["Labels"]
+        assert table.is_abandoned(labels["tidybot.attempt"])  # removed when the engine is back
+        engine.remove.assert_not_called()
+
+    async def test_engine_away_during_start_is_not_waited_on(self, tmp_path: Path) -> None:
+        engine = stand_in_engine(start=AsyncMock(side_effect=EngineUnavailable("timed out")))
+        deployer, table = await deployer_with(engine, tmp_path)
+        with pytest.raises(EngineUnavailable):
+            await deployer.deploy(request())
+        engine.remove.assert_not_called()  # it would only wait out another time-out
+        await assert_everything_released(table)
+        assert table.is_abandoned(engine.create.call_args.args[1]["Labels"]["tidybot.attempt"])
+
+    async def test_state_write_failure_keeps_the_deploy_and_its_gpu(self, tmp_path: Path) -> None:
+        deployer, table = await deployer_with(stand_in_engine(), tmp_path)
+        (tmp_path / ".services.json.tmp").mkdir()  # services.json can't be written
+        outcome = await deployer.deploy(request())
+        assert outcome.service.status == "healthy" and table.state_error is not None
+        assert table.gpus.views()[0].vram_reserved_gb == 20  # still held: no over-commit
+
+
+class TestOwnedDeploys:
+    """A deploy whose caller leaves runs on; close() rolls back what is still in flight."""
+
+    async def test_caller_cancelled_deploy_goes_on(self, tmp_path: Path) -> None:
+        deployer, table = await deployer_with(stand_in_engine(), tmp_path)
+        caller = asyncio.create_task(deployer.deploy(request()))
+        await asyncio.sleep(0)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        for _ in range(100):
+            if table.get("svc") is not None and table.get("svc").status == "healthy":  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.01)
+        assert table.get("svc") is not None and table.get("svc").status == "healthy"  # type: ignore[union-attr]
+
+    async def test_close_rolls_back_deploys_in_flight(self, tmp_path: Path) -> None:
+        engine = stand_in_engine()
+        deployer, table = await deployer_with(engine, tmp_path, healthy=False)
+        caller = asyncio.create_task(deployer.deploy(request(ready_timeout=60)))
+        for _ in range(100):
+            if engine.start.await_count:
+                break
+            await asyncio.sleep(0.01)
+        await deployer.close()
+        engine.remove.assert_awaited_once_with("c" * 64)
+        await assert_everything_released(table)
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+
+
+class TestOffTheLoop:
+    """Resolving host paths touches the file system: it never stalls the event loop."""
+
+    async def test_host_paths_resolve_in_a_thread(self, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        import os
+        import time
+
+        from deploy_agent import policy
+
+        real_realpath = os.path.realpath
+
+        def slow_realpath(path: Any, **kwargs: Any) -> Any:
+            time.sleep(0.2)  # a host path on a hung NFS mount, say
+            return real_realpath(path, **kwargs)
+
+        monkeypatch.setattr(policy.os.path, "realpath", slow_realpath)
+        gpus = GpuPool(FakeGpus("RTX 4090:24"))
+        await gpus.refresh(frozenset())
+        table = ServiceTable(PortAllocator(PORTS), gpus, StateFile(tmp_path, CONVERTER))
+        probe = MagicMock(spec=HealthProbe)
+        probe.healthy = AsyncMock(return_value=True)
+        config = make_config(tmp_path, port_range=PORTS, allow_host_paths=(tmp_path,))
+        deployer = Deployer(config, stand_in_engine(), probe, table, CONVERTER)
+        loop = asyncio.get_running_loop()
+        gaps: list[float] = []
+
+        async def tick() -> None:
+            while True:
+                before = loop.time()
+                await asyncio.sleep(0.01)
+                gaps.append(loop.time() - before)
+
+        ticker = asyncio.create_task(tick())
+        await deployer.deploy(request(gpu=False, vram_gb=0, volumes=[f"{tmp_path}:/data"]))
+        ticker.cancel()
+        assert max(gaps) < 0.1, max(gaps)

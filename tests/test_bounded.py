@@ -103,12 +103,17 @@ class TestFollows:
                 started = time.monotonic()
                 get_json(agent.url + "/services")
                 listing.append(time.monotonic() - started)
+            started = time.monotonic()
+            with urllib.request.urlopen(agent.url + "/services/t-quiet/logs?tail=5", timeout=10):
+                pass
+            tail_s = time.monotonic() - started
         finally:
             for sock, _, _ in follows:
                 sock.close()  # 150 clients that crash while tailing
 
         assert during < max(5.0, 3 * baseline), (during, baseline)
         assert max(listing) < 0.5, max(listing)
+        assert tail_s < 2, tail_s
         # Abandoned: every follow notices within a moment, and gives its engine connection back.
         assert wait_until(lambda: metric(agent, "deploy_agent_streams_open") == 0, timeout=5) < 2
         after = timed_deploy(agent, "t-after")

@@ -64,7 +64,7 @@ class Agent:
 
     def spawn(self) -> float:
         self.process = subprocess.Popen(
-            [shutil.which("deploy-agent") or "deploy-agent", "--host", "127.0.0.1",
+            [str(Path(sys.executable).parent / "deploy-agent"), "--host", "127.0.0.1",
              "--port", str(self.port), "--state-dir", str(self.state), "--advertise-host", "127.0.0.1",
              "--port-range", self.port_range, "--instance", self.instance,
              "--resync-interval", str(self.resync), "--log-level", "WARNING"],
@@ -126,8 +126,9 @@ class Bench:
     async def _floor_start(self, docker: aiodocker.Docker, session: aiohttp.ClientSession, name: str,
                            host_port: int, env: dict[str, str] | None) -> tuple[float, Any]:
         spec = self.converter.structure({"name": name, "image": IMAGE, "env": env or {}}, DeploySpec)
-        config = container_config(IMAGE, 8000, host_port, dict(spec.env), (), None,
-                                  labels_for(self.converter, spec, host_port, None, "bench-floor"))
+        config = container_config(spec, host_port=host_port, env=dict(spec.env), device_requests=[],
+                                  labels=labels_for(self.converter, spec, host_port, None,
+                                                    "bench-floor", "floor"))
         started = time.perf_counter()
         container = await docker.containers.create(config, name=f"bench-floor-{name}")
         await container.start()
@@ -228,8 +229,9 @@ class Bench:
         async def one(i: int) -> None:
             spec = self.converter.structure({"name": f"bench-{i}", "image": IMAGE}, DeploySpec)
             port = first_port + i
-            config = container_config(IMAGE, 8000, port, {}, (), None,
-                                      labels_for(self.converter, spec, port, None, instance))
+            config = container_config(spec, host_port=port, env={}, device_requests=[],
+                                      labels=labels_for(self.converter, spec, port, None, instance,
+                                                        f"bench-{i}"))
             async with semaphore:
                 container = await docker.containers.create(config, name=f"bench-{instance}-{i}")
                 await container.start()

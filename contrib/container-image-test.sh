@@ -48,23 +48,36 @@ docker build -q -f "$work/context/Containerfile" --build-arg "BASE=$BASE" -t "$I
 tests/images/build.sh >/dev/null 2>&1
 
 step "running the agent container with the Docker socket mounted"
-# Host networking keeps every health check on 127.0.0.1 (see README, "In a container").
-docker run -d --name "$AGENT" --network host \
+# As the README runs it: host networking (every health check stays on 127.0.0.1), the
+# host's PID namespace (so GPU processes map to containers), listening on all addresses,
+# so the agent makes its token in the mounted state dir. The test talks to 127.0.0.1 only.
+docker run -d --name "$AGENT" --network host --pid host \
   -v /var/run/docker.sock:/var/run/docker.sock -v "$work/state:/var/lib/deploy-agent" \
-  "$IMAGE" --host 127.0.0.1 --port "$PORT" --advertise-host 127.0.0.1 \
+  "$IMAGE" --port "$PORT" --advertise-host 127.0.0.1 \
   --port-range 28950-28999 --instance "$INSTANCE" >/dev/null
 for _ in $(seq 100); do curl -sf "$URL/health" >/dev/null && break; sleep 0.2; done
 curl -sf "$URL/health" | grep -Eq '"engine": ?"reachable"' \
   || { docker logs "$AGENT"; echo "agent container did not come up"; exit 1; }
+curl -sf "$URL/health" | grep -Eq '"auth": ?"token"' || { echo "auth is not on"; exit 1; }
+
+step "finding its token as an operator would, and being refused without it"
+token=$(docker exec "$AGENT" deploy-agent token)
+[ "$token" = "$(cat "$work/state/token")" ] || { echo "deploy-agent token disagrees with the file"; exit 1; }
+[ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/services")" = 401 ] || { echo "open without a token"; exit 1; }
+docker logs "$AGENT" 2>&1 | grep -qF "$token" && { echo "the token is in the log"; exit 1; }
+auth=(-H "Authorization: Bearer $token")
 
 step "deploying a service through it"
-answer=$(curl -s "$URL/deploy" -d '{"name": "t-container", "image": "deploy-agent-test/httpd:1"}')
+answer=$(curl -s "${auth[@]}" "$URL/deploy" -d '{"name": "t-container", "image": "deploy-agent-test/httpd:1"}')
 echo "$answer" | grep -Eq '"status": ?"healthy"' || { echo "$answer"; docker logs "$AGENT"; exit 1; }
 host=$(echo "$answer" | sed 's/.*"host": *"\([^"]*\)".*/\1/')
 curl -sf "$host/health" >/dev/null
 [ -s "$work/state/services.json" ] || { echo "no services.json in the mounted state dir"; exit 1; }
+sleep 2  # a resync or two: the PID-namespace check has looked at the running service
+curl -sf "$URL/health" | grep -Eq '"warnings": ?\[\]' \
+  || { curl -s "$URL/health"; echo "warnings with --pid host"; exit 1; }
 
 step "stopping it"
-curl -sf "$URL/stop" -d '{"name": "t-container"}' | grep -Eq '"ok": ?true'
+curl -sf "${auth[@]}" "$URL/stop" -d '{"name": "t-container"}' | grep -Eq '"ok": ?true'
 [ -z "$(docker ps -aq --filter name=^/tidybot-t-container$)" ] || { echo "service container left"; exit 1; }
 step "OK"

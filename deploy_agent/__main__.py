@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -14,9 +15,10 @@ from collections.abc import Sequence
 from aiohttp import http_exceptions, web
 
 from deploy_agent.app import create_app
-from deploy_agent.auth import warn_if_open
-from deploy_agent.config import Config, parse_config
+from deploy_agent.auth import settle_auth
+from deploy_agent.config import Config, config_from, parse_args
 from deploy_agent.systemd import notify
+from deploy_agent.tokens import TOKEN_FILE, TokenError, read_token_file
 
 _LOGGER = logging.getLogger("deploy_agent")
 
@@ -31,7 +33,10 @@ class QuietMalformedRequests(logging.Filter):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_config(argv)
+    args = parse_args(argv)
+    if args.command == "token":
+        return print_token(args)
+    config = config_from(args, os.environ)
     logging.basicConfig(
         level=config.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -44,10 +49,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{err.strerror}") from None
     if not os.access(config.state_dir, os.W_OK):
         raise SystemExit(f"deploy-agent: state dir {config.state_dir} is not writable")
-    warn_if_open(config.host, config.port, config.token)
+    config = settle_auth(config)
     raise_open_files_limit()
     asyncio.run(serve(config))
     _LOGGER.info("Stopped; services keep running")
+    return 0
+
+
+def print_token(args: argparse.Namespace) -> int:
+    """`deploy-agent token`: the token callers need, on stdout, nothing else."""
+    path = args.token_file or args.state_dir / TOKEN_FILE
+    try:
+        sys.stdout.write(read_token_file(path) + "\n")
+    except TokenError as err:
+        hint = "" if args.token_file else (
+            "; the agent makes it on its first start beyond loopback (not with --no-auth)")
+        raise SystemExit(f"deploy-agent: {err}{hint}") from None
     return 0
 
 

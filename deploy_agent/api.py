@@ -129,6 +129,7 @@ async def health(request: web.Request) -> web.Response:
         services_running=running,
         engine="reachable" if reachable else "unreachable",
         version=__version__,
+        auth=request.app[CONFIG_KEY].auth,
         warnings=health_warnings(request.app),
     ))
 
@@ -145,7 +146,7 @@ def health_warnings(app: web.Application) -> list[HealthWarning]:
         warnings.append(HealthWarning(
             "state_not_writable", f"services.json cannot be written ({state_error}); retrying. "
             "Services keep running and their containers' labels still record them."))
-    return warnings
+    return warnings + app[RECONCILER_KEY].host_view.warnings()
 
 
 async def list_services(request: web.Request) -> web.Response:

@@ -30,6 +30,7 @@ from deploy_agent.convert import make_converter
 from deploy_agent.deployer import Deployer
 from deploy_agent.engine import Engine, close_docker, open_docker
 from deploy_agent.gpus import GpuInventory, GpuPool, open_inventory
+from deploy_agent.hostview import HostView
 from deploy_agent.metrics import AgentMetrics
 from deploy_agent.ports import PortAllocator
 from deploy_agent.probe import HealthProbe
@@ -90,7 +91,8 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         table = ServiceTable(PortAllocator(config.port_range), app[GPUS_KEY], state_file)
         deployer = Deployer(config, app[ENGINE_KEY], probe, table, converter)
         reconciler = Reconciler(table, app[ENGINE_KEY], probe, state_file, converter,
-                                config.resync_interval_s, config.instance)
+                                config.resync_interval_s, config.instance, HostView(),
+                                config.allow_host_paths)
         supervisor = Supervisor()
         app[TABLE_KEY] = table
         app[DEPLOYER_KEY] = deployer

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 
+import attrs
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from deploy_agent.config import Config
 from deploy_agent.errors import Unauthorized
+from deploy_agent.tokens import TOKEN_FILE, TokenError, is_loopback, load_or_create
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -27,28 +29,37 @@ def auth_middleware(token: str) -> Middleware:
             # compare_digest: the time taken must not tell how much of the token was right.
             if scheme.lower() != "bearer" or not hmac.compare_digest(offered.strip().encode(), expected):
                 raise Unauthorized(
-                    "This agent needs 'Authorization: Bearer <token>' (see --token-file); "
-                    "the request had no token or a wrong one."
+                    "This agent needs 'Authorization: Bearer <token>'; the request had no token "
+                    "or a wrong one. On the node, `deploy-agent token` prints it."
                 )
         return await handler(request)
 
     return check_token
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def settle_auth(config: Config) -> Config:
+    """Decide whether requests need a token, making one if the agent listens beyond loopback.
+
+    A configured token always applies. Beyond loopback without one, the agent uses the
+    token in STATE_DIR/token, made on first start; --no-auth is the only way to run open
+    there. A loopback-only agent stays open unless a token is configured.
+    """
+    if config.token is not None:
+        return config
+    if config.no_auth:
+        if not is_loopback(config.host):
+            _LOGGER.warning(
+                "NO AUTHENTICATION (--no-auth): anyone who can reach %s:%s can run containers on "
+                "this node, which means root on it.", config.host, config.port)
+        return config
+    if is_loopback(config.host):
+        return config
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def warn_if_open(host: str, port: int, token: str | None) -> None:
-    """Say loudly that anyone on the network can deploy when there is no token."""
-    if token is None and not is_loopback(host):
-        _LOGGER.warning(
-            "NO AUTHENTICATION: anyone who can reach %s:%s can deploy containers on this node, "
-            "which means root on it. Set --token-file or DEPLOY_AGENT_TOKEN, or listen on "
-            "127.0.0.1.", host, port,
-        )
+        token, made = load_or_create(config.state_dir)
+    except (OSError, TokenError) as err:
+        raise SystemExit(f"deploy-agent: cannot use the token in {config.state_dir / TOKEN_FILE}: "
+                         f"{getattr(err, 'strerror', None) or err}") from None
+    _LOGGER.info("Authentication is on: requests need the bearer token %s %s; "
+                 "`deploy-agent token` prints it for DEPLOY_AGENT_TOKEN on callers",
+                 "made and kept in" if made else "kept in", config.state_dir / TOKEN_FILE)
+    return attrs.evolve(config, token=token)

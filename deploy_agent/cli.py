@@ -33,13 +33,16 @@ from deploy_agent.client import (
 
 
 def add_global_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
-    """--node, --token, --json: before the subcommand, or after it as docker and kubectl take
+    """--node, --token, --token-file, --json: before the subcommand, or after it as docker and kubectl take
     them. After it, no defaults, so a flag given before is not overwritten by one unsaid."""
     unset: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
     parser.add_argument("--node", action="append", metavar="URL", **unset,
                         help="agent to talk to (repeatable; default: COMPUTE_NODES, else "
                         f"{DEFAULT_NODE})")
-    parser.add_argument("--token", **unset, help="bearer token (default: DEPLOY_AGENT_TOKEN)")
+    parser.add_argument("--token", **unset, help="bearer token for every node (default: "
+                        "DEPLOY_AGENT_TOKEN; for a loopback node, the local agent's own)")
+    parser.add_argument("--token-file", **unset, metavar="PATH",
+                        help="file holding the bearer token (default: DEPLOY_AGENT_TOKEN_FILE)")
     parser.add_argument("--json", action="store_true", **unset, help="print JSON instead of tables")
 
 
@@ -76,7 +79,8 @@ class Ctl:
         # Piped output keeps every column whole instead of fitting an 80-column guess.
         self.out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 250)
         self.err = Console(stderr=True)
-        self.nodes = AsyncComputeNodes(args.node or nodes_from_env() or [DEFAULT_NODE], args.token)
+        self.nodes = AsyncComputeNodes(args.node or nodes_from_env() or [DEFAULT_NODE], args.token,
+                                       token_file=args.token_file)
 
     def print_json(self, value: Any) -> None:
         sys.stdout.write(json.dumps(value, indent=2) + "\n")
@@ -288,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(run(args))
-    except (OSError, ValueError) as err:  # unreadable or malformed manifest file
+    except (OSError, ValueError) as err:  # unreadable manifest or token file, malformed manifest
         sys.stderr.write(f"deployctl: {err}\n")
         return 2
     except KeyboardInterrupt:

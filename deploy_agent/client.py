@@ -10,7 +10,9 @@ For plain scripts::
 
 For asyncio code, AsyncAgentClient and AsyncComputeNodes have the same methods, awaited.
 Failures raise AgentRequestError subclasses carrying the agent's code, status and message.
-The token comes from the `token` argument or DEPLOY_AGENT_TOKEN.
+The token comes from `token`, `token_file`, DEPLOY_AGENT_TOKEN or DEPLOY_AGENT_TOKEN_FILE, and
+is sent to every node; with none of them, a loopback URL gets the local agent's token from
+its state dir (never another host).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import aiohttp
 import yaml
 
 from deploy_agent import errors
+from deploy_agent.tokens import token_for
 
 T = TypeVar("T")
 Manifest = Mapping[str, Any] | str | Path
@@ -168,9 +171,10 @@ class AsyncAgentClient:
     """
 
     def __init__(self, url: str = DEFAULT_NODE, token: str | None = None, timeout: float = 300.0,
-                 session: aiohttp.ClientSession | None = None, stall_timeout: float = 150.0) -> None:
+                 session: aiohttp.ClientSession | None = None, stall_timeout: float = 150.0,
+                 token_file: str | Path | None = None) -> None:
         self.url = url.rstrip("/")
-        token = token if token is not None else os.environ.get("DEPLOY_AGENT_TOKEN")
+        token = token_for(self.url, token, token_file, os.environ)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._stall_timeout = stall_timeout
@@ -367,8 +371,9 @@ class AgentClient:
     """One agent, from synchronous code: the same methods as AsyncAgentClient, not awaited."""
 
     def __init__(self, url: str = DEFAULT_NODE, token: str | None = None, timeout: float = 300.0,
-                 stall_timeout: float = 150.0) -> None:
-        self._async = AsyncAgentClient(url, token, timeout, stall_timeout=stall_timeout)
+                 stall_timeout: float = 150.0, token_file: str | Path | None = None) -> None:
+        self._async = AsyncAgentClient(url, token, timeout, stall_timeout=stall_timeout,
+                                       token_file=token_file)
         self._runner = _SyncRunner(self._async.close)
         self.url = self._async.url
 
@@ -440,11 +445,12 @@ class AsyncComputeNodes:
     """Several agents: find a service, or deploy it where it fits best. Dead nodes are skipped."""
 
     def __init__(self, urls: list[str], token: str | None = None, probe_timeout: float = 2.0,
-                 stall_timeout: float = 150.0) -> None:
+                 stall_timeout: float = 150.0, token_file: str | Path | None = None) -> None:
         if not urls:
             raise ValueError("no compute nodes: set COMPUTE_NODES=http://host:9000,... "
                              "or run the agents with --mdns")
-        self._clients = [AsyncAgentClient(url, token, stall_timeout=stall_timeout) for url in urls]
+        self._clients = [AsyncAgentClient(url, token, stall_timeout=stall_timeout,
+                                          token_file=token_file) for url in urls]
         self._probe_timeout = probe_timeout
 
     @classmethod
@@ -575,8 +581,8 @@ class ComputeNodes:
     """Several agents from synchronous code: find, ensure, status."""
 
     def __init__(self, urls: list[str], token: str | None = None, probe_timeout: float = 2.0,
-                 stall_timeout: float = 150.0) -> None:
-        self._async = AsyncComputeNodes(urls, token, probe_timeout, stall_timeout)
+                 stall_timeout: float = 150.0, token_file: str | Path | None = None) -> None:
+        self._async = AsyncComputeNodes(urls, token, probe_timeout, stall_timeout, token_file)
         self._runner = _SyncRunner(self._async.close)
 
     @classmethod

@@ -9,21 +9,15 @@ import re
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import attrs
 
 from deploy_agent.gpus import parse_fake_gpus
+from deploy_agent.tokens import TokenError, default_state_dir, read_token_file
 
 ENV_PREFIX = "DEPLOY_AGENT_"
 MIB = 1024 * 1024
-
-
-def default_state_dir(environ: Mapping[str, str]) -> Path:
-    """/var/lib/deploy-agent for root, else $XDG_STATE_HOME/deploy-agent."""
-    if os.geteuid() == 0:
-        return Path("/var/lib/deploy-agent")
-    xdg = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg) / "deploy-agent"
 
 
 def detect_primary_address() -> str:
@@ -79,6 +73,14 @@ class Config:
     engine_timeout_s: float = 30.0
     pull_stall_timeout_s: float = 120.0
     max_streams: int = 256
+    no_auth: bool = False
+    service_pids_limit: int = 4096
+    publish_host: str = ""  # all addresses
+
+    @property
+    def auth(self) -> Literal["token", "off"]:
+        """"token" when requests must carry the bearer token, else "off"."""
+        return "off" if self.token is None else "token"
 
 
 def _env(environ: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -116,9 +118,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="upper bound on a deploy's ready_timeout in seconds (default: %(default)s)")
     add("--stop-timeout", type=int, default=_env(environ, "stop_timeout", "10"),
         help="seconds a service gets to exit on stop before it is killed (default: %(default)s)")
-    add("--health-host", default=_env(environ, "health_host", "127.0.0.1"),
+    add("--health-host", default=_env(environ, "health_host"),
         help="address the agent reaches published service ports on for health checks "
-        "(default: %(default)s)")
+        "(default: the --publish-host address when one is set, else 127.0.0.1)")
     add("--resync-interval", type=float, default=_env(environ, "resync_interval", "5"),
         metavar="SECONDS", help="how often every service is re-checked and health-probed "
         "(default: %(default)s)")
@@ -127,14 +129,23 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "before it is rolled back (default: %(default)s)")
     add("--token-file", type=Path, default=_env(environ, "token_file"), metavar="PATH",
         help="file holding the bearer token every request but GET /health must carry; "
-        "or set the token itself in DEPLOY_AGENT_TOKEN (default: no authentication)")
+        "or set the token itself in DEPLOY_AGENT_TOKEN (default: on loopback none; beyond "
+        "it, a token made on first start in STATE_DIR/token)")
+    add("--no-auth", action="store_true", default=_flag(environ, "no_auth"),
+        help="serve without a token even beyond loopback: anyone who reaches the port can "
+        "run containers on this node")
+    add("--publish-host", default=_env(environ, "publish_host", ""), metavar="ADDRESS",
+        help="address service ports are published on (default: all); pinned to one, it is "
+        "also the default --health-host and --advertise-host")
+    add("--service-pids-limit", type=int, default=_env(environ, "service_pids_limit", "4096"),
+        metavar="N", help="processes each service container may run (default: %(default)s)")
     add("--allow-image", action="append", default=None, metavar="PATTERN",
         help="only deploy images whose full reference matches this glob, e.g. "
         "'registry.lab:5000/*' (repeatable; env: comma-separated; default: any image)")
     add("--instance", default=_env(environ, "instance", "default"), type=_instance_name,
         help="name of this agent on its Docker engine; several agents sharing one engine "
         "(development, tests) each manage only their own containers (default: %(default)s)")
-    add("--mdns", action="store_true", default=(_env(environ, "mdns", "") or "").lower() in ("1", "true"),
+    add("--mdns", action="store_true", default=_flag(environ, "mdns"),
         help="advertise this agent as _tidybot-compute._tcp over mDNS (needs the 'mdns' extra)")
     add("--engine-timeout", type=_positive, default=_env(environ, "engine_timeout", "30"),
         metavar="SECONDS", help="bound on each Docker control call (create, start, inspect, "
@@ -149,7 +160,21 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--fake-gpus", type=_fake_gpus, default=_env(environ, "fake_gpus"), metavar="NAME:GB,...",
         help="simulate GPUs for development and tests, e.g. 'RTX 4090:24,RTX 4090:24': placement "
         "and accounting are real, containers get NVIDIA_VISIBLE_DEVICES and no device")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     title="commands (without one, the agent serves its API)")
+    token = commands.add_parser(
+        "token", help="print the token callers need, for DEPLOY_AGENT_TOKEN on their side",
+        description="Print the bearer token of this node's agent: --token-file's, else "
+        "STATE_DIR/token (made by the agent on its first start beyond loopback).")
+    token.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS,
+                       help="the agent's state dir (default: as for the agent)")
+    token.add_argument("--token-file", type=Path, default=argparse.SUPPRESS, metavar="PATH",
+                       help="the agent's --token-file, when it has one")
     return parser
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return (_env(environ, name, "") or "").lower() in ("1", "true", "yes")
 
 
 def _positive(text: str) -> float:
@@ -176,28 +201,42 @@ def _fake_gpus(text: str) -> str:
     return text
 
 
+def parse_args(argv: Sequence[str] | None = None,
+               environ: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """The command line, with DEPLOY_AGENT_* fallbacks; `command` is None for serving."""
+    return build_parser(os.environ if environ is None else environ).parse_args(argv)
+
+
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Build the Config from flags, falling back to the environment, then defaults."""
     environ = os.environ if environ is None else environ
-    args = build_parser(environ).parse_args(argv)
+    return config_from(parse_args(argv, environ), environ)
+
+
+def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     allow = args.allow_host_path
     if allow is None:
         allow = [Path(p) for p in (_env(environ, "allow_host_path") or "").split(":") if p]
     images = args.allow_image
     if images is None:
         images = [p.strip() for p in (_env(environ, "allow_image") or "").split(",") if p.strip()]
+    pinned = args.publish_host if args.publish_host not in ("", "0.0.0.0", "::") else None
+    token = read_token(args.token_file, _env(environ, "token"))
+    if token is not None and args.no_auth:
+        raise SystemExit("deploy-agent: --no-auth and a token (--token-file or DEPLOY_AGENT_TOKEN) "
+                         "contradict each other; drop one")
     return Config(
         host=args.host,
         port=args.port,
         state_dir=args.state_dir,
-        advertise_host=args.advertise_host or detect_primary_address(),
+        advertise_host=args.advertise_host or pinned or detect_primary_address(),
         port_range=args.port_range,
         docker_host=args.docker_host,
         log_level=args.log_level,
         allow_host_paths=tuple(p.resolve() for p in allow),
         max_ready_timeout=args.max_ready_timeout,
         stop_timeout=args.stop_timeout,
-        health_host=args.health_host,
+        health_host=args.health_host or pinned or "127.0.0.1",
         fake_gpus=args.fake_gpus or None,
         resync_interval_s=args.resync_interval,
         shutdown_timeout_s=args.shutdown_timeout,
@@ -207,7 +246,10 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         engine_timeout_s=args.engine_timeout,
         pull_stall_timeout_s=args.pull_stall_timeout,
         max_streams=args.max_streams,
-        token=read_token(args.token_file, _env(environ, "token")),
+        no_auth=args.no_auth,
+        service_pids_limit=args.service_pids_limit,
+        publish_host=args.publish_host,
+        token=token,
     )
 
 
@@ -215,10 +257,7 @@ def read_token(token_file: Path | None, token_env: str | None) -> str | None:
     """The bearer token from --token-file, else DEPLOY_AGENT_TOKEN; None when neither is set."""
     if token_file is not None:
         try:
-            token = token_file.read_text().strip()
-        except OSError as err:
-            raise SystemExit(f"deploy-agent: cannot read token file {token_file}: {err.strerror}") from None
-        if not token:
-            raise SystemExit(f"deploy-agent: token file {token_file} is empty")
-        return token
+            return read_token_file(token_file)
+        except TokenError as err:
+            raise SystemExit(f"deploy-agent: {err}") from None
     return token_env.strip() or None if token_env else None

@@ -24,6 +24,7 @@ from deploy_agent.models import (
     HealthPath,
     ImageRef,
     JSONObject,
+    MemoryGb,
     Port,
     ReadyTimeout,
     ServiceName,
@@ -47,7 +48,8 @@ ENV_KEY_RE = re.compile(r"^[^=\x00]+$")
 MANIFEST_REQUIRES = {"gpu": "gpu", "vram_gb": "vram_gb", "ram_gb": None}
 MANIFEST_DEPLOY = {
     "image": "image", "port": "port", "env": "env", "volumes": "volumes", "health": "health",
-    "ready_timeout": "ready_timeout", "command": "command", "runtime": None,
+    "ready_timeout": "ready_timeout", "command": "command", "memory_gb": "memory_gb",
+    "runtime": None,
 }
 MANIFEST_TOP = {"name", "version", "description", "client", "requires", "deploy", "replace"}
 
@@ -111,6 +113,13 @@ def _vram_gb(value: Any, _: Any) -> VramGb:
     if vram < 0:
         raise FieldError("must be 0 or more")
     return VramGb(vram)
+
+
+def _memory_gb(value: Any, _: Any) -> MemoryGb:
+    memory = _strict_float(value, _)
+    if memory <= 0:
+        raise FieldError("must be more than 0 (GB of memory the service may use)")
+    return MemoryGb(memory)
 
 
 def _health_path(value: Any, _: Any) -> HealthPath:
@@ -195,7 +204,8 @@ def make_converter() -> cattrs.Converter:
         converter.register_structure_hook(simple, hook)
     rules: tuple[tuple[Any, Callable[[Any, Any], Any]], ...] = (
         (ServiceName, _service_name), (ImageRef, _image_ref), (Port, _port),
-        (VramGb, _vram_gb), (HealthPath, _health_path), (ReadyTimeout, _ready_timeout),
+        (VramGb, _vram_gb), (MemoryGb, _memory_gb), (HealthPath, _health_path),
+        (ReadyTimeout, _ready_timeout),
         (EnvMap, _env_map), (VolumeList, _volume_list), (Command, _command),
     )
     for newtype, rule in rules:

@@ -177,8 +177,10 @@ class Deployer:
             gpu_env, device_requests = self._table.gpus.handoff(assignment) if assignment else ({}, [])
             labels = labels_for(self._converter, spec, host_port, gpu, self._config.instance,
                                 attempt.id)
-            config = container_config(spec.image, spec.port, host_port, {**spec.env, **gpu_env},
-                                      tuple(spec.volumes), spec.command, labels, device_requests)
+            config = container_config(spec, host_port=host_port, env={**spec.env, **gpu_env},
+                                      labels=labels, device_requests=device_requests,
+                                      publish_host=self._config.publish_host,
+                                      pids_limit=self._config.service_pids_limit)
             try:
                 container_id = await self._engine.create(spec.container_name, config)
             except EngineUnavailable:

@@ -28,7 +28,7 @@ from deploy_agent.errors import (
     PortTaken,
     PullStalled,
 )
-from deploy_agent.models import JSONObject
+from deploy_agent.models import DeploySpec, JSONObject
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ T = TypeVar("T")
 UNREACHABLE = 900  # aiodocker's status for "cannot connect to the engine"
 MANAGED_LABEL = "tidybot.deploy-agent"
 PING_TIMEOUT_S = 2.0
+GIB = 1024**3
 # What the engine client can raise besides DockerError: time-outs, dropped connections,
 # a half-read body, JSON it cannot parse.
 _TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientError, OSError)
@@ -293,39 +294,39 @@ class Engine:
                 await events.stop()
 
 
-def container_config(
-    spec_image: str,
-    container_port: int,
-    host_port: int,
-    env: dict[str, str],
-    volumes: tuple[str, ...],
-    command: tuple[str, ...] | None,
-    labels: dict[str, str],
-    device_requests: list[JSONObject] | None = None,
-) -> JSONObject:
-    """The Engine API create body: one published port, restart unless stopped, no privileges."""
-    port_key = f"{container_port}/tcp"
+def container_config(spec: DeploySpec, *, host_port: int, env: dict[str, str],
+                     labels: dict[str, str], device_requests: list[JSONObject],
+                     publish_host: str = "", pids_limit: int = 4096) -> JSONObject:
+    """The Engine API create body: one published port, restart unless stopped, hardened."""
+    port_key = f"{spec.port}/tcp"
+    host_config: JSONObject = {
+        "PortBindings": {port_key: [{"HostIp": publish_host, "HostPort": str(host_port)}]},
+        "RestartPolicy": {"Name": "unless-stopped"},
+        "Binds": list(spec.volumes),
+        # Never more than a plain `docker run`, and less where it costs a service nothing:
+        # no privileges, no added capabilities, no host network, pid or ipc namespace, no
+        # setuid gains, a bounded number of processes.
+        "Privileged": False,
+        "CapAdd": [],
+        "PidMode": "",
+        "IpcMode": "private",
+        "SecurityOpt": ["no-new-privileges"],
+        "PidsLimit": pids_limit,
+        "Init": True,  # signals reach the service and zombies are reaped, even as PID 1
+        "NetworkMode": "bridge",
+    }
+    if spec.memory_gb is not None:
+        limit = int(spec.memory_gb * GIB)
+        host_config.update(Memory=limit, MemorySwap=limit)  # no swap beyond the limit
+    if device_requests:
+        host_config["DeviceRequests"] = device_requests
     config: JSONObject = {
-        "Image": spec_image,
+        "Image": spec.image,
         "Env": [f"{key}={value}" for key, value in env.items()],
         "Labels": labels,
         "ExposedPorts": {port_key: {}},
-        "HostConfig": {
-            "PortBindings": {port_key: [{"HostIp": "", "HostPort": str(host_port)}]},
-            "RestartPolicy": {"Name": "unless-stopped"},
-            "Binds": list(volumes),
-            # Never more than a plain `docker run`: no privileges, no added capabilities,
-            # no host network, pid or ipc namespace.
-            "Privileged": False,
-            "CapAdd": [],
-            "PidMode": "",
-            "IpcMode": "private",
-            "Init": True,  # signals reach the service and zombies are reaped, even as PID 1
-            "NetworkMode": "bridge",
-        },
+        "HostConfig": host_config,
     }
-    if command is not None:
-        config["Cmd"] = list(command)
-    if device_requests:
-        config["HostConfig"]["DeviceRequests"] = device_requests
+    if spec.command is not None:
+        config["Cmd"] = list(spec.command)
     return config

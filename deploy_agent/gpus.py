@@ -157,16 +157,25 @@ class NvmlGpus:
         return tuple(found)
 
     def _container_of(self, pid: int) -> str | None:
-        try:
-            text = (self._proc / str(pid) / "cgroup").read_text()
-        except OSError:
-            return None
-        match = CONTAINER_ID_RE.search(text)
-        return match.group(0) if match else None
+        return container_of_pid(pid, self._proc)
 
     def close(self) -> None:
         with contextlib.suppress(self._nvml.NVMLError):
             self._nvml.nvmlShutdown()
+
+
+def container_of_pid(pid: int, proc: Path = Path("/proc")) -> str | None:
+    """The container a process runs in, from its cgroup path; None outside containers.
+
+    Only meaningful where /proc shows the host's PIDs: the agent on the host, or in a
+    container started with --pid host.
+    """
+    try:
+        text = (proc / str(pid) / "cgroup").read_text()
+    except OSError:
+        return None
+    match = CONTAINER_ID_RE.search(text)
+    return match.group(0) if match else None
 
 
 def _text(value: str | bytes) -> str:

@@ -15,6 +15,7 @@ ServiceName = NewType("ServiceName", str)
 ImageRef = NewType("ImageRef", str)
 Port = NewType("Port", int)
 VramGb = NewType("VramGb", float)
+MemoryGb = NewType("MemoryGb", float)
 HealthPath = NewType("HealthPath", str)
 ReadyTimeout = NewType("ReadyTimeout", float)
 EnvMap = NewType("EnvMap", dict[str, str])
@@ -40,6 +41,7 @@ class DeploySpec:
     health: HealthPath = HealthPath("/health")
     ready_timeout: ReadyTimeout = ReadyTimeout(60.0)
     command: Command | None = None
+    memory_gb: MemoryGb | None = None  # a hard memory limit; none by default
     version: str | None = None
     description: str | None = None
 
@@ -56,7 +58,8 @@ class DeploySpec:
         ]
 
 
-RUNTIME_FIELDS = ("image", "port", "gpu", "vram_gb", "env", "volumes", "health", "command")
+RUNTIME_FIELDS = ("image", "port", "gpu", "vram_gb", "env", "volumes", "health", "command",
+                  "memory_gb")
 
 
 @attrs.frozen
@@ -145,6 +148,7 @@ class HealthAnswer:
     services_running: int
     engine: Literal["reachable", "unreachable"]
     version: str
+    auth: Literal["token", "off"]
     warnings: list[HealthWarning]
 
 

@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 
 import cattrs
 
 from deploy_agent.engine import Engine
 from deploy_agent.errors import AgentError
+from deploy_agent.hostview import HostView, own_container_id
 from deploy_agent.models import CONTAINER_PREFIX, JSONObject, Service
 from deploy_agent.probe import HealthProbe
 from deploy_agent.state import (
@@ -41,7 +43,8 @@ class Reconciler:
 
     def __init__(self, table: ServiceTable, engine: Engine, probe: HealthProbe,
                  state_file: StateFile, converter: cattrs.Converter,
-                 resync_interval_s: float, instance: str) -> None:
+                 resync_interval_s: float, instance: str, host_view: HostView,
+                 allowed_host_paths: tuple[Path, ...] = ()) -> None:
         self._table = table
         self._engine = engine
         self._probe = probe
@@ -49,6 +52,8 @@ class Reconciler:
         self._converter = converter
         self._interval = resync_interval_s
         self._instance = instance
+        self.host_view = host_view
+        self._allowed_host_paths = allowed_host_paths
         self._failures: dict[str, int] = {}
         self._wake = asyncio.Event()  # resync now: the engine came back, or events were missed
         self.engine_reachable = False
@@ -71,6 +76,8 @@ class Reconciler:
         for summary in infos:
             with contextlib.suppress(AgentError):  # what can't be read now, the resync reads
                 await self._adopt_or_remove(summary)
+        with contextlib.suppress(AgentError):
+            await self._check_host_paths()
         adopted = {s.spec.name for s in self._table.services()}
         for lost in {s.spec.name for s in recorded} - adopted:
             _LOGGER.info("Dropping %s: its container is gone", lost)
@@ -87,6 +94,8 @@ class Reconciler:
             await self._engine.remove(summary["Id"])
             return attempt
         info = await self._engine.inspect(summary["Id"])
+        if info is not None:
+            self.host_view.check_pids(info)
         found = service_from_container(self._converter, info, self._instance) if info else None
         if found is not None and not self._table.busy(found.spec.name):
             self._table.adopt(found)
@@ -208,11 +217,29 @@ class Reconciler:
                 if name and seen.current(name) and (gone := await self._adopt_or_remove(summary)):
                     removed.add(gone)
         self._table.settle(attempts, removed)
+        await self._check_pids()
         for name in [n for n in self._failures if self._table.get(n) is None]:
             del self._failures[name]
         await self._table.refresh_gpus()
         await self._probe_all()
         await self._table.persist_if_dirty()
+
+    async def _check_host_paths(self) -> None:
+        """In a container, the allowed host paths must be mounted at the same paths."""
+        own = own_container_id()
+        if own is None or not self._allowed_host_paths:
+            return
+        info = await self._engine.inspect(own)
+        if info is not None:
+            self.host_view.check_paths(self._allowed_host_paths, info)
+
+    async def _check_pids(self) -> None:
+        """Until it is known, inspect one running service to see whether PIDs are the host's."""
+        if self.host_view.shares_host_pids is not None:
+            return
+        running = next((s for s in self._table.services() if s.status in ("starting", "healthy")), None)
+        if running is not None and (info := await self._engine.inspect(running.container_id)):
+            self.host_view.check_pids(info)
 
     async def _refresh_from_inspect(self, service: Service) -> None:
         """Exit code and restart count, which `docker ps` does not give."""

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -23,7 +24,14 @@ def free_port() -> int:
         return port
 
 
-COMMAND = shutil.which("deploy-agent") or "deploy-agent"  # the installed console script
+def installed(name: str) -> str:
+    """A console script of this environment: beside the running interpreter (a venv need
+    not be activated to run the tests), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name) or name
+
+
+COMMAND = installed("deploy-agent")
 
 
 def get_json(url: str, timeout: float = 5) -> Any:
@@ -45,8 +53,9 @@ def post_json(url: str, body: object, timeout: float = 60,
 class AgentProcess:
     """One agent process on a free loopback port; restartable with the same state dir."""
 
-    def __init__(self, state_dir: Path, *args: str) -> None:
+    def __init__(self, state_dir: Path, *args: str, wrapper: tuple[str, ...] = ()) -> None:
         self.state_dir = state_dir
+        self.wrapper = wrapper  # a command the agent runs under, e.g. unshare
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = args
@@ -57,7 +66,7 @@ class AgentProcess:
     def start(self, timeout: float = 20, wait: bool = True) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [COMMAND, "--host", "127.0.0.1", "--port", str(self.port),
+                [*self.wrapper, COMMAND, "--host", "127.0.0.1", "--port", str(self.port),
                  "--state-dir", str(self.state_dir), "--advertise-host", "127.0.0.1",
                  "--port-range", "28500-28599", "--resync-interval", "0.5",
                  "--instance", f"test-{self.port}", *self.args],

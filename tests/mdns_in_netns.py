@@ -14,12 +14,13 @@ import urllib.request
 from pathlib import Path
 
 from deploy_agent.client import ComputeNodes
+from tests.agent_process import installed
 
 state_dir = Path(sys.argv[1])
 port = 9000  # the namespace is ours alone: no other listener can be on it
 agent = subprocess.Popen(
-    ["deploy-agent", "--mdns", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
-     "--advertise-host", "127.0.0.1", "--instance", "mdns-test"],
+    [installed("deploy-agent"), "--mdns", "--host", "127.0.0.1", "--port", str(port),
+     "--state-dir", str(state_dir), "--advertise-host", "127.0.0.1", "--instance", "mdns-test"],
     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     env={k: v for k, v in os.environ.items() if k != "COMPUTE_NODES"},
 )

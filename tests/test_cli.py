@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.agent_process import AgentProcess, free_port
+from tests.agent_process import AgentProcess, free_port, installed
 from tests.test_client import manifest
 
 pytestmark = pytest.mark.docker
-DEPLOYCTL = shutil.which("deployctl") or "deployctl"
+DEPLOYCTL = installed("deployctl")
 
 
 def ctl(*args: str, nodes: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

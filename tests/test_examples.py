@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_process import AgentProcess
+from tests.agent_process import AgentProcess, installed
 from tests.conftest import remove_test_containers
 
 pytestmark = pytest.mark.docker
@@ -33,7 +32,7 @@ def test_hello_deploys_with_deployctl(hello_image: str, tmp_path: Path) -> None:
     agent = AgentProcess(tmp_path / "state")
     agent.start()
     env = {**os.environ, "COMPUTE_NODES": agent.url}
-    deployctl = shutil.which("deployctl") or "deployctl"
+    deployctl = installed("deployctl")
     try:
         deployed = subprocess.run([deployctl, "--json", "deploy", str(HELLO / "service.yaml")],
                                   capture_output=True, text=True, env=env, timeout=120)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from deploy_agent.api import openapi_document
 from deploy_agent.app import create_app
-from tests.agent_process import AgentProcess, get_json, post_json
+from tests.agent_process import AgentProcess, get_json, installed, post_json
 from tests.conftest import TEST_IMAGE, make_config, remove_test_containers
 from tests.test_api_docker import deploy
 
@@ -50,6 +49,29 @@ class TestDocument:
                   for route in app.router.routes() if route.method != "HEAD"}
         documented = {(method, path) for path, item in SPEC["paths"].items() for method in item}
         assert routes == documented
+
+    def test_schemas_name_exactly_the_models_fields(self) -> None:
+        """The document is written by hand; this keeps it from drifting from the models."""
+        import attrs
+
+        from deploy_agent.convert import MANIFEST_DEPLOY, MANIFEST_REQUIRES, MANIFEST_TOP
+        from deploy_agent.gpus import GpuView
+        from deploy_agent.models import DeployAnswer, DeploySpec, HealthAnswer, ServiceView
+
+        schemas = SPEC["components"]["schemas"]
+
+        def names(model: Any) -> set[str]:
+            return {field.name for field in attrs.fields(model)}
+
+        assert set(schemas["FlatDeploy"]["properties"]) == names(DeploySpec) | {"replace"}
+        manifest = schemas["ManifestDeploy"]["properties"]
+        assert set(manifest) == MANIFEST_TOP
+        assert set(manifest["deploy"]["properties"]) == set(MANIFEST_DEPLOY)
+        assert set(manifest["requires"]["properties"]) == set(MANIFEST_REQUIRES)
+        for schema, model in (("Health", HealthAnswer), ("Service", ServiceView), ("Gpu", GpuView),
+                              ("DeployAnswer", DeployAnswer)):
+            assert set(schemas[schema]["properties"]) == names(model), schema
+            assert set(schemas[schema].get("required", [])) <= names(model), schema
 
     async def test_served_at_openapi_json(self, aiohttp_client: Any, tmp_path: Path) -> None:
         client = await aiohttp_client(create_app(make_config(tmp_path)))
@@ -130,7 +152,7 @@ def fuzz_agent(tmp_path: Path, test_image: str) -> Iterator[AgentProcess]:
     Fuzzed deploys create containers and volumes under arbitrary names, so everything that
     appeared while it ran is removed afterwards.
     """
-    if shutil.which("st") is None:
+    if not Path(installed("st")).exists():
         pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
     remove_test_containers()
     containers_before, volumes_before = managed_containers(), volumes()
@@ -151,7 +173,7 @@ def fuzz_agent(tmp_path: Path, test_image: str) -> Iterator[AgentProcess]:
 
 def run_schemathesis(schema: str, base_url: str, log: Path, examples: int) -> None:
     result = subprocess.run(
-        ["st", "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run", schema,
+        [installed("st"), "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run", schema,
          "--url", base_url, "-H", f"Authorization: Bearer {FUZZ_TOKEN}",
          "-n", str(examples), "--checks", FUZZ_CHECKS, "--generation-deterministic",
          "--no-color"],

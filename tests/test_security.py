@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from deploy_agent.app import create_app
-from deploy_agent.auth import warn_if_open
+from deploy_agent.auth import settle_auth
+from deploy_agent.config import parse_config
+from deploy_agent.tokens import load_or_create
 from tests.conftest import TEST_IMAGE, make_config, remove_test_containers
 from tests.test_api_docker import deploy, test_containers
 
@@ -83,19 +86,53 @@ class TestBearerToken:
         assert TOKEN not in repr(make_config(Path("/tmp"), token=TOKEN))
 
 
-class TestOpenWarning:
-    """Without a token, listening beyond loopback is announced loudly."""
+class TestSettleAuth:
+    """Beyond loopback a token is made and required; --no-auth is the loud way to run open."""
 
-    @pytest.mark.parametrize(("host", "token", "warned"), [
-        ("0.0.0.0", None, True), ("10.0.0.5", None, True), ("::", None, True),
-        ("127.0.0.1", None, False), ("localhost", None, False), ("::1", None, False),
-        ("0.0.0.0", TOKEN, False),
+    @pytest.mark.parametrize(("host", "required"), [
+        ("0.0.0.0", True), ("10.0.0.5", True), ("::", True),
+        ("127.0.0.1", False), ("localhost", False), ("::1", False),
     ])
-    def test_warning(self, caplog: pytest.LogCaptureFixture, host: str, token: str | None,
-                     warned: bool) -> None:
+    def test_token_made_only_beyond_loopback(self, tmp_path: Path, host: str, required: bool) -> None:
+        config = settle_auth(make_config(tmp_path, host=host))
+        assert (config.auth == "token") is required
+        assert (tmp_path / "token").exists() is required
+
+    def test_made_once_0600_and_reused(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.DEBUG)
+        first = settle_auth(make_config(tmp_path, host="0.0.0.0")).token
+        assert first and len(first) >= 40
+        assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "token").stat().st_uid == os.geteuid()
+        (tmp_path / "token").chmod(0o644)  # widened by someone: narrowed again on use
+        assert settle_auth(make_config(tmp_path, host="0.0.0.0")).token == first
+        assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600
+        assert str(tmp_path / "token") in caplog.text and first not in caplog.text
+
+    def test_configured_token_applies_on_loopback_too(self, tmp_path: Path) -> None:
+        config = settle_auth(make_config(tmp_path, host="127.0.0.1", token=TOKEN))
+        assert (config.auth, config.token) == ("token", TOKEN)
+        assert not (tmp_path / "token").exists()
+
+    def test_no_auth_is_open_and_loud(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         caplog.set_level(logging.WARNING)
-        warn_if_open(host, 9000, token)
-        assert ("NO AUTHENTICATION" in caplog.text) is warned
+        config = settle_auth(make_config(tmp_path, host="0.0.0.0", no_auth=True))
+        assert config.auth == "off" and not (tmp_path / "token").exists()
+        assert "NO AUTHENTICATION" in caplog.text
+
+    def test_no_auth_with_a_token_is_refused(self, tmp_path: Path) -> None:
+        (tmp_path / "t").write_text("abc\n")
+        with pytest.raises(SystemExit, match="contradict"):
+            parse_config(["--no-auth", "--token-file", str(tmp_path / "t")], {})
+
+    def test_half_written_token_files_never_happen(self, tmp_path: Path) -> None:
+        """Many agents racing on one state dir agree on one whole token."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            tokens = set(pool.map(lambda _: load_or_create(tmp_path)[0], range(16)))
+        assert len(tokens) == 1 and (tmp_path / "token").read_text().strip() in tokens
+        assert [p.name for p in tmp_path.iterdir()] == ["token"]
 
 
 @pytest.mark.docker

@@ -18,9 +18,10 @@ from aiohttp.typedefs import Handler
 
 from deploy_agent import __version__
 from deploy_agent.config import Config
-from deploy_agent.convert import parse_deploy_request, parse_stop_request
+from deploy_agent.convert import parse_deploy_request, parse_renew_request, parse_stop_request
 from deploy_agent.deployer import Deployer, DeployOutcome, Progress, no_progress
 from deploy_agent.errors import AgentError, InvalidRequest
+from deploy_agent.events import MEMORY_EVENTS, EventLog
 from deploy_agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from deploy_agent.metrics import AgentMetrics
 from deploy_agent.models import (
@@ -29,7 +30,9 @@ from deploy_agent.models import (
     HealthAnswer,
     HealthWarning,
     JSONObject,
+    Service,
     ServiceView,
+    rfc3339,
 )
 from deploy_agent.reconciler import Reconciler
 from deploy_agent.streams import Streams, relay
@@ -51,6 +54,7 @@ DEPLOYER_KEY = web.AppKey("deployer", Deployer)
 RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
 TABLE_KEY = web.AppKey("table", ServiceTable)
 STREAMS_KEY = web.AppKey("streams", Streams)
+EVENTS_KEY = web.AppKey("events", EventLog)
 OPENAPI_KEY = web.AppKey("openapi", bytes)
 METRICS_KEY = web.AppKey("metrics", AgentMetrics)
 LISTING_KEY = web.AppKey("listing", ListingCache)
@@ -146,6 +150,11 @@ def health_warnings(app: web.Application) -> list[HealthWarning]:
         warnings.append(HealthWarning(
             "state_not_writable", f"services.json cannot be written ({state_error}); retrying. "
             "Services keep running and their containers' labels still record them."))
+    event_error = app[EVENTS_KEY].write_error
+    if event_error is not None:
+        warnings.append(HealthWarning(
+            "event_log_not_writable", f"events.jsonl cannot be written ({event_error}); events "
+            "are kept in memory and retried."))
     return warnings + app[RECONCILER_KEY].host_view.warnings()
 
 
@@ -153,23 +162,30 @@ async def list_services(request: web.Request) -> web.Response:
     """Every service, re-rendered only when something it shows has changed.
 
     A container id fixes a service's spec, port and GPU; the rest that can change is in
-    the key, with the current second for uptime.
+    the key (leases by id and expiry), with the current second for uptime.
     """
-    services, now = request.app[TABLE_KEY].services(), time.time()
-    key = (int(now), tuple((s.container_id, s.status, s.restarts, s.exit_code, s.started_at)
+    table, now = request.app[TABLE_KEY], time.time()
+    services = table.services()
+    leases = {s.spec.name: table.leases_of(s.spec.name) for s in services}
+    key = (int(now), tuple((s.container_id, s.status, s.restarts, s.exit_code, s.started_at,
+                            tuple((lease.id, lease.expires_at) for lease in leases[s.spec.name]))
                            for s in services))
     cache = request.app[LISTING_KEY]
     if cache.key != key:
         advertise = request.app[CONFIG_KEY].advertise_host
-        views = [ServiceView.of(s, advertise, now) for s in services]
+        views = [ServiceView.of(s, advertise, now, leases[s.spec.name]) for s in services]
         cache.body = _dumps(request.app[CONVERTER_KEY].unstructure(views)).encode()
         cache.key = key
     return web.Response(body=cache.body, content_type="application/json")
 
 
+def service_view(request: web.Request, service: Service) -> ServiceView:
+    return ServiceView.of(service, request.app[CONFIG_KEY].advertise_host, time.time(),
+                          request.app[TABLE_KEY].leases_of(service.spec.name))
+
+
 async def get_service(request: web.Request) -> web.Response:
-    service = request.app[TABLE_KEY].service(request.match_info["name"])
-    return answer(request, ServiceView.of(service, request.app[CONFIG_KEY].advertise_host, time.time()))
+    return answer(request, service_view(request, request.app[TABLE_KEY].service(request.match_info["name"])))
 
 
 async def deploy(request: web.Request) -> web.StreamResponse:
@@ -196,9 +212,11 @@ async def run_deploy(request: web.Request, deploy_request: DeployRequest,
 
 
 def deploy_answer(request: web.Request, outcome: DeployOutcome) -> DeployAnswer:
-    view = ServiceView.of(outcome.service, request.app[CONFIG_KEY].advertise_host, time.time())
+    view, lease = service_view(request, outcome.service), outcome.lease
     return DeployAnswer(name=view.name, host=view.host, port=view.port, gpu=view.gpu,
-                        status=view.status, already_running=outcome.already_running)
+                        status=view.status, already_running=outcome.already_running,
+                        lease_id=lease.id if lease else None,
+                        lease_expires_at=rfc3339(lease.expires_at) if lease else None)
 
 
 async def stream_deploy(request: web.Request, deploy_request: DeployRequest) -> web.StreamResponse:
@@ -249,11 +267,7 @@ async def service_logs(request: web.Request) -> web.StreamResponse:
     """`?tail=N` (default 100) recent lines as text; `&follow=1` streams new ones as they come."""
     name, deployer = request.match_info["name"], request.app[DEPLOYER_KEY]
     tail = _query_int(request, "tail", default=100, maximum=100_000)
-    follow = request.query.get("follow", "0").lower()
-    if follow not in ("0", "1", "true", "false"):
-        raise InvalidRequest("follow must be 1 or 0.",
-                             details=[{"field": "follow", "message": "must be 1 or 0"}])
-    if follow in ("0", "false"):
+    if not _query_follow(request):
         return web.Response(text=await deployer.logs(name, tail), content_type="text/plain")
     chunks = deployer.follow_logs(name, tail)
     async with request.app[STREAMS_KEY].opened(request) as gone:
@@ -261,6 +275,14 @@ async def service_logs(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         await relay(response, chunks, gone)
     return response
+
+
+def _query_follow(request: web.Request) -> bool:
+    follow = request.query.get("follow", "0").lower()
+    if follow not in ("0", "1", "true", "false"):
+        raise InvalidRequest("follow must be 1 or 0.",
+                             details=[{"field": "follow", "message": "must be 1 or 0"}])
+    return follow in ("1", "true")
 
 
 def _query_int(request: web.Request, key: str, default: int, maximum: int) -> int:
@@ -277,6 +299,41 @@ async def stop(request: web.Request) -> web.Response:
     name = parse_stop_request(request.app[CONVERTER_KEY], await read_json(request))
     await request.app[DEPLOYER_KEY].stop(name)
     return json_response({"ok": True, "name": name})
+
+
+async def renew(request: web.Request) -> web.Response:
+    """Extend the caller's lease: `{"lease_id": ..., "lease_s": ...}` (lease_s optional)."""
+    name = request.match_info["name"]
+    lease_id, lease_s = parse_renew_request(await read_json(request))
+    if lease_s is not None and lease_s > request.app[CONFIG_KEY].max_lease_s:
+        limit = request.app[CONFIG_KEY].max_lease_s
+        raise InvalidRequest(f"lease_s {lease_s:g} is above this node's --max-lease ({limit:g} s).",
+                             details=[{"field": "lease_s", "message": f"must be at most {limit:g}"}])
+    lease = request.app[TABLE_KEY].renew_lease(name, lease_id, lease_s)
+    return json_response({"ok": True, "name": name, "lease_id": lease.id, "lease_s": lease.lease_s,
+                          "lease_expires_at": rfc3339(lease.expires_at)})
+
+
+async def release(request: web.Request) -> web.Response:
+    """Drop the caller's lease; the service stops when it was the last one."""
+    name, lease_id = request.match_info["name"], request.match_info["lease_id"]
+    stopped = await request.app[DEPLOYER_KEY].release(name, lease_id)
+    return json_response({"ok": True, "name": name, "lease_id": lease_id, "stopped": stopped})
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """`?since=ID&limit=N` (oldest first); `&follow=1` streams new events as NDJSON."""
+    log = request.app[EVENTS_KEY]
+    since = _query_int(request, "since", default=-1, maximum=2**63)
+    limit = _query_int(request, "limit", default=100, maximum=MEMORY_EVENTS)
+    cursor = None if since < 0 else since
+    if not _query_follow(request):
+        return answer(request, log.since(cursor, limit))
+    async with request.app[STREAMS_KEY].opened(request) as gone:
+        response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        await relay(response, log.follow(cursor, limit), gone)
+    return response
 
 
 async def gpus(request: web.Request) -> web.Response:
@@ -309,6 +366,9 @@ def add_routes(app: web.Application) -> None:
         web.get("/services/{name}/logs", service_logs),
         web.post("/deploy", deploy),
         web.post("/stop", stop),
+        web.post("/services/{name}/renew", renew),
+        web.delete("/services/{name}/leases/{lease_id}", release),
+        web.get("/events", events),
         web.get("/gpus", gpus),
     ])
 

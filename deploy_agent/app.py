@@ -17,6 +17,7 @@ from deploy_agent.api import (
     CONFIG_KEY,
     CONVERTER_KEY,
     DEPLOYER_KEY,
+    EVENTS_KEY,
     METRICS_KEY,
     RECONCILER_KEY,
     STREAMS_KEY,
@@ -29,6 +30,7 @@ from deploy_agent.config import Config
 from deploy_agent.convert import make_converter
 from deploy_agent.deployer import Deployer
 from deploy_agent.engine import Engine, close_docker, open_docker
+from deploy_agent.events import EventLog
 from deploy_agent.gpus import GpuInventory, GpuPool, open_inventory
 from deploy_agent.hostview import HostView
 from deploy_agent.metrics import AgentMetrics
@@ -89,24 +91,30 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         converter = app[CONVERTER_KEY]
         state_file = StateFile(config.state_dir, converter)
         table = ServiceTable(PortAllocator(config.port_range), app[GPUS_KEY], state_file)
-        deployer = Deployer(config, app[ENGINE_KEY], probe, table, converter)
-        reconciler = Reconciler(table, app[ENGINE_KEY], probe, state_file, converter,
+        events = EventLog(config.state_dir)
+        await asyncio.to_thread(events.load)
+        deployer = Deployer(config, app[ENGINE_KEY], probe, table, converter, events)
+        reconciler = Reconciler(table, app[ENGINE_KEY], probe, state_file, converter, events,
                                 config.resync_interval_s, config.instance, HostView(),
                                 config.allow_host_paths)
         supervisor = Supervisor()
         app[TABLE_KEY] = table
+        app[EVENTS_KEY] = events
         app[DEPLOYER_KEY] = deployer
         app[RECONCILER_KEY] = reconciler
-        app[METRICS_KEY] = AgentMetrics(table, reconciler, supervisor, app[STREAMS_KEY])
+        app[METRICS_KEY] = AgentMetrics(table, reconciler, supervisor, app[STREAMS_KEY], events)
         await reconciler.start_up()
         supervisor.start("engine-watch", reconciler.watch_engine)
         supervisor.start("events", reconciler.follow_events)
         supervisor.start("resync", reconciler.resync_forever)
         supervisor.start("state-file", table.keep_written)
         supervisor.start("stream-watch", app[STREAMS_KEY].watch)
+        supervisor.start("event-log", events.keep_written)
+        supervisor.start("leases", deployer.expire_leases)
         yield
         await supervisor.close()
         await deployer.close()
+        await events.flush()
         probe.close()
 
     async def end_streams(app: web.Application) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from deploy_agent.client import (
     load_manifest,
     nodes_from_env,
 )
+from deploy_agent.models import parse_duration
 
 
 def add_global_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
@@ -59,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = command("deploy", "deploy a service.yaml (or - for stdin), with live progress")
     deploy.add_argument("file", metavar="FILE|-")
     deploy.add_argument("--replace", action="store_true", help="replace it if running with another spec")
+    deploy.add_argument("--lease", type=_lease_length, metavar="DURATION",
+                        help="hold it for this long (90s, 10m, 2h) and print the lease id: it "
+                        "stops when no one renews; without, it runs until stopped")
     command("ps", "list services")
     stop = command("stop", "stop and remove a service")
     stop.add_argument("name")
@@ -68,7 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
     logs.add_argument("--tail", type=int, default=100, help="lines from the end (default: 100)")
     command("nodes", "the compute nodes and how they are")
+    renew = command("renew", "extend a lease (from deploy --lease) so its service keeps running")
+    renew.add_argument("name")
+    renew.add_argument("lease_id")
+    renew.add_argument("--lease", type=_lease_length, metavar="DURATION",
+                       help="from now, this long (default: the lease's own length)")
+    release = command("release", "drop a lease; the service stops if it was the last one")
+    release.add_argument("name")
+    release.add_argument("lease_id")
+    events = command("events", "what happened: deploys, stops, crashes, restarts, leases running out")
+    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    events.add_argument("--limit", type=int, default=50, help="how many recent ones (default: 50)")
     return parser
+
+
+def _lease_length(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 class Ctl:
@@ -92,7 +115,7 @@ class Ctl:
         located = await self.nodes.locate(name)
         if located is not None:
             client, entry = located
-            if entry["status"] == "healthy" and not self.args.replace:
+            if entry["status"] == "healthy" and not self.args.replace and self.args.lease is None:
                 return self.show_deployed(already_running_answer({**entry, "node": client.url}))
         else:
             candidates = await self.nodes.candidates(body)
@@ -106,7 +129,7 @@ class Ctl:
         """Stream the deploy's events into a live view; the final answer."""
         view = DeployView(self.err, quiet=self.args.json)
         with view:
-            async for event in client.deploy_events(body, self.args.replace):
+            async for event in client.deploy_events(body, self.args.replace, self.args.lease):
                 if "event" in event:
                     view.show(event)
                 elif event.get("ok"):
@@ -121,6 +144,10 @@ class Ctl:
         gpu = f", GPU {answer['gpu']}" if answer.get("gpu") is not None else ""
         self.out.print(f"[green]{answer['name']}[/] {verb} at [bold]{answer['host']}[/]{gpu} "
                        f"on {answer['node']}")
+        if answer.get("lease_id"):
+            self.out.print(f"lease {answer['lease_id']} until {answer['lease_expires_at']}; renew "
+                           f"with: deployctl renew {answer['name']} {answer['lease_id']}",
+                           highlight=False)
 
     async def ps(self) -> None:
         statuses = await self.nodes.status()
@@ -128,12 +155,13 @@ class Ctl:
         self.warn_unreachable(statuses)
         if self.args.json:
             return self.print_json(rows)
-        table = Table("NAME", "STATUS", "HOST", "GPU", "VRAM GB", "UPTIME", "RESTARTS", "IMAGE",
-                      *(["NODE"] if len(statuses) > 1 else []), box=None)
+        table = Table("NAME", "STATUS", "HOST", "GPU", "VRAM GB", "UPTIME", "RESTARTS", "LEASES",
+                      "IMAGE", *(["NODE"] if len(statuses) > 1 else []), box=None)
         for row in rows:
             table.add_row(row["name"], _status(row["status"], row.get("exit_code")), row["host"],
-                          _dash(row["gpu"]), f"{row['vram_gb']:g}", _duration(row["uptime"]),
-                          str(row["restarts"]), row["image"], *([row["node"]] if len(statuses) > 1 else []))
+                          _dash(row["gpu"]), f"{row['vram_gb']:g}", _uptime(row["uptime"]),
+                          str(row["restarts"]), _leases(row), row["image"],
+                          *([row["node"]] if len(statuses) > 1 else []))
         self.out.print(table if rows else "no services")
 
     async def node_running(self, name: str) -> AsyncAgentClient:
@@ -150,6 +178,60 @@ class Ctl:
         if self.args.json:
             return self.print_json(answer)
         self.out.print(f"stopped {self.args.name} on {client.url}")
+
+    async def renew(self) -> None:
+        client = await self.node_running(self.args.name)
+        answer = await client.renew(self.args.name, self.args.lease_id, self.args.lease)
+        if self.args.json:
+            return self.print_json({**answer, "node": client.url})
+        self.out.print(f"lease {answer['lease_id']} on {answer['name']} until "
+                       f"{answer['lease_expires_at']}", highlight=False)
+
+    async def release(self) -> None:
+        client = await self.node_running(self.args.name)
+        answer = await client.release(self.args.name, self.args.lease_id)
+        if self.args.json:
+            return self.print_json({**answer, "node": client.url})
+        after = "; it was the last one: stopped" if answer["stopped"] else ""
+        self.out.print(f"released {self.args.lease_id} on {self.args.name}{after}", highlight=False)
+
+    async def events(self) -> None:
+        """The recent events of every node, in time order; with -f, then as they come."""
+        clients = self.nodes.clients
+        if not self.args.follow:
+            found = await asyncio.gather(*(c.events(limit=self.args.limit) for c in clients),
+                                         return_exceptions=True)
+            rows = sorted((({**e, "node": c.url} for c, events in zip(clients, found, strict=True)
+                            if isinstance(events, list) for e in events)), key=lambda e: e["time"])
+            for event in rows[-self.args.limit:]:
+                self.show_event(event)
+            return
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def follow(client: AsyncAgentClient) -> None:
+            async for event in client.follow_events(since=None):
+                await queue.put({**event, "node": client.url})
+
+        followers = [asyncio.create_task(follow(c)) for c in clients]
+        try:
+            while not all(f.done() for f in followers):
+                with contextlib.suppress(TimeoutError):
+                    self.show_event(await asyncio.wait_for(queue.get(), 1.0))
+        finally:
+            for follower in followers:
+                follower.cancel()
+            await asyncio.gather(*followers, return_exceptions=True)
+
+    def show_event(self, event: dict[str, Any]) -> None:
+        if self.args.json:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
+            return
+        details = " ".join(f"{k}={v}" for k, v in event["details"].items() if v not in (None, []))
+        node = f" [{event['node']}]" if len(self.nodes.urls) > 1 else ""
+        self.out.print(f"{event['time']} {event['id']:>6} {event['kind']:<13} "
+                       f"{event['service'] or '-'} {event['reason'] or ''} {details}{node}".rstrip(),
+                       highlight=False, markup=False)
 
     async def gpus(self) -> None:
         statuses = await self.nodes.status()
@@ -257,11 +339,18 @@ def _status(status: str, exit_code: int | None) -> str:
     return f"[{colour}]{status}{suffix}[/]"
 
 
+def _leases(row: dict[str, Any]) -> str:
+    """`-` for a service that runs until stopped, else the count and the latest expiry."""
+    if not row.get("leases"):
+        return "-"
+    return f"{row['leases']} until {str(row['lease_expires_at'])[11:19]}"
+
+
 def _dash(value: Any) -> str:
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _duration(seconds: int) -> str:
+def _uptime(seconds: int) -> str:
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:

@@ -18,9 +18,11 @@ its state dir (never another host).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -68,6 +70,10 @@ class ServiceNotFoundError(AgentRequestError):
     """404: no such service on that node."""
 
 
+class LeaseNotFoundError(ServiceNotFoundError):
+    """404 lease_not_found: that lease is not held on that service (lapsed or released)."""
+
+
 class ConflictError(AgentRequestError):
     """409: deployed with a different spec (`body["differing_fields"]`)."""
 
@@ -112,7 +118,8 @@ ERRORS_BY_STATUS: dict[int, type[AgentRequestError]] = {
     409: ConflictError, 413: InvalidRequestError, 422: ImageError, 429: TooManyStreamsError,
     502: StartError, 503: CapacityError, 504: HealthTimeoutError,
 }
-ERRORS_BY_CODE: dict[str, type[AgentRequestError]] = {"pull_stalled": PullStalledError}
+ERRORS_BY_CODE: dict[str, type[AgentRequestError]] = {"pull_stalled": PullStalledError,
+                                                      "lease_not_found": LeaseNotFoundError}
 LIVE = ("starting", "healthy", "unhealthy")  # statuses of a service that is placed and running
 
 
@@ -174,7 +181,7 @@ class AsyncAgentClient:
                  session: aiohttp.ClientSession | None = None, stall_timeout: float = 150.0,
                  token_file: str | Path | None = None) -> None:
         self.url = url.rstrip("/")
-        token = token_for(self.url, token, token_file, os.environ)
+        token = self._token = token_for(self.url, token, token_file, os.environ)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._stall_timeout = stall_timeout
@@ -229,14 +236,16 @@ class AsyncAgentClient:
         result: list[dict[str, Any]] = await self._request("GET", "/gpus")
         return result
 
-    async def deploy(self, manifest: Manifest, replace: bool = False) -> dict[str, Any]:
-        """Deploy and wait until healthy; the answer has host, port, gpu, already_running.
+    async def deploy(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
+                     lease_id: str | None = None) -> dict[str, Any]:
+        """Deploy and wait until healthy; the answer has host, port, gpu, already_running,
+        and with `lease_s` the caller's `lease_id` (or renews `lease_id`).
 
         DeployInterrupted when the node goes quiet for stall_timeout or the connection drops
         after the request reached it (the deploy may still finish there).
         """
         answer: dict[str, Any] | None = None
-        async for event in self.deploy_events(manifest, replace):
+        async for event in self.deploy_events(manifest, replace, lease_s, lease_id):
             answer = event
         if answer is None or "event" in answer:
             raise DeployInterrupted(0, "interrupted", f"{self.url} closed the deploy stream "
@@ -246,6 +255,58 @@ class AsyncAgentClient:
     async def stop(self, name: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._request("POST", "/stop", {"name": name})
         return result
+
+    async def renew(self, name: str, lease_id: str, lease_s: float | None = None) -> dict[str, Any]:
+        """Extend a lease to lease_s from now (its own lease_s when not given)."""
+        body: dict[str, Any] = {"lease_id": lease_id}
+        if lease_s is not None:
+            body["lease_s"] = lease_s
+        result: dict[str, Any] = await self._request("POST", f"/services/{name}/renew", body)
+        return result
+
+    async def release(self, name: str, lease_id: str) -> dict[str, Any]:
+        """Drop a lease; `stopped` says whether it was the service's last one."""
+        result: dict[str, Any] = await self._request("DELETE", f"/services/{name}/leases/{lease_id}")
+        return result
+
+    @contextlib.asynccontextmanager
+    async def leased(self, manifest: Manifest, lease_s: float = 60.0) -> AsyncIterator[dict[str, Any]]:
+        """Deploy with a lease, renew it in the background, release it on exit (also on an
+        exception). The service runs while you hold it; it stops when no one holds it."""
+        holder = _Holder(await self.deploy(manifest, lease_s=lease_s), lease_s)
+        renewing = asyncio.create_task(self._keep_renewed(manifest, holder))
+        try:
+            yield holder.answer
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+            with contextlib.suppress(AgentRequestError):
+                await self.release(holder.name, holder.lease_id)
+
+    async def _keep_renewed(self, manifest: Manifest, holder: _Holder) -> None:
+        while True:
+            await asyncio.sleep(holder.interval)
+            try:
+                await self.renew(holder.name, holder.lease_id, holder.lease_s)
+            except LeaseNotFoundError:  # lapsed (a long pause, a lost state file): take a new one
+                holder.answer = await self.deploy(manifest, lease_s=holder.lease_s)
+            except AgentRequestError:
+                continue  # the node is busy or away for a moment: try again soon
+
+    async def events(self, since: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Recent events, oldest first: after `since` when given, else the latest `limit`."""
+        query = "&".join(f"{key}={value}" for key, value in (("since", since), ("limit", limit))
+                         if value is not None)
+        result: list[dict[str, Any]] = await self._request("GET", "/events" + (f"?{query}" if query else ""))
+        return result
+
+    async def follow_events(self, since: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Events as they happen (after `since`, else from now), until you stop reading."""
+        query = f"&since={since}" if since is not None else "&limit=0"
+        async with self._stream("GET", f"/events?follow=1{query}") as response:
+            async for line in response.content:
+                if line.strip():
+                    yield json.loads(line)
 
     async def logs(self, name: str, tail: int = 100) -> str:
         result: str = await self._request("GET", f"/services/{name}/logs?tail={tail}")
@@ -257,13 +318,14 @@ class AsyncAgentClient:
             async for chunk in response.content.iter_any():
                 yield chunk.decode(errors="replace")
 
-    async def deploy_events(self, manifest: Manifest, replace: bool = False) -> AsyncIterator[dict[str, Any]]:
+    async def deploy_events(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
+                            lease_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Progress events of a deploy (pull, created, started, health); the last is the answer.
 
         An error answer as the last event raises its AgentRequestError after being yielded;
         silence for stall_timeout, or a dropped connection, raises DeployInterrupted.
         """
-        async with self._stream("POST", "/deploy", _deploy_body(manifest, replace),
+        async with self._stream("POST", "/deploy", _deploy_body(manifest, replace, lease_s, lease_id),
                                 accept=NDJSON, stall_timeout=self._stall_timeout) as response:
             try:
                 async for line in response.content:
@@ -323,11 +385,32 @@ class _StreamContext:
             self._response.release()
 
 
-def _deploy_body(manifest: Manifest, replace: bool) -> dict[str, Any]:
+def _deploy_body(manifest: Manifest, replace: bool, lease_s: float | None = None,
+                 lease_id: str | None = None) -> dict[str, Any]:
     body = load_manifest(manifest)
     if replace:
         body["replace"] = True
+    if lease_s is not None:
+        body["lease_s"] = lease_s
+    if lease_id is not None:
+        body["lease_id"] = lease_id
     return body
+
+
+class _Holder:
+    """A caller's lease as leased() keeps it: the answer it got, renewed every third of it."""
+
+    def __init__(self, answer: dict[str, Any], lease_s: float) -> None:
+        self.answer, self.lease_s = answer, lease_s
+        self.interval = max(0.2, lease_s / 3)
+
+    @property
+    def name(self) -> str:
+        return str(self.answer["name"])
+
+    @property
+    def lease_id(self) -> str:
+        return str(self.answer["lease_id"])
 
 
 class _SyncRunner:
@@ -399,14 +482,55 @@ class AgentClient:
     def gpus(self) -> list[dict[str, Any]]:
         return self._runner.run(self._async.gpus())
 
-    def deploy(self, manifest: Manifest, replace: bool = False) -> dict[str, Any]:
-        return self._runner.run(self._async.deploy(manifest, replace))
+    def deploy(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
+               lease_id: str | None = None) -> dict[str, Any]:
+        return self._runner.run(self._async.deploy(manifest, replace, lease_s, lease_id))
 
-    def deploy_events(self, manifest: Manifest, replace: bool = False) -> Iterator[dict[str, Any]]:
-        return self._runner.iterate(self._async.deploy_events(manifest, replace))
+    def deploy_events(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
+                      lease_id: str | None = None) -> Iterator[dict[str, Any]]:
+        return self._runner.iterate(self._async.deploy_events(manifest, replace, lease_s, lease_id))
 
     def stop(self, name: str) -> dict[str, Any]:
         return self._runner.run(self._async.stop(name))
+
+    def renew(self, name: str, lease_id: str, lease_s: float | None = None) -> dict[str, Any]:
+        return self._runner.run(self._async.renew(name, lease_id, lease_s))
+
+    def release(self, name: str, lease_id: str) -> dict[str, Any]:
+        return self._runner.run(self._async.release(name, lease_id))
+
+    def events(self, since: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        return self._runner.run(self._async.events(since, limit))
+
+    def follow_events(self, since: int | None = None) -> Iterator[dict[str, Any]]:
+        return self._runner.iterate(self._async.follow_events(since))
+
+    @contextlib.contextmanager
+    def leased(self, manifest: Manifest, lease_s: float = 60.0) -> Iterator[dict[str, Any]]:
+        """Deploy with a lease, renewed from a thread of its own (with its own event loop and
+        session) while the block runs, released on exit, also on an exception."""
+        holder = _Holder(self.deploy(manifest, lease_s=lease_s), lease_s)
+        done = threading.Event()
+
+        def renew_until_done() -> None:
+            agent = AgentClient(self.url, self._async._token)
+            while not done.wait(holder.interval):
+                try:
+                    agent.renew(holder.name, holder.lease_id, holder.lease_s)
+                except LeaseNotFoundError:
+                    holder.answer = agent.deploy(manifest, lease_s=holder.lease_s)
+                except AgentRequestError:
+                    continue
+
+        renewer = threading.Thread(target=renew_until_done, name=f"lease {holder.name}", daemon=True)
+        renewer.start()
+        try:
+            yield holder.answer
+        finally:
+            done.set()
+            renewer.join()
+            with contextlib.suppress(AgentRequestError):
+                self.release(holder.name, holder.lease_id)
 
     def logs(self, name: str, tail: int = 100) -> str:
         return self._runner.run(self._async.logs(name, tail))
@@ -467,6 +591,10 @@ class AsyncComputeNodes:
     def urls(self) -> list[str]:
         return [client.url for client in self._clients]
 
+    @property
+    def clients(self) -> list[AsyncAgentClient]:
+        return list(self._clients)
+
     async def __aenter__(self) -> AsyncComputeNodes:
         return self
 
@@ -518,26 +646,28 @@ class AsyncComputeNodes:
         located = await self.locate(name, statuses=("healthy",))
         return {**located[1], "node": located[0].url} if located else None
 
-    async def ensure(self, manifest: Manifest, replace: bool = False) -> dict[str, Any]:
+    async def ensure(self, manifest: Manifest, replace: bool = False,
+                     lease_s: float | None = None) -> dict[str, Any]:
         """The running service if some node has it healthy, else a deploy on the best node.
 
         A node that has it in any live status (starting, healthy, unhealthy) is the only
         place it is deployed: one service is never placed on two nodes. Elsewhere, best
         is, for GPU services, the node whose GPU has the most free VRAM that fits; for the
-        rest, the node running the fewest services. The answer includes `node`.
+        rest, the node running the fewest services. The answer includes `node`. With
+        `lease_s` the caller takes a lease on it wherever it runs (`lease_id` in the answer).
         """
         body = load_manifest(manifest)
         name = str(body.get("name", ""))
         located = await self.locate(name)
         if located is not None:
             client, entry = located
-            if entry["status"] == "healthy" and not replace:
+            if entry["status"] == "healthy" and not replace and lease_s is None:
                 return already_running_answer({**entry, "node": client.url})
-            return await self._deploy_on(client, name, body, replace)
+            return await self._deploy_on(client, name, body, replace, lease_s)
         last_error: AgentRequestError | None = None
         for client in await self.candidates(body):
             try:
-                return await self._deploy_on(client, name, body, replace)
+                return await self._deploy_on(client, name, body, replace, lease_s)
             except (CapacityError, NodeUnreachable) as err:
                 last_error = err  # refused, or never reached: nothing placed there, try the next
         if last_error is not None:
@@ -546,10 +676,10 @@ class AsyncComputeNodes:
         raise CapacityError(503, "no_capacity", f"No reachable node can run {name!r}: {reason}.")
 
     async def _deploy_on(self, client: AsyncAgentClient, name: str, body: Mapping[str, Any],
-                         replace: bool) -> dict[str, Any]:
+                         replace: bool, lease_s: float | None = None) -> dict[str, Any]:
         """Deploy on this node. If its answer stalls, look again there, never elsewhere."""
         try:
-            return {**await client.deploy(body, replace), "node": client.url}
+            return {**await client.deploy(body, replace, lease_s), "node": client.url}
         except DeployInterrupted as err:
             try:
                 entry = await client.service(name)
@@ -610,5 +740,6 @@ class ComputeNodes:
     def find(self, name: str) -> dict[str, Any] | None:
         return self._runner.run(self._async.find(name))
 
-    def ensure(self, manifest: Manifest, replace: bool = False) -> dict[str, Any]:
-        return self._runner.run(self._async.ensure(manifest, replace))
+    def ensure(self, manifest: Manifest, replace: bool = False,
+               lease_s: float | None = None) -> dict[str, Any]:
+        return self._runner.run(self._async.ensure(manifest, replace, lease_s))

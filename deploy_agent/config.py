@@ -14,6 +14,7 @@ from typing import Literal
 import attrs
 
 from deploy_agent.gpus import parse_fake_gpus
+from deploy_agent.models import parse_duration
 from deploy_agent.tokens import TokenError, default_state_dir, read_token_file
 
 ENV_PREFIX = "DEPLOY_AGENT_"
@@ -75,6 +76,7 @@ class Config:
     max_streams: int = 256
     no_auth: bool = False
     service_pids_limit: int = 4096
+    max_lease_s: float = 86400.0
     publish_host: str = ""  # all addresses
 
     @property
@@ -157,6 +159,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--max-streams", type=int, default=_env(environ, "max_streams", "256"), metavar="N",
         help="log and event follows open at once; one more gets 429 too_many_streams "
         "(default: %(default)s)")
+    add("--max-lease", type=_duration, default=_env(environ, "max_lease", "24h"), metavar="DURATION",
+        help="longest lease_s a deploy or renewal may ask for, e.g. 24h or 90m (default: 24h)")
     add("--fake-gpus", type=_fake_gpus, default=_env(environ, "fake_gpus"), metavar="NAME:GB,...",
         help="simulate GPUs for development and tests, e.g. 'RTX 4090:24,RTX 4090:24': placement "
         "and accounting are real, containers get NVIDIA_VISIBLE_DEVICES and no device")
@@ -185,6 +189,13 @@ def _positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
     return value
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _instance_name(text: str) -> str:
@@ -248,6 +259,7 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         max_streams=args.max_streams,
         no_auth=args.no_auth,
         service_pids_limit=args.service_pids_limit,
+        max_lease_s=args.max_lease,
         publish_host=args.publish_host,
         token=token,
     )

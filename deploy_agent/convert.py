@@ -14,10 +14,12 @@ from typing import Any
 
 import cattrs
 from cattrs.errors import ForbiddenExtraKeysError
+from cattrs.gen import make_dict_unstructure_fn, override
 
 from deploy_agent.errors import InvalidRequest
 from deploy_agent.models import (
     Command,
+    DeployAnswer,
     DeployRequest,
     DeploySpec,
     EnvMap,
@@ -43,6 +45,7 @@ IMAGE_RE = re.compile(
 )
 VOLUME_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 ENV_KEY_RE = re.compile(r"^[^=\x00]+$")
+LEASE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 # The nested service.yaml form: where each manifest key lands in the flat body.
 MANIFEST_REQUIRES = {"gpu": "gpu", "vram_gb": "vram_gb", "ram_gb": None}
@@ -51,7 +54,9 @@ MANIFEST_DEPLOY = {
     "ready_timeout": "ready_timeout", "command": "command", "memory_gb": "memory_gb",
     "runtime": None,
 }
-MANIFEST_TOP = {"name", "version", "description", "client", "requires", "deploy", "replace"}
+# Top-level keys of a deploy that are not the service's spec: the caller's intent.
+REQUEST_KEYS = ("replace", "lease_s", "lease_id")
+MANIFEST_TOP = {"name", "version", "description", "client", "requires", "deploy", *REQUEST_KEYS}
 
 
 class FieldError(ValueError):
@@ -199,6 +204,10 @@ def _json_type(value: Any) -> str:
 def make_converter() -> cattrs.Converter:
     """The converter: simple types first, then each rule-carrying NewType."""
     converter = cattrs.Converter(forbid_extra_keys=True)
+    # A deploy answer names the caller's lease only when it deployed with one.
+    converter.register_unstructure_hook(DeployAnswer, make_dict_unstructure_fn(
+        DeployAnswer, converter, lease_id=override(omit_if_default=True),
+        lease_expires_at=override(omit_if_default=True)))
     for simple, hook in ((str, _strict_str), (int, _strict_int), (float, _strict_float),
                          (bool, _strict_bool)):
         converter.register_structure_hook(simple, hook)
@@ -238,7 +247,7 @@ def flatten_manifest(body: JSONObject) -> tuple[JSONObject, dict[str, str], list
     unknown = sorted(set(body) - MANIFEST_TOP)
     if unknown:
         details.append({"field": "$", "message": f"unknown field(s): {', '.join(unknown)}"})
-    for key in ("name", "version", "description", "replace"):
+    for key in ("name", "version", "description", *REQUEST_KEYS):
         if key in body:
             flat[key] = body[key]
     for section, mapping in (("requires", MANIFEST_REQUIRES), ("deploy", MANIFEST_DEPLOY)):
@@ -274,6 +283,10 @@ def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployReques
     replace = body.pop("replace", False)
     if type(replace) is not bool:
         details.append({"field": "replace", "message": "must be true or false"})
+    lease_s = _optional_field(body.pop("lease_s", None), "lease_s", _lease_seconds, details)
+    lease_id = _optional_field(body.pop("lease_id", None), "lease_id", _lease_id, details)
+    if lease_id is not None and lease_s is None:
+        details.append({"field": "lease_id", "message": "comes with lease_s (renewing for how long?)"})
     spec: DeploySpec | None = None
     try:
         spec = converter.structure(body, DeploySpec)
@@ -283,7 +296,51 @@ def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployReques
     if details or spec is None:
         fields = ", ".join(sorted({d["field"] for d in details}))
         raise InvalidRequest(f"The deploy request is invalid ({fields}); see details.", details=details)
-    return DeployRequest(spec=spec, replace=replace)
+    return DeployRequest(spec=spec, replace=replace, lease_s=lease_s, lease_id=lease_id)
+
+
+def _lease_seconds(value: Any) -> float:
+    seconds = _strict_float(value, float)
+    if seconds <= 0:
+        raise FieldError("must be more than 0 seconds")
+    return seconds
+
+
+def _lease_id(value: Any) -> str:
+    lease_id = _strict_str(value, str)
+    if not LEASE_ID_RE.match(lease_id):
+        raise FieldError("is not a lease id this agent gives out")
+    return lease_id
+
+
+def _optional_field(value: Any, field: str, rule: Callable[[Any], Any],
+                    details: list[JSONObject]) -> Any:
+    """None stays None; anything else must pass `rule`, or adds a detail."""
+    if value is None:
+        return None
+    try:
+        return rule(value)
+    except FieldError as err:
+        details.append({"field": field, "message": str(err)})
+        return None
+
+
+def parse_renew_request(body: Any) -> tuple[str, float | None]:
+    """`{"lease_id": ..., "lease_s": ...}` (lease_s optional) -> both, or InvalidRequest."""
+    if not isinstance(body, dict):
+        raise InvalidRequest('The body must be a JSON object like {"lease_id": "...", "lease_s": 60}.',
+                             details=[{"field": "$", "message": "must be an object"}])
+    details: list[JSONObject] = []
+    unknown = sorted(set(body) - {"lease_id", "lease_s"})
+    if unknown:
+        details.append({"field": "$", "message": f"unknown field(s): {', '.join(unknown)}"})
+    if "lease_id" not in body:
+        details.append({"field": "lease_id", "message": "is required"})
+    lease_id = _optional_field(body.get("lease_id"), "lease_id", _lease_id, details)
+    lease_s = _optional_field(body.get("lease_s"), "lease_s", _lease_seconds, details)
+    if details or lease_id is None:
+        raise InvalidRequest("The renew request is invalid; see details.", details=details)
+    return lease_id, lease_s
 
 
 def parse_stop_request(converter: cattrs.Converter, body: Any) -> ServiceName:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncGenerator, Callable
+from typing import Any
 
 import attrs
 import cattrs
@@ -13,16 +14,20 @@ import cattrs
 from deploy_agent.config import Config
 from deploy_agent.engine import Engine, container_config
 from deploy_agent.errors import (
+    AgentError,
     Conflict,
     ContainerExited,
     EngineUnavailable,
     HealthTimeout,
+    InvalidRequest,
+    LeaseNotFound,
     NoPortAvailable,
     PortTaken,
     ServiceNotFound,
 )
+from deploy_agent.events import EventLog
 from deploy_agent.gpus import Assignment
-from deploy_agent.models import CONTAINER_PREFIX, DeployRequest, DeploySpec, JSONObject, Service
+from deploy_agent.models import CONTAINER_PREFIX, DeployRequest, DeploySpec, JSONObject, Lease, Service
 from deploy_agent.policy import check_deploy
 from deploy_agent.probe import HealthProbe
 from deploy_agent.state import labels_for, service_from_container
@@ -34,6 +39,7 @@ PORT_ATTEMPTS = 5
 LOG_TAIL_LINES = 20
 MIN_POLL_S = 0.02
 MAX_POLL_S = 1.0
+LEASE_CHECK_S = 0.5
 
 
 def poll_interval(elapsed_s: float) -> float:
@@ -53,6 +59,7 @@ def no_progress(event: JSONObject) -> None:
 class DeployOutcome:
     service: Service
     already_running: bool
+    lease: Lease | None = None  # the caller's, when it deployed with lease_s
 
 
 @attrs.define
@@ -61,6 +68,7 @@ class _Attempt:
 
     spec: DeploySpec
     host_port: int
+    lease: Lease | None  # the lease the container is created under (in its labels)
     id: str = attrs.field(factory=lambda: secrets.token_hex(8))
     service: Service | None = None  # set once the engine has created the container
     created_unknown: bool = False  # the create call failed in a way that may still create it
@@ -74,8 +82,9 @@ class Deployer:
     """
 
     def __init__(self, config: Config, engine: Engine, probe: HealthProbe, table: ServiceTable,
-                 converter: cattrs.Converter) -> None:
+                 converter: cattrs.Converter, events: EventLog) -> None:
         self._config = config
+        self._events = events
         self._engine = engine
         self._probe = probe
         self._table = table
@@ -99,25 +108,77 @@ class Deployer:
 
     async def _deploy(self, request: DeployRequest, progress: Progress) -> DeployOutcome:
         spec = request.spec
-        await asyncio.to_thread(check_deploy, spec, self._config)  # resolves host paths
-        async with self._table.locked(spec.name):
-            existing = self._table.get(spec.name)
-            if existing is not None:
-                if existing.status == "healthy":
-                    differing = existing.spec.differing_fields(spec)
-                    if not differing:
-                        return DeployOutcome(existing, already_running=True)
-                    if not request.replace:
-                        raise Conflict(
-                            f"{spec.name} is running with a different {', '.join(differing)}; "
-                            'stop it first or send "replace": true.',
-                            name=spec.name, differing_fields=differing,
-                        )
-                _LOGGER.info("Replacing %s (status %s)", spec.name, existing.status)
-                await self._discard(existing)
-            else:
-                await self._remove_stray(spec)
-            return DeployOutcome(await self._launch(spec, progress), already_running=False)
+        self._check_lease(request)
+        try:
+            await asyncio.to_thread(check_deploy, spec, self._config)  # resolves host paths
+            async with self._table.locked(spec.name):
+                service, already_running, launched_under = await self._deploy_locked(request, progress)
+                lease = self._hold(service, request, launched_under)
+            await self._table.persist_if_dirty()  # a new holder survives a crash right after
+            return DeployOutcome(service, already_running, lease)
+        except AgentError as err:
+            self._events.emit("deploy_failed", spec.name, err.code, image=spec.image,
+                              status=err.status)
+            raise
+
+    async def _deploy_locked(self, request: DeployRequest,
+                             progress: Progress) -> tuple[Service, bool, str | None]:
+        """The service, whether it was already running, and the lease it was launched under."""
+        spec = request.spec
+        existing = self._table.get(spec.name)
+        if existing is not None:
+            differing = existing.spec.differing_fields(spec)
+            if existing.status == "healthy":
+                if not differing:
+                    return existing, True, None
+                if not request.replace:
+                    raise Conflict(
+                        f"{spec.name} is running with a different {', '.join(differing)}; "
+                        'stop it first or send "replace": true.',
+                        name=spec.name, differing_fields=differing,
+                    )
+            _LOGGER.info("Replacing %s (status %s)", spec.name, existing.status)
+            await self._discard(existing)
+            self._events.emit("replaced", spec.name, "spec_changed" if differing else existing.status,
+                              image=existing.spec.image, differing_fields=differing)
+        else:
+            await self._remove_stray(spec)
+        lease = None
+        if request.lease_s is not None:  # the creator's lease goes into the labels
+            lease = Lease(id=request.lease_id or secrets.token_urlsafe(12), service=spec.name,
+                          lease_s=request.lease_s, expires_at=0.0)
+        service = await self._launch(spec, progress, lease)
+        self._events.emit("deployed", spec.name, image=spec.image, port=service.host_port,
+                          gpu=service.gpu)
+        return service, False, lease.id if lease else None
+
+    def _check_lease(self, request: DeployRequest) -> None:
+        """Before anything runs: a lease_s within --max-lease, a lease_id that is held."""
+        if request.lease_s is not None and request.lease_s > self._config.max_lease_s:
+            raise InvalidRequest(
+                f"lease_s {request.lease_s:g} is above this node's --max-lease "
+                f"({self._config.max_lease_s:g} s).",
+                details=[{"field": "lease_s", "message": f"must be at most {self._config.max_lease_s:g}"}])
+        if request.lease_id is not None:
+            self._table.lease(request.spec.name, request.lease_id)  # 404 when not held
+
+    def _hold(self, service: Service, request: DeployRequest, launched_under: str | None) -> Lease | None:
+        """The caller's claim after a deploy: a lease (new, or renewed), or none (pinned).
+
+        A container launched for this deploy carries the lease's id in its labels; the
+        lease recorded here has that id, so it can come back from the labels alone.
+        """
+        name = service.spec.name
+        if request.lease_s is None:
+            self._table.pin(service)  # deployed without a lease: runs until stopped
+            return None
+        lease_id = request.lease_id or launched_under
+        if lease_id is not None:
+            try:
+                return self._table.renew_lease(name, lease_id, request.lease_s)
+            except LeaseNotFound:  # new, or lapsed during a long deploy: the same holder, again
+                pass
+        return self._table.add_lease(name, request.lease_s, lease_id)
 
     async def _remove_stray(self, spec: DeploySpec) -> None:
         """A container of this name that the agent does not track: ours is replaced, a foreign one refused."""
@@ -141,7 +202,7 @@ class Deployer:
             _LOGGER.info("Pulling %s", image)
             await self._engine.pull(image, lambda step: progress({"event": "pull", **step}))
 
-    async def _launch(self, spec: DeploySpec, progress: Progress) -> Service:
+    async def _launch(self, spec: DeploySpec, progress: Progress, lease: Lease | None) -> Service:
         """Reserve a GPU (before a long pull, so a full node answers at once), then a port."""
         assignment = None
         if spec.gpu:
@@ -154,8 +215,8 @@ class Deployer:
             for _ in range(PORT_ATTEMPTS):
                 host_port = await self._table.reserve_port(spec.port, published, frozenset(refused))
                 try:
-                    service = await self._create_and_start(_Attempt(spec, host_port), assignment,
-                                                           progress)
+                    service = await self._create_and_start(_Attempt(spec, host_port, lease),
+                                                           assignment, progress)
                 except PortTaken:
                     _LOGGER.info("Host port %s was taken under us; trying the next", host_port)
                     refused.add(host_port)
@@ -176,7 +237,7 @@ class Deployer:
             gpu = assignment.index if assignment else None
             gpu_env, device_requests = self._table.gpus.handoff(assignment) if assignment else ({}, [])
             labels = labels_for(self._converter, spec, host_port, gpu, self._config.instance,
-                                attempt.id)
+                                attempt.id, attempt.lease)
             config = container_config(spec, host_port=host_port, env={**spec.env, **gpu_env},
                                       labels=labels, device_requests=device_requests,
                                       publish_host=self._config.publish_host,
@@ -187,7 +248,7 @@ class Deployer:
                 attempt.created_unknown = True  # the engine may still act on the request
                 raise
             attempt.service = Service(spec=spec, container_id=container_id, host_port=host_port,
-                                      gpu=gpu)
+                                      gpu=gpu, pinned=attempt.lease is None)
             self._table.track(attempt.service)
             progress({"event": "created", "container": container_id[:12], "port": host_port,
                       "gpu": gpu})
@@ -276,7 +337,7 @@ class Deployer:
 
     # -- stop ----------------------------------------------------------------------------
 
-    async def stop(self, name: str) -> None:
+    async def stop(self, name: str, reason: str = "request") -> None:
         """Stop (grace, then kill), remove, release, persist. 404 when nothing is deployed."""
         async with self._table.locked(name):
             service = self._table.get(name)
@@ -287,15 +348,47 @@ class Deployer:
                                           name=name)
                 await self._engine.remove(info["Id"])
                 return
-            await self._engine.stop(service.container_id, self._config.stop_timeout)
-            await self._discard(service)
-            _LOGGER.info("Stopped %s", name)
+            await self._stop_locked(service, reason)
+
+    async def _stop_locked(self, service: Service, reason: str, **details: Any) -> None:
+        await self._engine.stop(service.container_id, self._config.stop_timeout)
+        await self._discard(service)
+        self._table.drop_leases(service.spec.name)
+        self._events.emit("stopped", service.spec.name, reason, **details)
+        _LOGGER.info("Stopped %s (%s)", service.spec.name, reason)
 
     async def _discard(self, service: Service) -> None:
         """Remove the container and forget the service, releasing what it held."""
         await self._engine.remove(service.container_id)
         self._table.forget(service)
         await self._table.persist()
+
+    # -- leases --------------------------------------------------------------------------
+
+    async def release(self, name: str, lease_id: str) -> bool:
+        """A holder lets go; the service stops if that was its last lease. Whether it stopped."""
+        self._table.release_lease(name, lease_id)  # 404 when not held
+        stopped = await self._stop_if_lapsed(name, released=lease_id)
+        await self._table.persist()
+        return stopped
+
+    async def expire_leases(self) -> None:
+        """Stop each leased service whose last lease ran out; runs until cancelled."""
+        while True:
+            await asyncio.sleep(LEASE_CHECK_S)
+            for name in self._table.lapsed():
+                try:
+                    await self._stop_if_lapsed(name)
+                except AgentError as err:  # the engine is away: tried again on the next pass
+                    _LOGGER.warning("Could not stop %s, whose lease ran out: %s", name, err.message)
+
+    async def _stop_if_lapsed(self, name: str, **details: Any) -> bool:
+        async with self._table.locked(name):  # a deploy may have renewed or pinned it meanwhile
+            service = self._table.get(name)
+            if service is None or service.pinned or self._table.leases_of(name):
+                return False
+            await self._stop_locked(service, "lease_expired", **details)
+            return True
 
     async def logs(self, name: str, tail: int) -> str:
         """The service's recent output."""

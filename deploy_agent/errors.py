@@ -55,6 +55,13 @@ class ServiceNotFound(AgentError):
     code = "not_found"
 
 
+class LeaseNotFound(AgentError):
+    """No lease of that id is held on that service (it lapsed, was released, or never was)."""
+
+    status = 404
+    code = "lease_not_found"
+
+
 class Conflict(AgentError):
     """The name is deployed with a different spec, or taken by a foreign container."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
@@ -23,6 +24,10 @@ _LOGGER = logging.getLogger(__name__)
 # Docker bind-mounts /etc/hostname, /etc/hosts and /etc/resolv.conf from the container's
 # own directory, so they name its id.
 OWN_CONTAINER_RE = re.compile(r"/containers/([0-9a-f]{64})/")
+
+
+def _pid(info: JSONObject | None) -> int:
+    return int(((info or {}).get("State") or {}).get("Pid") or 0)
 
 
 def own_container_id(mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
@@ -42,13 +47,24 @@ class HostView:
     shares_host_pids: bool | None = None
     unshared_paths: list[Path] = attrs.field(factory=list)
 
-    def check_pids(self, info: JSONObject) -> None:
-        """From a running managed container's inspect: is its process visible here as itself?"""
-        pid = int((info.get("State") or {}).get("Pid") or 0)
-        if self.shares_host_pids is not None or pid <= 0:
+    async def check_pids(self, inspect: Callable[[], Awaitable[JSONObject | None]]) -> None:
+        """Is a running managed container's process visible here as itself?
+
+        `inspect` reads that container; it is read again after the look at /proc, and only
+        a process that ran the whole time counts: one that exited meanwhile would look like
+        a PID namespace of the agent's own.
+        """
+        if self.shares_host_pids is not None:
             return
-        self.shares_host_pids = container_of_pid(pid, self.proc) == info.get("Id")
-        if not self.shares_host_pids:
+        before = await inspect()
+        pid = _pid(before)
+        if before is None or pid <= 0:
+            return
+        seen = container_of_pid(pid, self.proc) == before.get("Id")
+        if _pid(await inspect()) != pid:
+            return  # it restarted under us: look again later
+        self.shares_host_pids = seen
+        if not seen:
             _LOGGER.warning("The agent runs in a PID namespace of its own: GPU processes can't "
                             "be matched to its services. Run its container with --pid host.")
 

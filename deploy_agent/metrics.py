@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from deploy_agent import __version__
+from deploy_agent.events import EventLog
 from deploy_agent.reconciler import Reconciler
 from deploy_agent.streams import Streams
 from deploy_agent.supervise import Supervisor
@@ -28,7 +29,7 @@ class AgentMetrics:
     """The registry behind GET /metrics."""
 
     def __init__(self, table: ServiceTable, reconciler: Reconciler, supervisor: Supervisor,
-                 streams: Streams) -> None:
+                 streams: Streams, events: EventLog) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._deploys = Counter(
             "deploy_agent_deploys", "Deploy requests that passed validation, by outcome "
@@ -37,7 +38,7 @@ class AgentMetrics:
             "deploy_agent_deploy_duration_seconds", "Time to answer a deploy, pull and health wait included.",
             ["outcome"], registry=self.registry,
             buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
-        self.registry.register(_StateCollector(table, reconciler, supervisor, streams))
+        self.registry.register(_StateCollector(table, reconciler, supervisor, streams, events))
 
     def deploy_finished(self, outcome: str, seconds: float) -> None:
         self._deploys.labels(outcome).inc()
@@ -51,7 +52,8 @@ class _StateCollector(Collector):
     """Gauges read from the agent's memory on each scrape."""
 
     def __init__(self, table: ServiceTable, reconciler: Reconciler, supervisor: Supervisor,
-                 streams: Streams) -> None:
+                 streams: Streams, events: EventLog) -> None:
+        self._events = events
         self._table = table
         self._reconciler = reconciler
         self._supervisor = supervisor
@@ -102,6 +104,10 @@ class _StateCollector(Collector):
                                      "Writes of services.json that failed (and are retried).")
         writes.add_metric([], self._table.state_write_failures)
         yield writes
+        event_writes = CounterMetricFamily("deploy_agent_event_write_failures",
+                                           "Appends to events.jsonl that failed (and are retried).")
+        event_writes.add_metric([], self._events.write_failures)
+        yield event_writes
         streams = GaugeMetricFamily("deploy_agent_streams_open", "Log and event follows open now.")
         streams.add_metric([], self._streams.count)
         yield streams

@@ -7,6 +7,7 @@ so every rule is enforced in one place and reported with the field's path.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any, Literal, NewType
 
 import attrs
@@ -64,10 +65,23 @@ RUNTIME_FIELDS = ("image", "port", "gpu", "vram_gb", "env", "volumes", "health",
 
 @attrs.frozen
 class DeployRequest:
-    """A parsed `POST /deploy`: the spec, and whether a different running spec may be replaced."""
+    """A parsed `POST /deploy`: the spec, whether a different running spec may be replaced,
+    and the caller's lease: for `lease_s` seconds, a new one or (with `lease_id`) renewed."""
 
     spec: DeploySpec
     replace: bool = False
+    lease_s: float | None = None
+    lease_id: str | None = None
+
+
+@attrs.define
+class Lease:
+    """One holder's claim on a service: it keeps the service running until `expires_at`."""
+
+    id: str
+    service: str
+    lease_s: float
+    expires_at: float
 
 
 @attrs.define
@@ -82,6 +96,7 @@ class Service:
     started_at: float = attrs.field(factory=time.time)
     exit_code: int | None = None
     restarts: int = 0
+    pinned: bool = True  # deployed without a lease by someone: runs until stopped
 
 
 @attrs.frozen
@@ -99,9 +114,12 @@ class ServiceView:
     image: str
     restarts: int
     exit_code: int | None
+    leases: int
+    lease_expires_at: str | None
 
     @classmethod
-    def of(cls, service: Service, advertise_host: str, now: float) -> ServiceView:
+    def of(cls, service: Service, advertise_host: str, now: float,
+           leases: list[Lease]) -> ServiceView:
         return cls(
             name=service.spec.name,
             host=service_url(advertise_host, service.host_port),
@@ -114,6 +132,8 @@ class ServiceView:
             image=service.spec.image,
             restarts=service.restarts,
             exit_code=service.exit_code,
+            leases=len(leases),
+            lease_expires_at=rfc3339(max(lease.expires_at for lease in leases)) if leases else None,
         )
 
 
@@ -128,6 +148,8 @@ class DeployAnswer:
     status: Status
     already_running: bool
     ok: bool = True
+    lease_id: str | None = None  # only in the answers to leased deploys
+    lease_expires_at: str | None = None
 
 
 @attrs.frozen
@@ -150,6 +172,25 @@ class HealthAnswer:
     version: str
     auth: Literal["token", "off"]
     warnings: list[HealthWarning]
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `10m`, `2h`, `1d` -> seconds; ValueError unless it is a positive duration."""
+    text = text.strip()
+    unit = DURATION_UNITS.get(text[-1:].lower())
+    number = text[:-1] if unit else text
+    seconds = float(number) * (unit or 1)
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(f"expected a duration like 90s, 10m or 2h, got {text!r}")
+    return seconds
+
+
+def rfc3339(epoch: float) -> str:
+    """Seconds since the epoch as RFC 3339 in UTC, to the millisecond: 2026-01-02T03:04:05.678Z."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def service_url(advertise_host: str, host_port: int) -> str:

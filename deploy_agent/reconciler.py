@@ -17,6 +17,7 @@ import cattrs
 
 from deploy_agent.engine import Engine
 from deploy_agent.errors import AgentError
+from deploy_agent.events import EventLog
 from deploy_agent.hostview import HostView, own_container_id
 from deploy_agent.models import CONTAINER_PREFIX, JSONObject, Service
 from deploy_agent.probe import HealthProbe
@@ -24,6 +25,7 @@ from deploy_agent.state import (
     StateFile,
     apply_container_state,
     attempt_of,
+    lease_of,
     service_from_container,
     summary_name,
     summary_state,
@@ -42,7 +44,7 @@ class Reconciler:
     """Adoption at start-up, then three loops: engine liveness, events, periodic resync."""
 
     def __init__(self, table: ServiceTable, engine: Engine, probe: HealthProbe,
-                 state_file: StateFile, converter: cattrs.Converter,
+                 state_file: StateFile, converter: cattrs.Converter, events: EventLog,
                  resync_interval_s: float, instance: str, host_view: HostView,
                  allowed_host_paths: tuple[Path, ...] = ()) -> None:
         self._table = table
@@ -50,11 +52,15 @@ class Reconciler:
         self._probe = probe
         self._state_file = state_file
         self._converter = converter
+        self._events = events
+        self._recorded: dict[str, Service] = {}  # by container id: what services.json said
+        self._engine_lost = False
         self._interval = resync_interval_s
         self._instance = instance
         self.host_view = host_view
         self._allowed_host_paths = allowed_host_paths
         self._failures: dict[str, int] = {}
+        self._died: set[str] = set()  # containers that exited and have not started since
         self._wake = asyncio.Event()  # resync now: the engine came back, or events were missed
         self.engine_reachable = False
         self.resyncs = 0  # completed, for /metrics
@@ -63,6 +69,7 @@ class Reconciler:
     async def start_up(self) -> None:
         """Adopt every container the agent created; drop records whose container is gone."""
         recorded = self._table.restore(await asyncio.to_thread(self._state_file.load))
+        self._recorded = {service.container_id: service for service in recorded}
         try:
             infos = await self._engine.list_managed()
         except AgentError as err:
@@ -75,9 +82,10 @@ class Reconciler:
         self._engine_is(reachable=True)
         for summary in infos:
             with contextlib.suppress(AgentError):  # what can't be read now, the resync reads
-                await self._adopt_or_remove(summary)
+                await self._adopt_or_remove(summary, "start_up")
         with contextlib.suppress(AgentError):
             await self._check_host_paths()
+            await self._check_pids()
         adopted = {s.spec.name for s in self._table.services()}
         for lost in {s.spec.name for s in recorded} - adopted:
             _LOGGER.info("Dropping %s: its container is gone", lost)
@@ -85,7 +93,7 @@ class Reconciler:
         await self._probe_all()
         await self._table.persist()
 
-    async def _adopt_or_remove(self, summary: JSONObject) -> str | None:
+    async def _adopt_or_remove(self, summary: JSONObject, reason: str) -> str | None:
         """Adopt a container the table lacks, or remove it if its deploy was abandoned;
         the abandoned attempt it removed, if any."""
         attempt = attempt_of(summary["Labels"])
@@ -94,12 +102,29 @@ class Reconciler:
             await self._engine.remove(summary["Id"])
             return attempt
         info = await self._engine.inspect(summary["Id"])
-        if info is not None:
-            self.host_view.check_pids(info)
-        found = service_from_container(self._converter, info, self._instance) if info else None
-        if found is not None and not self._table.busy(found.spec.name):
-            self._table.adopt(found)
+        if info is None:
+            return None
+        found = service_from_container(self._converter, info, self._instance)
+        if found is None or self._table.busy(found.spec.name):
+            return None
+        self._restore_holders(found, info["Config"].get("Labels") or {})
+        self._table.adopt(found)
+        self._events.emit("adopted", found.spec.name, reason, image=found.spec.image,
+                          status=found.status)
         return None
+
+    def _restore_holders(self, service: Service, labels: JSONObject) -> None:
+        """Whether it runs until stopped, and its leases: as services.json recorded them. A
+        leased service left with no lease there (the file lost, or written before its first
+        holder was) gets back the lease it was created with, from its labels, for a full
+        lease_s: never stopped early, never made permanent."""
+        recorded = self._recorded.get(service.container_id)
+        if recorded is not None:
+            service.pinned = recorded.pinned
+        created_with = lease_of(labels)
+        if created_with is not None and not service.pinned and not self._table.leases_of(service.spec.name):
+            lease_id, lease_s = created_with
+            self._table.add_lease(service.spec.name, lease_s, lease_id)
 
     # -- engine liveness -----------------------------------------------------------------
 
@@ -118,6 +143,12 @@ class Reconciler:
         self.engine_reachable = reachable
         if reachable:
             self._wake.set()
+        if not reachable:
+            self._engine_lost = True
+            self._events.emit("engine_lost")
+        elif self._engine_lost:
+            self._engine_lost = False
+            self._events.emit("engine_back")
 
     # -- events --------------------------------------------------------------------------
 
@@ -147,18 +178,36 @@ class Reconciler:
             service.status = "exited"
             with contextlib.suppress(ValueError):
                 service.exit_code = int(str(attributes.get("exitCode", "")))
+            self._crashed(service)
         elif action == "start":
-            if service.status in ("exited", "restarting"):
+            # Counted from the die it follows, not from the status: a resync may already
+            # have seen the container running again.
+            if service.container_id in self._died:
+                self._died.discard(service.container_id)
                 service.restarts += 1
                 service.started_at = time.time()  # uptime counts from the latest start
+                self._events.emit("restarted", name, "engine", restarts=service.restarts)
             service.status = "starting"
             service.exit_code = None
             self._failures.pop(name, None)
         elif action == "destroy":
-            self._table.forget(service)
-            self._failures.pop(name, None)
+            self._remove(service, "container_destroyed")
         elif action == "health_status: unhealthy":
             service.status = "unhealthy"
+
+    def _crashed(self, service: Service) -> None:
+        """Its container exited without the agent asking: once per exit."""
+        if service.container_id not in self._died:
+            self._died.add(service.container_id)
+            self._events.emit("crashed", service.spec.name, exit_code=service.exit_code)
+
+    def _remove(self, service: Service, reason: str) -> None:
+        """Its container is gone, not by the agent's hand: forget it and its holders."""
+        if self._table.forget(service):
+            self._died.discard(service.container_id)
+            self._table.drop_leases(service.spec.name)
+            self._failures.pop(service.spec.name, None)
+            self._events.emit("removed", service.spec.name, reason, image=service.spec.image)
 
     def _tracked(self, name: str, container_id: str) -> Service | None:
         """The service this event is about, unless a deploy or stop of it is under way."""
@@ -205,21 +254,23 @@ class Reconciler:
                     continue
                 if info is None:
                     _LOGGER.info("Dropping %s: its container is gone", service.spec.name)
-                    self._table.forget(service)
+                    self._remove(service, "container_gone")
                     continue
                 was_down = service.status == "exited"
                 apply_container_state(service, summary_state(info["State"]))
-                if service.status == "exited" and not was_down:
+                if service.status == "exited" and not was_down:  # its die event was missed
                     await self._refresh_from_inspect(service)
+                    self._crashed(service)
             removed = set()
             for summary in by_id.values():
                 name = summary_name(summary)
-                if name and seen.current(name) and (gone := await self._adopt_or_remove(summary)):
+                if name and seen.current(name) and (gone := await self._adopt_or_remove(summary, "resync")):
                     removed.add(gone)
         self._table.settle(attempts, removed)
         await self._check_pids()
         for name in [n for n in self._failures if self._table.get(n) is None]:
             del self._failures[name]
+        self._died &= {s.container_id for s in self._table.services()}
         await self._table.refresh_gpus()
         await self._probe_all()
         await self._table.persist_if_dirty()
@@ -234,12 +285,12 @@ class Reconciler:
             self.host_view.check_paths(self._allowed_host_paths, info)
 
     async def _check_pids(self) -> None:
-        """Until it is known, inspect one running service to see whether PIDs are the host's."""
+        """Until it is known, look at one running service: are PIDs here the host's?"""
         if self.host_view.shares_host_pids is not None:
             return
         running = next((s for s in self._table.services() if s.status in ("starting", "healthy")), None)
-        if running is not None and (info := await self._engine.inspect(running.container_id)):
-            self.host_view.check_pids(info)
+        if running is not None:
+            await self.host_view.check_pids(lambda: self._engine.inspect(running.container_id))
 
     async def _refresh_from_inspect(self, service: Service) -> None:
         """Exit code and restart count, which `docker ps` does not give."""

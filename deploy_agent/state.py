@@ -20,7 +20,7 @@ import attrs
 import cattrs
 
 from deploy_agent.engine import MANAGED_LABEL
-from deploy_agent.models import DeploySpec, JSONObject, Service
+from deploy_agent.models import DeploySpec, JSONObject, Lease, Service
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ HOST_PORT_LABEL = "tidybot.host-port"
 GPU_LABEL = "tidybot.gpu"
 VRAM_LABEL = "tidybot.vram-gb"
 ATTEMPT_LABEL = "tidybot.attempt"  # one per deploy attempt: what an abandoned attempt is known by
+LEASE_LABEL = "tidybot.lease"  # {"id", "lease_s"} of the lease that created it, if any
 
 
 @attrs.frozen
@@ -48,11 +49,17 @@ class SavedState:
 
     services: list[Service]
     abandoned: list[Abandoned] = attrs.field(factory=list)
+    leases: list[Lease] = attrs.field(factory=list)
 
 
 def labels_for(converter: cattrs.Converter, spec: DeploySpec, host_port: int,
-               gpu: int | None, instance: str, attempt: str) -> dict[str, str]:
-    """The labels a service container carries so it can be adopted after any restart."""
+               gpu: int | None, instance: str, attempt: str,
+               lease: Lease | None = None) -> dict[str, str]:
+    """The labels a service container carries so it can be adopted after any restart.
+
+    The lease that created it is among them: should services.json be lost, that holder's
+    lease comes back (labels can't change later, so later leases live only in the file).
+    """
     labels = {
         MANAGED_LABEL: instance,
         SPEC_LABEL: json.dumps(converter.unstructure(spec), sort_keys=True),
@@ -62,7 +69,18 @@ def labels_for(converter: cattrs.Converter, spec: DeploySpec, host_port: int,
     }
     if gpu is not None:
         labels[GPU_LABEL] = str(gpu)
+    if lease is not None:
+        labels[LEASE_LABEL] = json.dumps({"id": lease.id, "lease_s": lease.lease_s})
     return labels
+
+
+def lease_of(labels: JSONObject) -> tuple[str, float] | None:
+    """(id, lease_s) of the lease a container was created with; None when deployed unleased."""
+    try:
+        found = json.loads(labels[LEASE_LABEL])
+        return str(found["id"]), float(found["lease_s"])
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def service_from_container(converter: cattrs.Converter, info: JSONObject,
@@ -89,6 +107,7 @@ def service_from_container(converter: cattrs.Converter, info: JSONObject,
         gpu=gpu,
         started_at=_parse_docker_time(state.get("StartedAt")) or time.time(),
         restarts=int(info.get("RestartCount", 0)),
+        pinned=lease_of(labels) is None,
     )
     apply_container_state(service, state)
     return service

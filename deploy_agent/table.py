@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import attrs
 
-from deploy_agent.errors import ServiceNotFound
+from deploy_agent.errors import LeaseNotFound, ServiceNotFound
 from deploy_agent.gpus import Assignment, GpuPool
-from deploy_agent.models import Service
+from deploy_agent.models import Lease, Service
 from deploy_agent.ports import PortAllocator
 from deploy_agent.state import Abandoned, SavedState, StateFile
 
@@ -60,6 +61,7 @@ class ServiceTable:
         self._changed: dict[str, int] = {}  # name -> generation of its last change
         self._observers = 0
         self._abandoned: dict[str, Abandoned] = {}
+        self._leases: dict[str, Lease] = {}  # by id
         self._dirty = False
         self.state_error: str | None = None  # why the last write of services.json failed
         self.state_write_failures = 0
@@ -147,6 +149,12 @@ class ServiceTable:
         if service.gpu is not None:
             self._gpus.claim(service.spec.name, service.gpu, service.spec.vram_gb)
 
+    def pin(self, service: Service) -> None:
+        """Someone deployed it without a lease: it runs until stopped, whatever leases do."""
+        if not service.pinned:
+            service.pinned = True
+            self._dirty = True
+
     def forget(self, service: Service) -> bool:
         """Drop a record whose container is gone, releasing what it held."""
         if not self.untrack(service):
@@ -194,13 +202,75 @@ class ServiceTable:
                 del self._abandoned[attempt]
                 self._dirty = True
 
+    # -- leases --------------------------------------------------------------------------
+
+    def leases_of(self, name: str) -> list[Lease]:
+        return [lease for lease in self._leases.values() if lease.service == name]
+
+    def add_lease(self, name: str, lease_s: float, lease_id: str | None = None) -> Lease:
+        """A new holder's lease on `name`, for lease_s seconds from now."""
+        lease = Lease(id=lease_id or secrets.token_urlsafe(12), service=name, lease_s=lease_s,
+                      expires_at=time.time() + lease_s)
+        self._leases[lease.id] = lease
+        self._dirty = True
+        return lease
+
+    def renew_lease(self, name: str, lease_id: str, lease_s: float | None = None) -> Lease:
+        """Extend a holder's lease to now + lease_s (its own lease_s when not given)."""
+        lease = self.lease(name, lease_id)
+        if lease_s is not None:
+            lease.lease_s = lease_s
+        lease.expires_at = time.time() + lease.lease_s
+        self._dirty = True
+        return lease
+
+    def release_lease(self, name: str, lease_id: str) -> Lease:
+        lease = self.lease(name, lease_id)
+        del self._leases[lease.id]
+        self._dirty = True
+        return lease
+
+    def lease(self, name: str, lease_id: str) -> Lease:
+        """A live lease of `name`; LeaseNotFound (404) otherwise."""
+        lease = self._leases.get(lease_id)
+        if lease is None or lease.service != name or lease.expires_at <= time.time():
+            raise LeaseNotFound(f"{name} has no lease {lease_id!r}: it lapsed, was released, or "
+                                "never was. Deploy again with lease_s for a new one.",
+                                name=name, lease_id=lease_id)
+        return lease
+
+    def drop_leases(self, name: str) -> None:
+        """The service is gone: so are its holders' claims."""
+        for lease in self.leases_of(name):
+            del self._leases[lease.id]
+            self._dirty = True
+
+    def lapsed(self) -> list[str]:
+        """Drop leases that ran out; the services to stop: leased, none left, and idle.
+
+        Derived on each call, so a stop that failed (engine away) is simply tried again.
+        """
+        now = time.time()
+        for lease in [lease for lease in self._leases.values() if lease.expires_at <= now]:
+            del self._leases[lease.id]
+            self._dirty = True
+        held = {lease.service for lease in self._leases.values()}
+        return [name for name, service in sorted(self._services.items())
+                if not service.pinned and name not in held and not self.busy(name)]
+
     # -- persistence ---------------------------------------------------------------------
 
     def restore(self, saved: SavedState | None) -> list[Service]:
-        """Take the abandoned attempts of a saved state; its services, for the caller to adopt."""
+        """Take the abandoned attempts and leases of a saved state; its services, for the
+        caller to adopt. Callers could not renew while the agent was down, so each lease
+        runs at least a full lease_s from now."""
         if saved is None:
             return []
         self._abandoned = {entry.attempt: entry for entry in saved.abandoned}
+        now = time.time()
+        self._leases = {lease.id: attrs.evolve(lease, expires_at=max(lease.expires_at,
+                                                                      now + lease.lease_s))
+                        for lease in saved.leases}
         return list(saved.services)
 
     async def persist(self) -> None:
@@ -208,7 +278,8 @@ class ServiceTable:
         the containers and their labels stay the truth, and reservations stay held."""
         self._dirty = False
         try:
-            await self._state_file.save(SavedState(self.services(), list(self._abandoned.values())))
+            await self._state_file.save(SavedState(self.services(), list(self._abandoned.values()),
+                                                   list(self._leases.values())))
         except OSError as err:
             self._dirty = True
             self.state_write_failures += 1

@@ -19,6 +19,7 @@ from deploy_agent.convert import make_converter, parse_deploy_request
 from deploy_agent.deployer import Deployer
 from deploy_agent.engine import Engine
 from deploy_agent.errors import AgentError, EngineError, EngineUnavailable
+from deploy_agent.events import EventLog
 from deploy_agent.gpus import FakeGpus, GpuPool
 from deploy_agent.ports import PortAllocator
 from deploy_agent.probe import HealthProbe
@@ -58,7 +59,7 @@ async def deployer_with(engine: Any, tmp_path: Path, healthy: bool = True) -> tu
     probe = MagicMock(spec=HealthProbe)
     probe.healthy = AsyncMock(return_value=healthy)
     config = make_config(tmp_path, port_range=PORTS)
-    return Deployer(config, engine, probe, table, CONVERTER), table
+    return Deployer(config, engine, probe, table, CONVERTER, EventLog(tmp_path)), table
 
 
 def request(name: str = "svc", **body: Any) -> Any:
@@ -170,7 +171,7 @@ class TestOffTheLoop:
         probe = MagicMock(spec=HealthProbe)
         probe.healthy = AsyncMock(return_value=True)
         config = make_config(tmp_path, port_range=PORTS, allow_host_paths=(tmp_path,))
-        deployer = Deployer(config, stand_in_engine(), probe, table, CONVERTER)
+        deployer = Deployer(config, stand_in_engine(), probe, table, CONVERTER, EventLog(tmp_path))
         loop = asyncio.get_running_loop()
         gaps: list[float] = []
 

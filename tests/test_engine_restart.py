@@ -137,6 +137,9 @@ class TestFrozenEngine:
                 assert (status, answer["error"]) == (503, "engine_unavailable") and took < 15, took
             wait_until(lambda: get_json(agent.url + "/health")["engine"] == "reachable", timeout=15)
             assert get_json(agent.url + "/health")["warnings"] == []
+            engine_events = [e["kind"] for e in get_json(agent.url + "/events")
+                             if e["kind"].startswith("engine_")]
+            assert engine_events == ["engine_lost", "engine_back"]
             assert agent.services()["t-frozen"]["status"] == "healthy"  # nothing lost
             deploy(agent, "t-frozen-after")
             assert post_json(agent.url + "/stop", {"name": "t-frozen"})[0] == 200

@@ -5,7 +5,15 @@ from __future__ import annotations
 import attrs
 
 from deploy_agent.convert import make_converter
-from deploy_agent.models import DeployAnswer, DeploySpec, Service, ServiceView, service_url
+from deploy_agent.models import (
+    DeployAnswer,
+    DeploySpec,
+    Lease,
+    Service,
+    ServiceView,
+    parse_duration,
+    service_url,
+)
 
 
 def spec(**changes: object) -> DeploySpec:
@@ -19,14 +27,22 @@ class TestServiceView:
     def test_shape(self) -> None:
         service = Service(spec=spec(port=8010), container_id="abc", host_port=8011, gpu=0,
                           status="healthy", started_at=1000.0)
-        view = make_converter().unstructure(ServiceView.of(service, "10.0.0.5", now=4600.9))
+        leases = [Lease("a", "yolo", 60, 5000.25), Lease("b", "yolo", 60, 7000.5)]
+        view = make_converter().unstructure(ServiceView.of(service, "10.0.0.5", now=4600.9,
+                                                           leases=leases))
         assert view["host"] == "http://10.0.0.5:8011"
         assert (view["port"], view["container_port"], view["uptime"]) == (8011, 8010, 3600)
         assert {"name", "host", "port", "gpu", "status", "uptime", "image"} <= set(view)
+        assert (view["leases"], view["lease_expires_at"]) == (2, "1970-01-01T01:56:40.500Z")
 
     def test_env_values_never_appear(self) -> None:
         service = Service(spec=spec(env={"API_KEY": "s3cret"}), container_id="a", host_port=1)
-        assert "s3cret" not in str(make_converter().unstructure(ServiceView.of(service, "h", 0)))
+        assert "s3cret" not in str(make_converter().unstructure(ServiceView.of(service, "h", 0, [])))
+
+    def test_without_leases_the_expiry_is_null(self) -> None:
+        service = Service(spec=spec(), container_id="a", host_port=1)
+        view = make_converter().unstructure(ServiceView.of(service, "h", 0, []))
+        assert (view["leases"], view["lease_expires_at"]) == (0, None)
 
     def test_ipv6_advertise_host_is_bracketed(self) -> None:
         assert service_url("fe80::1", 8000) == "http://[fe80::1]:8000"
@@ -54,3 +70,18 @@ class TestDifferingFields:
 
     def test_ready_timeout_and_metadata_do_not(self) -> None:
         assert spec(ready_timeout=5.0, version="2").differing_fields(spec()) == []
+
+
+class TestDurations:
+    """Lease lengths read as people write them."""
+
+    def test_units(self) -> None:
+        assert [parse_duration(t) for t in ("90", "90s", "10m", "2h", "1d", "1.5h")] == [
+            90, 90, 600, 7200, 86400, 5400]
+
+    def test_refused(self) -> None:
+        import pytest
+
+        for bad in ("", "0", "-5m", "forever", "nan", "inf", "10x"):
+            with pytest.raises(ValueError):
+                parse_duration(bad)

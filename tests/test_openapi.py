@@ -54,7 +54,8 @@ class TestDocument:
         """The document is written by hand; this keeps it from drifting from the models."""
         import attrs
 
-        from deploy_agent.convert import MANIFEST_DEPLOY, MANIFEST_REQUIRES, MANIFEST_TOP
+        from deploy_agent.convert import MANIFEST_DEPLOY, MANIFEST_REQUIRES, MANIFEST_TOP, REQUEST_KEYS
+        from deploy_agent.events import Event
         from deploy_agent.gpus import GpuView
         from deploy_agent.models import DeployAnswer, DeploySpec, HealthAnswer, ServiceView
 
@@ -63,13 +64,13 @@ class TestDocument:
         def names(model: Any) -> set[str]:
             return {field.name for field in attrs.fields(model)}
 
-        assert set(schemas["FlatDeploy"]["properties"]) == names(DeploySpec) | {"replace"}
+        assert set(schemas["FlatDeploy"]["properties"]) == names(DeploySpec) | set(REQUEST_KEYS)
         manifest = schemas["ManifestDeploy"]["properties"]
         assert set(manifest) == MANIFEST_TOP
         assert set(manifest["deploy"]["properties"]) == set(MANIFEST_DEPLOY)
         assert set(manifest["requires"]["properties"]) == set(MANIFEST_REQUIRES)
         for schema, model in (("Health", HealthAnswer), ("Service", ServiceView), ("Gpu", GpuView),
-                              ("DeployAnswer", DeployAnswer)):
+                              ("DeployAnswer", DeployAnswer), ("Event", Event)):
             assert set(schemas[schema]["properties"]) == names(model), schema
             assert set(schemas[schema].get("required", [])) <= names(model), schema
 

@@ -166,3 +166,57 @@ class TestStateFile:
         table.abandon("attempt-1", "a")
         table.settle(attempts_seen=set(), removed=set())  # the engine may still create it
         assert table.is_abandoned("attempt-1")
+
+
+class TestLeases:
+    """Leases belong to holders; a leased service lapses only when its last lease does."""
+
+    def unpinned(self, table: ServiceTable, name: str, port: int) -> Service:
+        record = service(name, port)
+        record.pinned = False
+        table.adopt(record)
+        return record
+
+    async def test_last_lease_lapsing_lapses_the_service(self, table: ServiceTable) -> None:
+        self.unpinned(table, "a", 29300)
+        short = table.add_lease("a", 0.05)
+        table.add_lease("a", 60)
+        await asyncio.sleep(0.1)
+        assert table.lapsed() == []  # one holder is still there
+        assert [lease.id for lease in table.leases_of("a")] != [short.id]
+        for lease in table.leases_of("a"):
+            table.release_lease("a", lease.id)
+        assert table.lapsed() == ["a"]
+
+    async def test_pinned_and_busy_services_never_lapse(self, table: ServiceTable) -> None:
+        self.unpinned(table, "a", 29300)
+        table.pin(table.service("a"))
+        self.unpinned(table, "b", 29301)
+        async with table.locked("b"):  # a deploy of it is under way
+            assert table.lapsed() == []
+        assert table.lapsed() == ["b"]
+
+    async def test_unknown_or_lapsed_lease_is_404(self, table: ServiceTable) -> None:
+        from deploy_agent.errors import LeaseNotFound
+
+        self.unpinned(table, "a", 29300)
+        lease = table.add_lease("a", 0.01)
+        await asyncio.sleep(0.05)
+        for lease_id, name in ((lease.id, "a"), ("nope", "a"), (table.add_lease("a", 60).id, "b")):
+            with pytest.raises(LeaseNotFound) as caught:
+                table.renew_lease(name, lease_id, 10)
+            assert caught.value.status == 404
+
+    async def test_restart_gives_each_lease_a_full_term(self, table: ServiceTable,
+                                                         tmp_path: Path) -> None:
+        import time
+
+        self.unpinned(table, "a", 29300)
+        lease = table.add_lease("a", 30)
+        lease.expires_at = time.time() - 100  # saved long ago, the agent down since
+        await table.persist()
+        fresh = ServiceTable(PortAllocator((29300, 29310)), table.gpus, StateFile(tmp_path, CONVERTER))
+        fresh.restore(StateFile(tmp_path, CONVERTER).load())
+        restored = fresh.lease("a", lease.id)
+        assert time.time() + 29 < restored.expires_at <= time.time() + 30
+

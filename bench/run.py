@@ -37,6 +37,7 @@ from deploy_agent.models import DeploySpec
 from deploy_agent.state import labels_for
 
 IMAGE = "deploy-agent-test/httpd:1"
+NVML_STANDIN = Path(__file__).resolve().parent.parent / "tests" / "nvml_standin"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -60,6 +61,7 @@ class Agent:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = workdir / instance
+        self.env: dict[str, str] = {}
         self.process: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> float:
@@ -68,7 +70,7 @@ class Agent:
              "--port", str(self.port), "--state-dir", str(self.state), "--advertise-host", "127.0.0.1",
              "--port-range", self.port_range, "--instance", self.instance,
              "--resync-interval", str(self.resync), "--log-level", "WARNING"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **self.env})
         return time.perf_counter()
 
     async def wait_for(self, session: aiohttp.ClientSession, expected_services: int) -> None:
@@ -287,6 +289,23 @@ class Bench:
             self.report("7. CPU time of one resync, 200 services", f"{cpu['bench-200'] * 1000:.0f} ms",
                         f"{cpu['bench-0'] * 1000:.0f} ms (no services)", "<= 100 ms",
                         cpu["bench-200"] <= 0.100)
+
+            # The same agent, now reading 8 GPUs whose 200 processes are the services' own
+            # (a stand-in NVML reporting their real PIDs): VRAM truth must not slow a resync.
+            many.stop()
+            nvml = self.workdir / "nvml.json"
+            nvml.write_text(json.dumps(await standin_gpus(docker, "bench-200", 8)))
+            many.env = {"PYTHONPATH": str(NVML_STANDIN), "DEPLOY_AGENT_TEST_NVML": str(nvml)}
+            many.spawn()
+            await many.wait_for(session, 200)
+            resyncs_before, cpu_before = await resyncs(session, many), many.cpu_s()
+            await asyncio.sleep(10.0)
+            with_gpus = (many.cpu_s() - cpu_before) / (await resyncs(session, many) - resyncs_before)
+            reading = await reading_cost(nvml)
+            self.report("7b. resync CPU, 200 services, GPU reading attributing 200 processes",
+                        f"{with_gpus * 1000:.0f} ms ({reading * 1000:.1f} ms reading)",
+                        f"{cpu['bench-200'] * 1000:.0f} ms (figure 7, no GPUs)", "<= 100 ms",
+                        with_gpus <= 0.100)
         finally:
             for agent in (empty, twenty, many):
                 agent.stop()
@@ -304,6 +323,32 @@ class Bench:
                     await self.scale_figures(docker, session)
             finally:
                 await cleanup(docker)
+
+
+async def standin_gpus(docker: aiodocker.Docker, instance: str, count: int) -> dict[str, Any]:
+    """A stand-in NVML description: `count` 80 GB GPUs, each service's PID using 1 GB."""
+    containers = await docker.containers.list(filters={"label": [f"{MANAGED_LABEL}={instance}"]})
+    pids = [(await c.show())["State"]["Pid"] for c in containers]
+    return {"gpus": [{"uuid": f"GPU-bench-{i}", "name": "bench GPU", "total_gb": 80, "utilization": 0,
+                      "processes": [{"pid": pid, "used_gb": 1} for pid in pids[i::count]]}
+                     for i in range(count)]}
+
+
+async def reading_cost(nvml_state: Path, rounds: int = 50) -> float:
+    """Median CPU seconds (all threads) of one inventory read plus pool refresh, in this process."""
+    sys.path.insert(0, str(NVML_STANDIN))
+    os.environ["DEPLOY_AGENT_TEST_NVML"] = str(nvml_state)
+    import pynvml  # the stand-in, from the path above
+
+    from deploy_agent.gpus import GpuPool, NvmlGpus
+
+    pool = GpuPool(NvmlGpus(pynvml))
+    times = []
+    for _ in range(rounds):
+        started = time.process_time()
+        await pool.refresh({})
+        times.append(time.process_time() - started)
+    return statistics.median(times)
 
 
 async def resyncs(session: aiohttp.ClientSession, agent: Agent) -> int:

@@ -27,12 +27,14 @@ from deploy_agent.metrics import AgentMetrics
 from deploy_agent.models import (
     DeployAnswer,
     DeployRequest,
+    DryRunAnswer,
     HealthAnswer,
     HealthWarning,
     JSONObject,
     Service,
     ServiceView,
     rfc3339,
+    service_url,
 )
 from deploy_agent.reconciler import Reconciler
 from deploy_agent.streams import Streams, relay
@@ -165,23 +167,27 @@ async def list_services(request: web.Request) -> web.Response:
     the key (leases by id and expiry), with the current second for uptime.
     """
     table, now = request.app[TABLE_KEY], time.time()
-    services = table.services()
+    services, gpus = table.services(), table.gpus
     leases = {s.spec.name: table.leases_of(s.spec.name) for s in services}
+    vram = {s.spec.name: (gpus.observed_gb(s.spec.name), s.spec.name in gpus.over) for s in services}
     key = (int(now), tuple((s.container_id, s.status, s.restarts, s.exit_code, s.started_at,
-                            tuple((lease.id, lease.expires_at) for lease in leases[s.spec.name]))
+                            tuple((lease.id, lease.expires_at) for lease in leases[s.spec.name]),
+                            vram[s.spec.name])
                            for s in services))
     cache = request.app[LISTING_KEY]
     if cache.key != key:
         advertise = request.app[CONFIG_KEY].advertise_host
-        views = [ServiceView.of(s, advertise, now, leases[s.spec.name]) for s in services]
+        views = [ServiceView.of(s, advertise, now, leases[s.spec.name], *vram[s.spec.name])
+                 for s in services]
         cache.body = _dumps(request.app[CONVERTER_KEY].unstructure(views)).encode()
         cache.key = key
     return web.Response(body=cache.body, content_type="application/json")
 
 
 def service_view(request: web.Request, service: Service) -> ServiceView:
+    table, name = request.app[TABLE_KEY], service.spec.name
     return ServiceView.of(service, request.app[CONFIG_KEY].advertise_host, time.time(),
-                          request.app[TABLE_KEY].leases_of(service.spec.name))
+                          table.leases_of(name), table.gpus.observed_gb(name), name in table.gpus.over)
 
 
 async def get_service(request: web.Request) -> web.Response:
@@ -190,6 +196,8 @@ async def get_service(request: web.Request) -> web.Response:
 
 async def deploy(request: web.Request) -> web.StreamResponse:
     deploy_request = parse_deploy_request(request.app[CONVERTER_KEY], await read_json(request))
+    if _query_flag(request, "dry_run"):
+        return answer(request, await dry_run(request, deploy_request))
     if NDJSON in request.headers.get("Accept", ""):
         return await stream_deploy(request, deploy_request)
     outcome = await run_deploy(request, deploy_request)
@@ -209,6 +217,16 @@ async def run_deploy(request: web.Request, deploy_request: DeployRequest,
         raise
     finally:
         request.app[METRICS_KEY].deploy_finished(outcome_label, time.monotonic() - started)
+
+
+async def dry_run(request: web.Request, deploy_request: DeployRequest) -> DryRunAnswer:
+    outcome = await request.app[DEPLOYER_KEY].dry_run(deploy_request)
+    return DryRunAnswer(
+        name=deploy_request.spec.name,
+        host=service_url(request.app[CONFIG_KEY].advertise_host, outcome.host_port),
+        port=outcome.host_port, gpu=outcome.gpu,
+        status=outcome.service.status if outcome.service else None,
+        already_running=outcome.already_running, pull_needed=outcome.pull_needed)
 
 
 def deploy_answer(request: web.Request, outcome: DeployOutcome) -> DeployAnswer:
@@ -278,11 +296,15 @@ async def service_logs(request: web.Request) -> web.StreamResponse:
 
 
 def _query_follow(request: web.Request) -> bool:
-    follow = request.query.get("follow", "0").lower()
-    if follow not in ("0", "1", "true", "false"):
-        raise InvalidRequest("follow must be 1 or 0.",
-                             details=[{"field": "follow", "message": "must be 1 or 0"}])
-    return follow in ("1", "true")
+    return _query_flag(request, "follow")
+
+
+def _query_flag(request: web.Request, key: str) -> bool:
+    value = request.query.get(key, "0").lower()
+    if value not in ("0", "1", "true", "false"):
+        raise InvalidRequest(f"{key} must be 1 or 0.",
+                             details=[{"field": key, "message": "must be 1 or 0"}])
+    return value in ("1", "true")
 
 
 def _query_int(request: web.Request, key: str, default: int, maximum: int) -> int:

@@ -81,7 +81,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         inventory: GpuInventory = (
             gpus if gpus is not None else await asyncio.to_thread(open_inventory, config.fake_gpus))
         pool = GpuPool(inventory)
-        await pool.refresh(frozenset())
+        await pool.refresh({})
         app[GPUS_KEY] = pool
         yield
         await asyncio.to_thread(inventory.close)
@@ -110,7 +110,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         supervisor.start("state-file", table.keep_written)
         supervisor.start("stream-watch", app[STREAMS_KEY].watch)
         supervisor.start("event-log", events.keep_written)
-        supervisor.start("leases", deployer.expire_leases)
+        supervisor.start("enforce", deployer.enforce)
         yield
         await supervisor.close()
         await deployer.close()

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = command("deploy", "deploy a service.yaml (or - for stdin), with live progress")
     deploy.add_argument("file", metavar="FILE|-")
     deploy.add_argument("--replace", action="store_true", help="replace it if running with another spec")
+    deploy.add_argument("--dry-run", action="store_true",
+                        help="say where it would go (node, GPU, port, whether it would pull), "
+                        "deploying nothing")
     deploy.add_argument("--lease", type=_lease_length, metavar="DURATION",
                         help="hold it for this long (90s, 10m, 2h) and print the lease id: it "
                         "stops when no one renews; without, it runs until stopped")
@@ -115,15 +118,29 @@ class Ctl:
         located = await self.nodes.locate(name)
         if located is not None:
             client, entry = located
-            if entry["status"] == "healthy" and not self.args.replace and self.args.lease is None:
+            if (entry["status"] == "healthy" and not self.args.replace and self.args.lease is None
+                    and not self.args.dry_run):
                 return self.show_deployed(already_running_answer({**entry, "node": client.url}))
         else:
             candidates = await self.nodes.candidates(body)
             if not candidates:
                 raise CapacityError(503, "no_capacity", f"No reachable node can run {name!r}.")
             client = candidates[0]
+        if self.args.dry_run:
+            return self.show_dry_run({**await client.dry_run(body, self.args.replace), "node": client.url})
         answer = await self.follow_deploy(client, body)
         self.show_deployed({**answer, "node": client.url})
+
+    def show_dry_run(self, answer: dict[str, Any]) -> None:
+        if self.args.json:
+            return self.print_json(answer)
+        if answer["already_running"]:
+            return self.out.print(f"{answer['name']} already runs at {answer['host']} on "
+                                  f"{answer['node']}: a deploy would change nothing")
+        gpu = f", GPU {answer['gpu']}" if answer["gpu"] is not None else ""
+        pull = ", after pulling its image" if answer["pull_needed"] else ""
+        self.out.print(f"{answer['name']} would run at {answer['host']}{gpu} on {answer['node']}"
+                       f"{pull} (dry run: nothing deployed)")
 
     async def follow_deploy(self, client: AsyncAgentClient, body: dict[str, Any]) -> dict[str, Any]:
         """Stream the deploy's events into a live view; the final answer."""
@@ -155,11 +172,12 @@ class Ctl:
         self.warn_unreachable(statuses)
         if self.args.json:
             return self.print_json(rows)
-        table = Table("NAME", "STATUS", "HOST", "GPU", "VRAM GB", "UPTIME", "RESTARTS", "LEASES",
-                      "IMAGE", *(["NODE"] if len(statuses) > 1 else []), box=None)
+        table = Table("NAME", "STATUS", "HOST", "GPU", "VRAM GB", "USED GB", "UPTIME", "RESTARTS",
+                      "LEASES", "IMAGE", *(["NODE"] if len(statuses) > 1 else []), box=None)
         for row in rows:
+            used = _dash(row["vram_used_gb"]) + (" [red]over[/]" if row["vram_over"] else "")
             table.add_row(row["name"], _status(row["status"], row.get("exit_code")), row["host"],
-                          _dash(row["gpu"]), f"{row['vram_gb']:g}", _uptime(row["uptime"]),
+                          _dash(row["gpu"]), f"{row['vram_gb']:g}", used, _uptime(row["uptime"]),
                           str(row["restarts"]), _leases(row), row["image"],
                           *([row["node"]] if len(statuses) > 1 else []))
         self.out.print(table if rows else "no services")
@@ -239,13 +257,15 @@ class Ctl:
         rows = [{**gpu, "node": s["node"]} for s in statuses for gpu in s.get("gpus", [])]
         if self.args.json:
             return self.print_json(rows)
-        table = Table("NODE", "ID", "NAME", "TOTAL GB", "USED", "RESERVED", "FREE", "UTIL %",
-                      "SERVICES", box=None)
+        table = Table("NODE", "ID", "NAME", "TOTAL GB", "USED", "RESERVED", "FOREIGN", "COMMITTED",
+                      "FREE", "UTIL %", "SERVICES (DECLARED/USED GB)", box=None)
         for g in rows:
+            services = ", ".join(f"{v['name']} {v['declared_gb']:g}/{_dash(v['used_gb'])}"
+                                 for v in g["service_vram"])
             table.add_row(g["node"], str(g["id"]), g["name"], f"{g['vram_total_gb']:g}",
                           f"{g['vram_used_gb']:g}", f"{g['vram_reserved_gb']:g}",
-                          f"{g['vram_free_gb']:g}", _dash(g["utilization_pct"]),
-                          ", ".join(g["services"]) or "-")
+                          f"{g['vram_foreign_gb']:g}", f"{g['vram_committed_gb']:g}",
+                          f"{g['vram_free_gb']:g}", _dash(g["utilization_pct"]), services or "-")
         self.out.print(table if rows else "no GPUs")
 
     async def logs(self) -> None:

@@ -256,6 +256,13 @@ class AsyncAgentClient:
         result: dict[str, Any] = await self._request("POST", "/stop", {"name": name})
         return result
 
+    async def dry_run(self, manifest: Manifest, replace: bool = False) -> dict[str, Any]:
+        """Where a deploy would go now (port, gpu, pull_needed), deploying and reserving
+        nothing; the same errors a deploy would raise."""
+        result: dict[str, Any] = await self._request("POST", "/deploy?dry_run=1",
+                                                     _deploy_body(manifest, replace))
+        return result
+
     async def renew(self, name: str, lease_id: str, lease_s: float | None = None) -> dict[str, Any]:
         """Extend a lease to lease_s from now (its own lease_s when not given)."""
         body: dict[str, Any] = {"lease_id": lease_id}
@@ -492,6 +499,9 @@ class AgentClient:
 
     def stop(self, name: str) -> dict[str, Any]:
         return self._runner.run(self._async.stop(name))
+
+    def dry_run(self, manifest: Manifest, replace: bool = False) -> dict[str, Any]:
+        return self._runner.run(self._async.dry_run(manifest, replace))
 
     def renew(self, name: str, lease_id: str, lease_s: float | None = None) -> dict[str, Any]:
         return self._runner.run(self._async.renew(name, lease_id, lease_s))

@@ -77,6 +77,7 @@ class Config:
     no_auth: bool = False
     service_pids_limit: int = 4096
     max_lease_s: float = 86400.0
+    vram_overuse: Literal["warn", "stop"] = "warn"
     publish_host: str = ""  # all addresses
 
     @property
@@ -161,6 +162,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "(default: %(default)s)")
     add("--max-lease", type=_duration, default=_env(environ, "max_lease", "24h"), metavar="DURATION",
         help="longest lease_s a deploy or renewal may ask for, e.g. 24h or 90m (default: 24h)")
+    add("--vram-overuse", choices=["warn", "stop"], default=_env(environ, "vram_overuse", "warn"),
+        help="a service seen using more VRAM than it declared (3 readings in a row): only "
+        "flag it (warn), or also stop it (stop; GPU deploys must then declare vram_gb) "
+        "(default: %(default)s)")
     add("--fake-gpus", type=_fake_gpus, default=_env(environ, "fake_gpus"), metavar="NAME:GB,...",
         help="simulate GPUs for development and tests, e.g. 'RTX 4090:24,RTX 4090:24': placement "
         "and accounting are real, containers get NVIDIA_VISIBLE_DEVICES and no device")
@@ -260,6 +265,7 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         no_auth=args.no_auth,
         service_pids_limit=args.service_pids_limit,
         max_lease_s=args.max_lease,
+        vram_overuse=args.vram_overuse,
         publish_host=args.publish_host,
         token=token,
     )

@@ -39,7 +39,7 @@ PORT_ATTEMPTS = 5
 LOG_TAIL_LINES = 20
 MIN_POLL_S = 0.02
 MAX_POLL_S = 1.0
-LEASE_CHECK_S = 0.5
+ENFORCE_INTERVAL_S = 0.5
 
 
 def poll_interval(elapsed_s: float) -> float:
@@ -60,6 +60,17 @@ class DeployOutcome:
     service: Service
     already_running: bool
     lease: Lease | None = None  # the caller's, when it deployed with lease_s
+
+
+@attrs.frozen
+class DryRunOutcome:
+    """Where a deploy would land now: its host port and GPU, and whether it would pull."""
+
+    host_port: int
+    gpu: int | None
+    already_running: bool
+    pull_needed: bool
+    service: Service | None = None  # the running one, when already_running
 
 
 @attrs.define
@@ -108,7 +119,7 @@ class Deployer:
 
     async def _deploy(self, request: DeployRequest, progress: Progress) -> DeployOutcome:
         spec = request.spec
-        self._check_lease(request)
+        self._check_request(request)
         try:
             await asyncio.to_thread(check_deploy, spec, self._config)  # resolves host paths
             async with self._table.locked(spec.name):
@@ -152,8 +163,15 @@ class Deployer:
                           gpu=service.gpu)
         return service, False, lease.id if lease else None
 
-    def _check_lease(self, request: DeployRequest) -> None:
-        """Before anything runs: a lease_s within --max-lease, a lease_id that is held."""
+    def _check_request(self, request: DeployRequest) -> None:
+        """Before anything runs: a lease_s within --max-lease, a lease_id that is held, and
+        under --vram-overuse stop, a GPU service that declares its VRAM."""
+        spec = request.spec
+        if spec.gpu and spec.vram_gb <= 0 and self._config.vram_overuse == "stop":
+            raise InvalidRequest(
+                "This node stops services that use more VRAM than they declare "
+                "(--vram-overuse stop): a GPU service must declare vram_gb above 0.",
+                details=[{"field": "vram_gb", "message": "must be more than 0 for a GPU service here"}])
         if request.lease_s is not None and request.lease_s > self._config.max_lease_s:
             raise InvalidRequest(
                 f"lease_s {request.lease_s:g} is above this node's --max-lease "
@@ -335,6 +353,39 @@ class Deployer:
     async def _logs(self, service: Service) -> list[str]:
         return await self._engine.logs_tail(service.container_id, LOG_TAIL_LINES)
 
+    # -- dry run -------------------------------------------------------------------------
+
+    async def dry_run(self, request: DeployRequest) -> DryRunOutcome:
+        """What a deploy would do now, creating and reserving nothing; the same 4xx/409/503."""
+        spec = request.spec
+        self._check_request(request)
+        await asyncio.to_thread(check_deploy, spec, self._config)
+        existing = self._table.get(spec.name)
+        if existing is not None:
+            differing = existing.spec.differing_fields(spec)
+            if existing.status == "healthy" and not differing:
+                return DryRunOutcome(existing.host_port, existing.gpu, already_running=True,
+                                     pull_needed=False, service=existing)
+            if existing.status == "healthy" and not request.replace:
+                raise Conflict(f"{spec.name} is running with a different {', '.join(differing)}; "
+                               'stop it first or send "replace": true.',
+                               name=spec.name, differing_fields=differing)
+        else:
+            info = await self._engine.inspect(spec.container_name)
+            if info is not None and self._foreign(info):
+                raise Conflict(f"A container named {spec.container_name} exists that this agent "
+                               "does not manage; remove or rename it first.", name=spec.name)
+        freeing = existing.spec.name if existing is not None else None
+        gpu = None
+        if spec.gpu:
+            await self._table.refresh_gpus()
+            gpu = self._table.gpus.place(spec.vram_gb, freeing=freeing).index
+        pull_needed = not await self._engine.has_image(spec.image)
+        published = await self._engine.published_ports()
+        freed = {existing.host_port} if existing is not None else set()
+        port = await self._table.free_port(spec.port, published - freed, freed)
+        return DryRunOutcome(port, gpu, already_running=False, pull_needed=pull_needed)
+
     # -- stop ----------------------------------------------------------------------------
 
     async def stop(self, name: str, reason: str = "request") -> None:
@@ -372,15 +423,32 @@ class Deployer:
         await self._table.persist()
         return stopped
 
-    async def expire_leases(self) -> None:
-        """Stop each leased service whose last lease ran out; runs until cancelled."""
+    async def enforce(self) -> None:
+        """Stop each leased service whose last lease ran out, and (--vram-overuse stop) each
+        service persistently above its VRAM declaration; runs until cancelled. What can't be
+        stopped now (the engine is away) is tried again on the next pass."""
         while True:
-            await asyncio.sleep(LEASE_CHECK_S)
+            await asyncio.sleep(ENFORCE_INTERVAL_S)
             for name in self._table.lapsed():
                 try:
                     await self._stop_if_lapsed(name)
-                except AgentError as err:  # the engine is away: tried again on the next pass
+                except AgentError as err:
                     _LOGGER.warning("Could not stop %s, whose lease ran out: %s", name, err.message)
+            if self._config.vram_overuse == "stop":
+                for name in sorted(self._table.gpus.over):
+                    try:
+                        await self._stop_if_overusing(name)
+                    except AgentError as err:
+                        _LOGGER.warning("Could not stop %s, above its VRAM: %s", name, err.message)
+
+    async def _stop_if_overusing(self, name: str) -> None:
+        async with self._table.locked(name):
+            service = self._table.get(name)
+            if service is None or name not in self._table.gpus.over:
+                return
+            used = self._table.gpus.observed_gb(name)
+            await self._stop_locked(service, "vram_overuse", declared_gb=service.spec.vram_gb,
+                                    used_gb=None if used is None else round(used, 2))
 
     async def _stop_if_lapsed(self, name: str, **details: Any) -> bool:
         async with self._table.locked(name):  # a deploy may have renewed or pinned it meanwhile

@@ -29,6 +29,11 @@ _LOGGER = logging.getLogger(__name__)
 
 GIB = 1024**3
 CONTAINER_ID_RE = re.compile(r"[0-9a-f]{64}")
+# Overuse: observed above declared by more than max(0.5 GB, 10 %), in 3 readings in a row
+# (one spike while a model loads is not overuse).
+OVERUSE_MIN_GB = 0.5
+OVERUSE_FRACTION = 0.10
+OVERUSE_READINGS = 3
 
 
 @attrs.frozen
@@ -203,6 +208,15 @@ class Assignment:
 
 
 @attrs.frozen
+class ServiceVram:
+    """One service's memory on a GPU: what it declared, what NVML sees it use (None: unknown)."""
+
+    name: str
+    declared_gb: float
+    used_gb: float | None
+
+
+@attrs.frozen
 class GpuView:
     """A `GET /gpus` entry."""
 
@@ -212,33 +226,46 @@ class GpuView:
     vram_total_gb: float
     vram_used_gb: float
     vram_reserved_gb: float
+    vram_committed_gb: float
+    vram_foreign_gb: float
     vram_free_gb: float
     utilization_pct: float | None
     services: list[str]
+    service_vram: list[ServiceVram]
+
+
+def overuse_margin_gb(declared_gb: float) -> float:
+    """How far above its declaration a service may go before it counts as overusing."""
+    return max(OVERUSE_MIN_GB, OVERUSE_FRACTION * declared_gb)
 
 
 class GpuPool:
     """Reservations per service and the latest reading; placement decides from both.
 
-    reserve() and release() never await, so concurrent deploys on the event loop see each
-    other's reservations and can never over-commit a GPU.
+    A service commits max(declared, observed) on its GPU: a declaration can't hide what a
+    service really uses. reserve() and release() never await, so concurrent deploys on the
+    event loop see each other's reservations and can never over-commit a GPU.
     """
 
     def __init__(self, inventory: GpuInventory) -> None:
         self.inventory = inventory
         self._readings: list[GpuReading] = []
         self._reservations: dict[str, Assignment] = {}
-        self._agent_containers: frozenset[str] = frozenset()
+        self._containers: dict[str, str] = {}  # name -> container id, as of the last reading
+        self._over_streak: dict[str, int] = {}
+        self.over: frozenset[str] = frozenset()  # services above their declaration, persistently
+        self._attribute([])
 
     @property
     def count(self) -> int:
         return len(self._readings)
 
-    async def refresh(self, agent_containers: frozenset[str]) -> None:
+    async def refresh(self, containers: dict[str, str]) -> None:
         """Read the GPUs again (in a thread); on a driver error keep the last reading.
 
-        agent_containers is a snapshot taken by the caller: the service table may change
-        while the driver is read.
+        `containers` (service name -> container id) is a snapshot taken by the caller: the
+        service table may change while the driver is read. Each reading also advances the
+        overuse count: OVERUSE_READINGS in a row above declaration + margin flag a service.
         """
         try:
             readings = await asyncio.to_thread(self.inventory.read)
@@ -246,7 +273,45 @@ class GpuPool:
             _LOGGER.warning("Reading the GPUs failed: %s", err)
             return
         self._readings = readings
-        self._agent_containers = agent_containers
+        self._containers = dict(containers)
+        self._attribute(readings)
+        streaks = {}
+        for name, assignment in self._reservations.items():
+            used = self.observed_gb(name, assignment.index)
+            above = used is not None and used > assignment.vram_gb + overuse_margin_gb(assignment.vram_gb)
+            if above:
+                streaks[name] = self._over_streak.get(name, 0) + 1
+        self._over_streak = streaks
+        self.over = frozenset(name for name, streak in streaks.items() if streak >= OVERUSE_READINGS)
+
+    def _reading(self, index: int) -> GpuReading | None:
+        return next((r for r in self._readings if r.index == index), None)
+
+    def _attribute(self, readings: list[GpuReading]) -> None:
+        """Sum each reading's process memory per container, once, so that every question
+        after it (per service, per GPU, per request) is a lookup."""
+        self._used: dict[str | None, dict[int, float]] = {}
+        self._process_total: dict[int, float] = {}
+        self._hidden = {r.index for r in readings if r.processes is None}
+        for reading in readings:
+            for process in reading.processes or ():
+                per_gpu = self._used.setdefault(process.container_id, {})
+                per_gpu[reading.index] = per_gpu.get(reading.index, 0.0) + process.used_gb
+                self._process_total[reading.index] = (
+                    self._process_total.get(reading.index, 0.0) + process.used_gb)
+
+    def observed_gb(self, name: str, index: int | None = None) -> float | None:
+        """Memory NVML attributes to the service's container (on one GPU, or on all).
+
+        None when unknown: simulated GPUs, or a driver that hides per-process memory.
+        """
+        if self.inventory.simulated or not self._readings:
+            return None
+        hidden = index in self._hidden if index is not None else bool(self._hidden)
+        if hidden:
+            return None
+        per_gpu = self._used.get(self._containers.get(name, ""), {})
+        return per_gpu.get(index, 0.0) if index is not None else sum(per_gpu.values())
 
     def reserved_gb(self, index: int) -> float:
         return sum(a.vram_gb for a in self._reservations.values() if a.index == index)
@@ -254,41 +319,68 @@ class GpuPool:
     def services_on(self, index: int) -> list[str]:
         return sorted(name for name, a in self._reservations.items() if a.index == index)
 
-    def foreign_gb(self, reading: GpuReading) -> float:
-        """Memory used by others: per process when known, else used minus reserved."""
+    def _mine_on(self, index: int) -> set[str]:
+        """Container ids of the services reserved on this GPU."""
+        return {self._containers[name] for name in self.services_on(index) if name in self._containers}
+
+    def foreign_gb(self, reading: GpuReading, freeing: str | None = None) -> float:
+        """Memory used by anything but the services reserved on this GPU: per process when
+        known (a process whose container is gone counts until the driver frees it), else
+        used minus reserved. `freeing`: a service counted as gone, memory and all."""
         if reading.processes is None:
             return max(0.0, reading.used_gb - self.reserved_gb(reading.index))
-        return sum(p.used_gb for p in reading.processes
-                   if p.container_id not in self._agent_containers)
+        mine = self._mine_on(reading.index)
+        if freeing in self._containers:
+            mine.add(self._containers[freeing])
+        ours = sum(self._used.get(container, {}).get(reading.index, 0.0) for container in mine)
+        return max(0.0, self._process_total.get(reading.index, 0.0) - ours)
 
-    def free_gb(self, reading: GpuReading) -> float:
-        return reading.total_gb - self.reserved_gb(reading.index) - self.foreign_gb(reading)
+    def committed_gb(self, reading: GpuReading, freeing: str | None = None) -> float:
+        """What placement counts as taken: each service's max(declared, observed), plus foreign."""
+        services = sum(max(a.vram_gb, self.observed_gb(name, reading.index) or 0.0)
+                       for name, a in self._reservations.items()
+                       if a.index == reading.index and name != freeing)
+        return services + self.foreign_gb(reading, freeing)
 
-    def reserve(self, name: str, vram_gb: float) -> Assignment:
-        """Place `name` on the least-committed GPU that fits; NoGpu/NoGpuCapacity otherwise."""
+    def free_gb(self, reading: GpuReading, freeing: str | None = None) -> float:
+        return reading.total_gb - self.committed_gb(reading, freeing)
+
+    def place(self, vram_gb: float, freeing: str | None = None) -> Assignment:
+        """Where a service of vram_gb would go now, reserving nothing (a dry run, or the
+        first half of reserve()). `freeing`: a service whose reservation and memory would be
+        released first (a replacement). NoGpu/NoGpuCapacity when nothing fits."""
         if not self._readings:
             raise NoGpu("This node has no GPU; deploy it without gpu: true or on a GPU node.")
-        fitting = [r for r in self._readings if self.free_gb(r) >= vram_gb]
+        free = {r.index: self.free_gb(r, freeing) for r in self._readings}
+        counts = {r.index: len(set(self.services_on(r.index)) - {freeing}) for r in self._readings}
+        fitting = [r for r in self._readings if free[r.index] >= vram_gb]
         if not fitting:
-            free = ", ".join(f"GPU {r.index} ({r.name}) has {max(0.0, self.free_gb(r)):.1f} GB free"
-                             for r in self._readings)
+            listed = ", ".join(f"GPU {r.index} ({r.name}) has {max(0.0, free[r.index]):.1f} GB free"
+                               for r in self._readings)
             raise NoGpuCapacity(
-                f"No GPU has {vram_gb:g} GB of VRAM free: {free}.",
-                free_gb={str(r.index): round(max(0.0, self.free_gb(r)), 2) for r in self._readings},
+                f"No GPU has {vram_gb:g} GB of VRAM free: {listed}.",
+                free_gb={str(r.index): round(max(0.0, free[r.index]), 2) for r in self._readings},
             )
         best = min(fitting, key=lambda r: (
-            (r.total_gb - self.free_gb(r)) / r.total_gb, len(self.services_on(r.index)), r.index))
-        assignment = Assignment(index=best.index, uuid=best.uuid, vram_gb=vram_gb)
+            (r.total_gb - free[r.index]) / r.total_gb, counts[r.index], r.index))
+        return Assignment(index=best.index, uuid=best.uuid, vram_gb=vram_gb)
+
+    def reserve(self, name: str, vram_gb: float) -> Assignment:
+        """Place `name` on the least-committed GPU that fits, and hold it there."""
+        assignment = self.place(vram_gb)
         self._reservations[name] = assignment
         return assignment
 
     def claim(self, name: str, index: int, vram_gb: float) -> None:
         """Record the reservation of a service adopted from its container labels."""
-        uuid = next((r.uuid for r in self._readings if r.index == index), "")
-        self._reservations[name] = Assignment(index=index, uuid=uuid, vram_gb=vram_gb)
+        reading = self._reading(index)
+        self._reservations[name] = Assignment(index=index, uuid=reading.uuid if reading else "",
+                                              vram_gb=vram_gb)
 
     def release(self, name: str) -> None:
         self._reservations.pop(name, None)
+        self._over_streak.pop(name, None)
+        self.over = self.over - {name}
 
     def handoff(self, assignment: Assignment) -> tuple[dict[str, str], list[JSONObject]]:
         """Env and DeviceRequests that give the container this GPU, as `--gpus device=UUID` does.
@@ -306,10 +398,23 @@ class GpuPool:
         for r in self._readings:
             reserved = self.reserved_gb(r.index)
             used = reserved if self.inventory.simulated else r.used_gb
+            services = self.services_on(r.index)
             views.append(GpuView(
-                id=r.index, name=r.name, uuid=r.uuid, vram_total_gb=round(r.total_gb, 2),
-                vram_used_gb=round(used, 2), vram_reserved_gb=round(reserved, 2),
-                vram_free_gb=round(max(0.0, self.free_gb(r)), 2),
-                utilization_pct=r.utilization_pct, services=self.services_on(r.index),
+                id=r.index, name=r.name, uuid=r.uuid, vram_total_gb=_gb(r.total_gb),
+                vram_used_gb=_gb(used), vram_reserved_gb=_gb(reserved),
+                vram_committed_gb=_gb(self.committed_gb(r)), vram_foreign_gb=_gb(self.foreign_gb(r)),
+                vram_free_gb=_gb(max(0.0, self.free_gb(r))),
+                utilization_pct=r.utilization_pct, services=services,
+                service_vram=[ServiceVram(name, self._reservations[name].vram_gb,
+                                          _gb_or_none(self.observed_gb(name, r.index)))
+                              for name in services],
             ))
         return views
+
+
+def _gb(value: float) -> float:
+    return round(value, 2)
+
+
+def _gb_or_none(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

@@ -74,13 +74,39 @@ class _StateCollector(Collector):
                                           labels=["gpu", "name"]),
             "used": GaugeMetricFamily("deploy_agent_gpu_vram_used_gb", "VRAM in use (all processes).",
                                       labels=["gpu", "name"]),
+            "committed": GaugeMetricFamily(
+                "deploy_agent_gpu_vram_committed_gb",
+                "What placement counts: each service's max(declared, observed), plus foreign use.",
+                labels=["gpu", "name"]),
+            "foreign": GaugeMetricFamily("deploy_agent_gpu_vram_foreign_gb",
+                                         "VRAM used by processes that are not the agent's services.",
+                                         labels=["gpu", "name"]),
         }
         for view in self._table.gpus.views():
             labels = [str(view.id), view.name]
             families["total"].add_metric(labels, view.vram_total_gb)
             families["reserved"].add_metric(labels, view.vram_reserved_gb)
             families["used"].add_metric(labels, view.vram_used_gb)
+            families["committed"].add_metric(labels, view.vram_committed_gb)
+            families["foreign"].add_metric(labels, view.vram_foreign_gb)
         yield from families.values()
+
+        used = GaugeMetricFamily("deploy_agent_service_vram_used_gb",
+                                 "VRAM NVML attributes to a service's container (where known).",
+                                 labels=["service"])
+        over = GaugeMetricFamily("deploy_agent_service_vram_over",
+                                 "1 while a service uses more VRAM than it declared (3 readings).",
+                                 labels=["service"])
+        gpus = self._table.gpus
+        for service in self._table.services():
+            name = service.spec.name
+            observed = gpus.observed_gb(name)
+            if observed is not None:
+                used.add_metric([name], observed)
+            if service.gpu is not None:
+                over.add_metric([name], 1 if name in gpus.over else 0)
+        yield used
+        yield over
 
         reachable = GaugeMetricFamily("deploy_agent_engine_reachable",
                                       "1 when the Docker engine answers, else 0.")

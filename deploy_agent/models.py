@@ -116,10 +116,12 @@ class ServiceView:
     exit_code: int | None
     leases: int
     lease_expires_at: str | None
+    vram_used_gb: float | None
+    vram_over: bool
 
     @classmethod
-    def of(cls, service: Service, advertise_host: str, now: float,
-           leases: list[Lease]) -> ServiceView:
+    def of(cls, service: Service, advertise_host: str, now: float, leases: list[Lease],
+           vram_used_gb: float | None = None, vram_over: bool = False) -> ServiceView:
         return cls(
             name=service.spec.name,
             host=service_url(advertise_host, service.host_port),
@@ -134,6 +136,8 @@ class ServiceView:
             exit_code=service.exit_code,
             leases=len(leases),
             lease_expires_at=rfc3339(max(lease.expires_at for lease in leases)) if leases else None,
+            vram_used_gb=None if vram_used_gb is None else round(vram_used_gb, 2),
+            vram_over=vram_over,
         )
 
 
@@ -150,6 +154,22 @@ class DeployAnswer:
     ok: bool = True
     lease_id: str | None = None  # only in the answers to leased deploys
     lease_expires_at: str | None = None
+
+
+@attrs.frozen
+class DryRunAnswer:
+    """The answer to `POST /deploy?dry_run=1`: what a deploy would do now (status: the
+    running service's, when already_running; else null)."""
+
+    name: str
+    host: str
+    port: int
+    gpu: int | None
+    status: Status | None
+    already_running: bool
+    pull_needed: bool
+    ok: bool = True
+    dry_run: bool = True
 
 
 @attrs.frozen

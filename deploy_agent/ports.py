@@ -40,10 +40,12 @@ class PortAllocator:
         else:
             yield from range(self._low, self._high + 1)
 
-    def _first_unbound(self, preferred: int, excluded: frozenset[int]) -> int | None:
-        """Blocking: the first candidate not excluded that nothing on the host listens on."""
+    def _first_unbound(self, preferred: int, excluded: frozenset[int],
+                       freed: frozenset[int] = frozenset()) -> int | None:
+        """Blocking: the first candidate not excluded that nothing on the host listens on
+        (a `freed` port counts as unbound: its container is about to go)."""
         return next((port for port in self.candidates(preferred)
-                     if port not in excluded and not bound_on_host(port)), None)
+                     if port not in excluded and (port in freed or not bound_on_host(port))), None)
 
     async def reserve(self, preferred: int, published: set[int],
                       skip: frozenset[int] = frozenset()) -> int:
@@ -57,6 +59,15 @@ class PortAllocator:
             if port not in self._reserved:  # another deploy may have taken it during the probe
                 self._reserved.add(port)
                 return port
+
+    async def first_free(self, preferred: int, published: set[int], freed: set[int]) -> int:
+        """The port reserve() would take now, reserving nothing; `freed` count as free."""
+        excluded = frozenset((self._reserved | published) - freed)
+        port = await asyncio.to_thread(self._first_unbound, preferred, excluded, frozenset(freed))
+        if port is None:
+            raise NoPortAvailable(f"No free host port in {self._low}-{self._high}; "
+                                  "stop a service or widen --port-range.")
+        return port
 
     def claim(self, port: int) -> None:
         """Record a port already in use by a service the agent adopted."""

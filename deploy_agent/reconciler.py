@@ -61,6 +61,7 @@ class Reconciler:
         self._allowed_host_paths = allowed_host_paths
         self._failures: dict[str, int] = {}
         self._died: set[str] = set()  # containers that exited and have not started since
+        self._overusing: set[str] = set()  # reported as above their VRAM declaration
         self._wake = asyncio.Event()  # resync now: the engine came back, or events were missed
         self.engine_reachable = False
         self.resyncs = 0  # completed, for /metrics
@@ -272,8 +273,20 @@ class Reconciler:
             del self._failures[name]
         self._died &= {s.container_id for s in self._table.services()}
         await self._table.refresh_gpus()
+        self._report_overuse()
         await self._probe_all()
         await self._table.persist_if_dirty()
+
+    def _report_overuse(self) -> None:
+        """An event for each service that has just been seen above its VRAM declaration."""
+        gpus = self._table.gpus
+        for name in sorted(gpus.over - self._overusing):
+            service = self._table.get(name)
+            used = gpus.observed_gb(name)
+            self._events.emit("vram_overuse", name, None,
+                              declared_gb=service.spec.vram_gb if service else None,
+                              used_gb=None if used is None else round(used, 2))
+        self._overusing = set(gpus.over)
 
     async def _check_host_paths(self) -> None:
         """In a container, the allowed host paths must be mounted at the same paths."""

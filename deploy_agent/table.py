@@ -173,6 +173,10 @@ class ServiceTable:
                            refused: frozenset[int] = frozenset()) -> int:
         return await self._ports.reserve(preferred, published, refused)
 
+    async def free_port(self, preferred: int, published: set[int], freed: set[int]) -> int:
+        """The host port a deploy would get now; nothing is reserved."""
+        return await self._ports.first_free(preferred, published, freed)
+
     def release_gpu(self, name: str) -> None:
         self._gpus.release(name)
 
@@ -181,7 +185,7 @@ class ServiceTable:
 
     async def refresh_gpus(self) -> None:
         """Re-read the GPUs, telling the pool which containers are the agent's own."""
-        await self._gpus.refresh(frozenset(s.container_id for s in self._services.values()))
+        await self._gpus.refresh({name: s.container_id for name, s in self._services.items()})
 
     # -- abandoned deploy attempts -------------------------------------------------------
 

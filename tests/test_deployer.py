@@ -54,7 +54,7 @@ def stand_in_engine(**overrides: Any) -> Any:
 
 async def deployer_with(engine: Any, tmp_path: Path, healthy: bool = True) -> tuple[Deployer, ServiceTable]:
     gpus = GpuPool(FakeGpus("RTX 4090:24"))
-    await gpus.refresh(frozenset())
+    await gpus.refresh({})
     table = ServiceTable(PortAllocator(PORTS), gpus, StateFile(tmp_path, CONVERTER))
     probe = MagicMock(spec=HealthProbe)
     probe.healthy = AsyncMock(return_value=healthy)
@@ -166,7 +166,7 @@ class TestOffTheLoop:
 
         monkeypatch.setattr(policy.os.path, "realpath", slow_realpath)
         gpus = GpuPool(FakeGpus("RTX 4090:24"))
-        await gpus.refresh(frozenset())
+        await gpus.refresh({})
         table = ServiceTable(PortAllocator(PORTS), gpus, StateFile(tmp_path, CONVERTER))
         probe = MagicMock(spec=HealthProbe)
         probe.healthy = AsyncMock(return_value=True)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from tests.agent_process import AgentProcess, get_json, post_json
@@ -40,30 +41,43 @@ def engine_up() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
 
 
+@attrs.frozen
+class Dockerd:
+    """How this machine's dockerd was started: its command line and environment (its PATH
+    decides, for one, whether it finds an NVIDIA hook and registers its GPU driver)."""
+
+    command: list[str]
+    environ: dict[str, str]
+
+
 @pytest.fixture
-def restartable_engine(tmp_path: Path) -> Iterator[list[str]]:
-    """dockerd's command line; whatever the test does, an engine answers again afterwards."""
+def restartable_engine(tmp_path: Path) -> Iterator[Dockerd]:
+    """dockerd as it runs; whatever the test does, an engine answers again afterwards."""
     pid = dockerd_pid()
     if pid is None:
         pytest.skip("dockerd is not a process on this machine (remote or socket-activated engine)")
     command = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-    yield [part.decode() for part in command]
+    environ = dict(entry.decode().split("=", 1)
+                   for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in entry)
+    dockerd = Dockerd([part.decode() for part in command], environ)
+    yield dockerd
     if not engine_up():
-        start_dockerd([part.decode() for part in command], tmp_path)
+        start_dockerd(dockerd, tmp_path)
 
 
-def start_dockerd(command: list[str], log_dir: Path) -> None:
+def start_dockerd(dockerd: Dockerd, log_dir: Path) -> None:
     if dockerd_pid() is None:
         Path("/var/run/docker.pid").unlink(missing_ok=True)
         with (log_dir / "dockerd.log").open("ab") as log:
-            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            subprocess.Popen(dockerd.command, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, env=dockerd.environ)
     wait_until(engine_up, timeout=60)
 
 
 class TestEngineOutage:
     """dockerd stops: /health says so, deploys get 503, records stay; it returns: all recovers."""
 
-    def test_stop_and_start_dockerd(self, restartable_engine: list[str], tmp_path: Path,
+    def test_stop_and_start_dockerd(self, restartable_engine: Dockerd, tmp_path: Path,
                                     test_image: str) -> None:
         remove_test_containers()
         agent = AgentProcess(tmp_path / "state")

@@ -19,7 +19,9 @@ from deploy_agent.gpus import (
     GpuReading,
     NoGpus,
     NvmlGpus,
+    ServiceVram,
     open_inventory,
+    overuse_margin_gb,
     parse_fake_gpus,
 )
 
@@ -45,9 +47,10 @@ def reading(index: int, total: float = 24, used: float = 0,
                       used_gb=used, processes=processes)
 
 
-async def pool_of(*readings: GpuReading, agent: tuple[str, ...] = ()) -> GpuPool:
+async def pool_of(*readings: GpuReading, agent: dict[str, str] | None = None) -> GpuPool:
+    """A pool over these readings; `agent` maps the agent's service names to container ids."""
     pool = GpuPool(StaticGpus(list(readings)))
-    await pool.refresh(frozenset(agent))
+    await pool.refresh(agent or {})
     return pool
 
 
@@ -107,17 +110,19 @@ class TestAccounting:
     async def test_foreign_processes_count(self) -> None:
         mine, theirs = "a" * 64, "b" * 64
         processes = (GpuProcess(1, 6, mine), GpuProcess(2, 10, theirs), GpuProcess(3, 2, None))
-        pool = await pool_of(reading(0, used=18, processes=processes), agent=(mine,))
+        pool = await pool_of(reading(0, used=18, processes=processes), agent={"svc": mine})
         pool.claim("svc", 0, 8)
-        assert pool.foreign_gb(pool._readings[0]) == 12
-        assert pool.free_gb(pool._readings[0]) == 24 - 8 - 12
+        view = pool.views()[0]
+        assert (view.vram_foreign_gb, view.vram_committed_gb) == (12, 8 + 12)
+        assert view.vram_free_gb == 24 - 8 - 12
 
     async def test_without_process_info_foreign_is_used_minus_reserved(self) -> None:
         pool = await pool_of(reading(0, used=10, processes=None))
         pool.claim("svc", 0, 8)
-        assert pool.foreign_gb(pool._readings[0]) == 2
+        assert pool.views()[0].vram_foreign_gb == 2
         pool.claim("svc", 0, 16)
-        assert pool.foreign_gb(pool._readings[0]) == 0  # never below zero
+        assert pool.views()[0].vram_foreign_gb == 0  # never below zero
+        assert pool.views()[0].service_vram[0].used_gb is None  # unknown, not 0
 
     async def test_foreign_use_steers_placement(self) -> None:
         pool = await pool_of(reading(0, used=20, processes=(GpuProcess(9, 20, None),)), reading(1))
@@ -131,6 +136,80 @@ class TestAccounting:
         view = pool.views()[0]
         assert (view.id, view.vram_total_gb, view.vram_used_gb) == (0, 24, 3)
         assert (view.vram_reserved_gb, view.vram_free_gb, view.services) == (8, 13, ["svc"])
+
+
+class TestObservedMemory:
+    """A service commits max(declared, observed): a declaration can't hide real use."""
+
+    async def test_service_above_its_declaration_commits_what_it_uses(self) -> None:
+        big, small = "b" * 64, "s" * 64
+        pool = await pool_of(reading(0, used=18, processes=(GpuProcess(1, 18, big),)), reading(1),
+                             agent={"big": big, "small": small})
+        pool.claim("big", 0, 6)  # declared 6, uses 18: GPU 0 has 6 GB really free
+        view = pool.views()[0]
+        assert (view.vram_reserved_gb, view.vram_committed_gb, view.vram_free_gb) == (6, 18, 6)
+        assert view.service_vram[0] == ServiceVram("big", 6, 18)
+        assert pool.observed_gb("big") == 18 and pool.observed_gb("small") == 0
+        assert pool.reserve("next", 7).index == 1  # where there really is room
+
+    async def test_service_below_its_declaration_commits_the_declaration(self) -> None:
+        mine = "m" * 64
+        pool = await pool_of(reading(0, used=2, processes=(GpuProcess(1, 2, mine),)), agent={"a": mine})
+        pool.claim("a", 0, 10)
+        assert pool.views()[0].vram_committed_gb == 10
+
+    async def test_memory_of_a_gone_container_counts_until_released(self) -> None:
+        gone = "g" * 64  # the driver still reports its process: it counts, as foreign
+        pool = await pool_of(reading(0, used=18, processes=(GpuProcess(1, 18, gone),)))
+        assert pool.views()[0].vram_foreign_gb == 18
+        with pytest.raises(NoGpuCapacity):
+            pool.reserve("next", 7)
+
+    async def test_fake_gpus_observe_nothing(self) -> None:
+        pool = GpuPool(FakeGpus("RTX 4090:24"))
+        await pool.refresh({"a": "a" * 64})
+        pool.claim("a", 0, 8)
+        assert pool.observed_gb("a") is None and pool.views()[0].service_vram[0].used_gb is None
+
+    async def test_dry_placement_reserves_nothing_and_frees_a_replaced_service(self) -> None:
+        old = "o" * 64
+        pool = await pool_of(reading(0, used=20, processes=(GpuProcess(1, 20, old),)),
+                             agent={"svc": old})
+        pool.claim("svc", 0, 16)
+        with pytest.raises(NoGpuCapacity):
+            pool.place(10)
+        assert pool.place(10, freeing="svc").index == 0  # its reservation and memory go first
+        assert pool.views()[0].services == ["svc"] and pool.views()[0].vram_committed_gb == 20
+
+
+class TestOveruse:
+    """Above declared + max(0.5 GB, 10 %) in 3 readings in a row; a spike is not overuse."""
+
+    async def test_three_readings_in_a_row(self) -> None:
+        mine = "m" * 64
+        gpus = StaticGpus([reading(0, processes=(GpuProcess(1, 9, mine),))])
+        pool = GpuPool(gpus)
+        await pool.refresh({"a": mine})
+        pool.claim("a", 0, 8)  # 8 + max(0.5, 0.8) = 8.8 allowed; 9 is over
+        for expected in (set(), set(), {"a"}):
+            await pool.refresh({"a": mine})
+            assert pool.over == expected
+        gpus.readings = [reading(0, processes=(GpuProcess(1, 8.7, mine),))]  # back within bounds
+        await pool.refresh({"a": mine})
+        assert pool.over == set()
+
+    async def test_a_spike_is_not_overuse(self) -> None:
+        mine = "m" * 64
+        gpus = StaticGpus([reading(0, processes=(GpuProcess(1, 20, mine),))])
+        pool = GpuPool(gpus)
+        pool.claim("a", 0, 4)
+        for used in (20, 20, 3, 20, 20):
+            gpus.readings = [reading(0, processes=(GpuProcess(1, used, mine),))]
+            await pool.refresh({"a": mine})
+        assert pool.over == set()
+
+    def test_margin(self) -> None:
+        assert overuse_margin_gb(2) == 0.5 and overuse_margin_gb(40) == 4
 
 
 @st.composite
@@ -183,7 +262,7 @@ class TestFakeGpus:
 
     async def test_fake_handoff_is_env_only(self) -> None:
         pool = GpuPool(FakeGpus("RTX 4090:24,RTX 4090:24"))
-        await pool.refresh(frozenset())
+        await pool.refresh({})
         pool.reserve("a", 20)
         env, requests = pool.handoff(pool.reserve("b", 8))
         assert (env, requests) == ({"NVIDIA_VISIBLE_DEVICES": "1"}, [])
@@ -339,6 +418,5 @@ class TestRefreshWhileDeploying:
         table.adopt(Service(spec=converter.structure({"name": "second", "image": "img:1"}, DeploySpec),
                             container_id="b" * 64, host_port=28001))
         await refresh  # raised "dictionary changed size during iteration" before the fix
-        # The reading counts what the table held when it began: "first" is the agent's own.
-        first_only = GpuProcess(pid=1, used_gb=4, container_id="a" * 64)
-        assert table.gpus.foreign_gb(reading(0, used=4, processes=(first_only,))) == 0
+        # The reading counts what the table held when it began: "first" and not "second".
+        assert table.gpus.observed_gb("first") == 0 and table.gpus.observed_gb("second") == 0

@@ -57,7 +57,7 @@ class TestDocument:
         from deploy_agent.convert import MANIFEST_DEPLOY, MANIFEST_REQUIRES, MANIFEST_TOP, REQUEST_KEYS
         from deploy_agent.events import Event
         from deploy_agent.gpus import GpuView
-        from deploy_agent.models import DeployAnswer, DeploySpec, HealthAnswer, ServiceView
+        from deploy_agent.models import DeployAnswer, DeploySpec, DryRunAnswer, HealthAnswer, ServiceView
 
         schemas = SPEC["components"]["schemas"]
 
@@ -70,7 +70,8 @@ class TestDocument:
         assert set(manifest["deploy"]["properties"]) == set(MANIFEST_DEPLOY)
         assert set(manifest["requires"]["properties"]) == set(MANIFEST_REQUIRES)
         for schema, model in (("Health", HealthAnswer), ("Service", ServiceView), ("Gpu", GpuView),
-                              ("DeployAnswer", DeployAnswer), ("Event", Event)):
+                              ("DeployAnswer", DeployAnswer), ("Event", Event),
+                              ("DryRunAnswer", DryRunAnswer)):
             assert set(schemas[schema]["properties"]) == names(model), schema
             assert set(schemas[schema].get("required", [])) <= names(model), schema
 

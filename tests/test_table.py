@@ -30,7 +30,7 @@ def service(name: str, host_port: int, gpu: int | None = None, vram_gb: float = 
 @pytest.fixture
 async def table(tmp_path: Path) -> ServiceTable:
     gpus = GpuPool(FakeGpus("RTX 4090:24"))
-    await gpus.refresh(frozenset())
+    await gpus.refresh({})
     return ServiceTable(PortAllocator((29300, 29310)), gpus, StateFile(tmp_path, CONVERTER))
 
 
@@ -135,7 +135,7 @@ class TestStateFile:
 
     async def test_write_failure_keeps_reservations_and_recovers(self, tmp_path: Path) -> None:
         gpus = GpuPool(FakeGpus("RTX 4090:24"))
-        await gpus.refresh(frozenset())
+        await gpus.refresh({})
         state_dir = tmp_path / "state"
         table = ServiceTable(PortAllocator((29300, 29310)), gpus, StateFile(state_dir, CONVERTER))
         state_dir.mkdir()

@@ -164,20 +164,18 @@ async def list_services(request: web.Request) -> web.Response:
     """Every service, re-rendered only when something it shows has changed.
 
     A container id fixes a service's spec, port and GPU; the rest that can change is in
-    the key (leases by id and expiry), with the current second for uptime.
+    the key (leases and GPU readings by their change counters), with the current second
+    for uptime.
     """
     table, now = request.app[TABLE_KEY], time.time()
     services, gpus = table.services(), table.gpus
-    leases = {s.spec.name: table.leases_of(s.spec.name) for s in services}
-    vram = {s.spec.name: (gpus.observed_gb(s.spec.name), s.spec.name in gpus.over) for s in services}
-    key = (int(now), tuple((s.container_id, s.status, s.restarts, s.exit_code, s.started_at,
-                            tuple((lease.id, lease.expires_at) for lease in leases[s.spec.name]),
-                            vram[s.spec.name])
-                           for s in services))
+    key = (int(now), table.leases_changed, gpus.readings_taken,
+           tuple((s.container_id, s.status, s.restarts, s.exit_code, s.started_at) for s in services))
     cache = request.app[LISTING_KEY]
     if cache.key != key:
         advertise = request.app[CONFIG_KEY].advertise_host
-        views = [ServiceView.of(s, advertise, now, leases[s.spec.name], *vram[s.spec.name])
+        views = [ServiceView.of(s, advertise, now, table.leases_of(s.spec.name),
+                                gpus.observed_gb(s.spec.name), s.spec.name in gpus.over)
                  for s in services]
         cache.body = _dumps(request.app[CONVERTER_KEY].unstructure(views)).encode()
         cache.key = key

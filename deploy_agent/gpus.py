@@ -254,6 +254,7 @@ class GpuPool:
         self._containers: dict[str, str] = {}  # name -> container id, as of the last reading
         self._over_streak: dict[str, int] = {}
         self.over: frozenset[str] = frozenset()  # services above their declaration, persistently
+        self.readings_taken = 0  # bumped on every reading, for caches of what shows them
         self._attribute([])
 
     @property
@@ -275,6 +276,7 @@ class GpuPool:
         self._readings = readings
         self._containers = dict(containers)
         self._attribute(readings)
+        self.readings_taken += 1
         streaks = {}
         for name, assignment in self._reservations.items():
             used = self.observed_gb(name, assignment.index)

@@ -62,6 +62,7 @@ class ServiceTable:
         self._observers = 0
         self._abandoned: dict[str, Abandoned] = {}
         self._leases: dict[str, Lease] = {}  # by id
+        self.leases_changed = 0  # bumped on every lease change, for caches of what shows them
         self._dirty = False
         self.state_error: str | None = None  # why the last write of services.json failed
         self.state_write_failures = 0
@@ -216,7 +217,7 @@ class ServiceTable:
         lease = Lease(id=lease_id or secrets.token_urlsafe(12), service=name, lease_s=lease_s,
                       expires_at=time.time() + lease_s)
         self._leases[lease.id] = lease
-        self._dirty = True
+        self._lease_changed()
         return lease
 
     def renew_lease(self, name: str, lease_id: str, lease_s: float | None = None) -> Lease:
@@ -225,13 +226,13 @@ class ServiceTable:
         if lease_s is not None:
             lease.lease_s = lease_s
         lease.expires_at = time.time() + lease.lease_s
-        self._dirty = True
+        self._lease_changed()
         return lease
 
     def release_lease(self, name: str, lease_id: str) -> Lease:
         lease = self.lease(name, lease_id)
         del self._leases[lease.id]
-        self._dirty = True
+        self._lease_changed()
         return lease
 
     def lease(self, name: str, lease_id: str) -> Lease:
@@ -243,11 +244,15 @@ class ServiceTable:
                                 name=name, lease_id=lease_id)
         return lease
 
+    def _lease_changed(self) -> None:
+        self.leases_changed += 1
+        self._dirty = True
+
     def drop_leases(self, name: str) -> None:
         """The service is gone: so are its holders' claims."""
         for lease in self.leases_of(name):
             del self._leases[lease.id]
-            self._dirty = True
+            self._lease_changed()
 
     def lapsed(self) -> list[str]:
         """Drop leases that ran out; the services to stop: leased, none left, and idle.
@@ -257,7 +262,7 @@ class ServiceTable:
         now = time.time()
         for lease in [lease for lease in self._leases.values() if lease.expires_at <= now]:
             del self._leases[lease.id]
-            self._dirty = True
+            self._lease_changed()
         held = {lease.service for lease in self._leases.values()}
         return [name for name, service in sorted(self._services.items())
                 if not service.pinned and name not in held and not self.busy(name)]

@@ -34,6 +34,7 @@ from deploy_agent.events import EventLog
 from deploy_agent.gpus import GpuInventory, GpuPool, open_inventory
 from deploy_agent.hostview import HostView
 from deploy_agent.metrics import AgentMetrics
+from deploy_agent.page import add_page
 from deploy_agent.ports import PortAllocator
 from deploy_agent.probe import HealthProbe
 from deploy_agent.reconciler import Reconciler
@@ -61,6 +62,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
     app[CONVERTER_KEY] = make_converter()
     app[STREAMS_KEY] = Streams(config.max_streams)
     add_routes(app)
+    add_page(app)
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         if docker is not None:

@@ -1,4 +1,5 @@
-"""Bearer-token authentication: every request but GET /health carries the node's token."""
+"""Bearer-token authentication: every request but GET /health and the status page's files
+carries the node's token."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from deploy_agent.config import Config
 from deploy_agent.errors import Unauthorized
+from deploy_agent.page import is_page
 from deploy_agent.tokens import TOKEN_FILE, TokenError, is_loopback, load_or_create
 
 _LOGGER = logging.getLogger(__name__)
@@ -24,7 +26,7 @@ def auth_middleware(token: str) -> Middleware:
 
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if (request.method, request.path) not in PUBLIC:
+        if (request.method, request.path) not in PUBLIC and not is_page(request.path):
             scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
             # compare_digest: the time taken must not tell how much of the token was right.
             if scheme.lower() != "bearer" or not hmac.compare_digest(offered.strip().encode(), expected):

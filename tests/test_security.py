@@ -64,6 +64,17 @@ class TestBearerToken:
         assert response.status == 401
         assert test_containers() == []
 
+    async def test_the_page_is_open_and_holds_no_data(self, aiohttp_client: Any, tmp_path: Path) -> None:
+        client = await aiohttp_client(create_app(make_config(tmp_path, token=TOKEN)))
+        for path, kind in (("/", "text/html"), ("/static/app.js", "text/javascript"),
+                           ("/static/style.css", "text/css"), ("/static/favicon.svg", "image/svg+xml")):
+            response = await client.get(path)
+            assert response.status == 200 and response.content_type == kind, path
+            assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+        missing = await client.get("/static/secrets.json")
+        assert missing.status == 404 and missing.content_type == "text/plain"
+        assert (await client.get("/services")).status == 401  # the data still needs the token
+
     async def test_health_is_open(self, aiohttp_client: Any, tmp_path: Path) -> None:
         client = await aiohttp_client(create_app(make_config(tmp_path, token=TOKEN)))
         assert (await client.get("/health")).status == 200

@@ -17,6 +17,8 @@ from aiohttp import http_exceptions, web
 from deploy_agent.app import create_app
 from deploy_agent.auth import settle_auth
 from deploy_agent.config import Config, config_from, parse_args
+from deploy_agent.gpus import open_inventory
+from deploy_agent.swarm import SwarmTaken, gpu_label
 from deploy_agent.systemd import notify
 from deploy_agent.tokens import TOKEN_FILE, TokenError, read_token_file
 
@@ -36,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "token":
         return print_token(args)
+    if args.command == "gpus":
+        return print_gpus(args.label)
     config = config_from(args, os.environ)
     logging.basicConfig(
         level=config.log_level,
@@ -51,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"deploy-agent: state dir {config.state_dir} is not writable")
     config = settle_auth(config)
     raise_open_files_limit()
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except SwarmTaken as err:
+        raise SystemExit(f"deploy-agent: {err}") from None
     _LOGGER.info("Stopped; services keep running")
     return 0
 
@@ -65,6 +72,24 @@ def print_token(args: argparse.Namespace) -> int:
         hint = "" if args.token_file else (
             "; the agent makes it on its first start beyond loopback (not with --no-auth)")
         raise SystemExit(f"deploy-agent: {err}{hint}") from None
+    return 0
+
+
+def print_gpus(as_label: bool) -> int:
+    """`deploy-agent gpus [--label]`: this node's GPUs from NVML; with --label, the engine
+    label line a swarm manager reads them from."""
+    inventory = open_inventory(None)
+    try:
+        readings = inventory.read()
+    finally:
+        inventory.close()
+    if as_label:
+        sys.stdout.write(gpu_label(readings) + "\n")
+        return 0
+    for r in readings:
+        sys.stdout.write(f"{r.index}  {r.uuid}  {r.name}  {r.total_gb:.1f} GB\n")
+    if not readings:
+        sys.stdout.write("no GPUs (no NVIDIA driver, or no GPU)\n")
     return 0
 
 

@@ -19,12 +19,13 @@ from aiohttp.typedefs import Handler
 from deploy_agent import __version__
 from deploy_agent.config import Config
 from deploy_agent.convert import parse_deploy_request, parse_renew_request, parse_stop_request
-from deploy_agent.deployer import Deployer, DeployOutcome, Progress, no_progress
+from deploy_agent.deployer import Deployer, DeployOutcome
 from deploy_agent.errors import AgentError, InvalidRequest
 from deploy_agent.events import MEMORY_EVENTS, EventLog
 from deploy_agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from deploy_agent.metrics import AgentMetrics
 from deploy_agent.models import (
+    LIVE_STATUSES,
     DeployAnswer,
     DeployRequest,
     DryRunAnswer,
@@ -37,6 +38,7 @@ from deploy_agent.models import (
     service_url,
 )
 from deploy_agent.reconciler import Reconciler
+from deploy_agent.runtime import Progress, no_progress
 from deploy_agent.streams import Streams, relay
 from deploy_agent.table import ServiceTable
 
@@ -64,7 +66,6 @@ LISTING_KEY = web.AppKey("listing", ListingCache)
 INTERNAL_ERROR = {"ok": False, "error": "internal_error",
                   "message": "The agent failed unexpectedly; its log has the details."}
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-RUNNING = ("starting", "healthy", "unhealthy")
 NDJSON = "application/x-ndjson"
 
 
@@ -127,7 +128,7 @@ async def read_json(request: web.Request) -> Any:
 async def health(request: web.Request) -> web.Response:
     table = request.app[TABLE_KEY]
     reachable = request.app[RECONCILER_KEY].engine_reachable
-    running = sum(1 for s in table.services() if s.status in RUNNING)
+    running = sum(1 for s in table.services() if s.status in LIVE_STATUSES)
     return answer(request, HealthAnswer(
         status="ok" if reachable else "degraded",
         hostname=socket.gethostname(),
@@ -174,8 +175,9 @@ async def list_services(request: web.Request) -> web.Response:
     cache = request.app[LISTING_KEY]
     if cache.key != key:
         advertise = request.app[CONFIG_KEY].advertise_host
+        node = socket.gethostname()
         views = [ServiceView.of(s, advertise, now, table.leases_of(s.spec.name),
-                                gpus.observed_gb(s.spec.name), s.spec.name in gpus.over)
+                                gpus.observed_gb(s.spec.name), s.spec.name in gpus.over, node)
                  for s in services]
         cache.body = _dumps(request.app[CONVERTER_KEY].unstructure(views)).encode()
         cache.key = key
@@ -185,7 +187,8 @@ async def list_services(request: web.Request) -> web.Response:
 def service_view(request: web.Request, service: Service) -> ServiceView:
     table, name = request.app[TABLE_KEY], service.spec.name
     return ServiceView.of(service, request.app[CONFIG_KEY].advertise_host, time.time(),
-                          table.leases_of(name), table.gpus.observed_gb(name), name in table.gpus.over)
+                          table.leases_of(name), table.gpus.observed_gb(name), name in table.gpus.over,
+                          socket.gethostname())
 
 
 async def get_service(request: web.Request) -> web.Response:
@@ -221,7 +224,7 @@ async def dry_run(request: web.Request, deploy_request: DeployRequest) -> DryRun
     outcome = await request.app[DEPLOYER_KEY].dry_run(deploy_request)
     return DryRunAnswer(
         name=deploy_request.spec.name,
-        host=service_url(request.app[CONFIG_KEY].advertise_host, outcome.host_port),
+        host=service_url(outcome.node_addr or request.app[CONFIG_KEY].advertise_host, outcome.host_port),
         port=outcome.host_port, gpu=outcome.gpu,
         status=outcome.service.status if outcome.service else None,
         already_running=outcome.already_running, pull_needed=outcome.pull_needed)

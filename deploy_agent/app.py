@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 import aiodocker
@@ -33,14 +34,18 @@ from deploy_agent.engine import Engine, close_docker, open_docker
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import GpuInventory, GpuPool, open_inventory
 from deploy_agent.hostview import HostView
+from deploy_agent.local import LocalRuntime
 from deploy_agent.metrics import AgentMetrics
 from deploy_agent.page import add_page
-from deploy_agent.ports import PortAllocator
+from deploy_agent.ports import NodePorts
 from deploy_agent.probe import HealthProbe
 from deploy_agent.reconciler import Reconciler
+from deploy_agent.runtime import Runtime
 from deploy_agent.state import StateFile
 from deploy_agent.streams import Streams
 from deploy_agent.supervise import Supervisor
+from deploy_agent.swarm import SwarmEngine, SwarmGpus, SwarmRuntime
+from deploy_agent.swarm_reconciler import SwarmReconciler
 from deploy_agent.table import ServiceTable
 
 _LOGGER = logging.getLogger(__name__)
@@ -72,16 +77,22 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
             control = open_docker(config.docker_host, CONTROL_CONNECTIONS)
             streams = open_docker(config.docker_host, 0)  # no limit: --max-streams bounds it
             owned = [control, streams]
-        app[ENGINE_KEY] = Engine(control, streams, instance=config.instance,
-                                 timeout_s=config.engine_timeout_s,
-                                 pull_stall_s=config.pull_stall_timeout_s)
+        kind = SwarmEngine if config.swarm else Engine
+        app[ENGINE_KEY] = kind(control, streams, instance=config.instance,
+                               timeout_s=config.engine_timeout_s,
+                               pull_stall_s=config.pull_stall_timeout_s)
         yield
         for client in owned:
             await close_docker(client)
 
     async def gpus_ctx(app: web.Application) -> AsyncIterator[None]:
-        inventory: GpuInventory = (
-            gpus if gpus is not None else await asyncio.to_thread(open_inventory, config.fake_gpus))
+        inventory: GpuInventory
+        if gpus is not None:
+            inventory = gpus
+        elif config.swarm:
+            inventory = SwarmGpus()  # from the nodes' engine labels, read by the reconciler
+        else:
+            inventory = await asyncio.to_thread(open_inventory, config.fake_gpus)
         pool = GpuPool(inventory)
         await pool.refresh({})
         app[GPUS_KEY] = pool
@@ -92,13 +103,26 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         probe = HealthProbe(config.health_host)
         converter = app[CONVERTER_KEY]
         state_file = StateFile(config.state_dir, converter)
-        table = ServiceTable(PortAllocator(config.port_range), app[GPUS_KEY], state_file)
+        table = ServiceTable(NodePorts(config.port_range, remote=config.swarm), app[GPUS_KEY],
+                             state_file)
         events = EventLog(config.state_dir)
         await asyncio.to_thread(events.load)
-        deployer = Deployer(config, app[ENGINE_KEY], probe, table, converter, events)
-        reconciler = Reconciler(table, app[ENGINE_KEY], probe, state_file, converter, events,
-                                config.resync_interval_s, config.instance, HostView(),
-                                config.allow_host_paths)
+        engine = app[ENGINE_KEY]
+        common = (table, engine, probe, state_file, converter, events, config.resync_interval_s,
+                  config.instance, HostView(), config.allow_host_paths)
+        runtime: Runtime
+        reconciler: Reconciler
+        if isinstance(engine, SwarmEngine):
+            inventory = app[GPUS_KEY].inventory
+            assert isinstance(inventory, SwarmGpus)
+            runtime = swarm = SwarmRuntime(config, engine, probe, table, converter, inventory, events)
+            reconciler = SwarmReconciler(*common, swarm=engine, runtime=swarm, gpus=inventory,
+                                         node_grace_s=config.node_grace_s,
+                                         describe=f"{socket.gethostname()} port {config.port}")
+        else:
+            runtime = LocalRuntime(config, engine, probe, table, converter)
+            reconciler = Reconciler(*common)
+        deployer = Deployer(config, runtime, table, events)
         supervisor = Supervisor()
         app[TABLE_KEY] = table
         app[EVENTS_KEY] = events

@@ -120,7 +120,9 @@ ERRORS_BY_STATUS: dict[int, type[AgentRequestError]] = {
 }
 ERRORS_BY_CODE: dict[str, type[AgentRequestError]] = {"pull_stalled": PullStalledError,
                                                       "lease_not_found": LeaseNotFoundError}
-LIVE = ("starting", "healthy", "unhealthy")  # statuses of a service that is placed and running
+# Statuses of a service that is placed (or, in front of a swarm, being placed again): ensure()
+# never puts a second one elsewhere.
+LIVE = ("starting", "healthy", "unhealthy", "rescheduling", "pending")
 
 
 def _status_by_code() -> dict[str, int]:

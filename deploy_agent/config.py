@@ -78,6 +78,8 @@ class Config:
     service_pids_limit: int = 4096
     max_lease_s: float = 86400.0
     vram_overuse: Literal["warn", "stop"] = "warn"
+    swarm: bool = False
+    node_grace_s: float = 30.0
     publish_host: str = ""  # all addresses
 
     @property
@@ -166,6 +168,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="a service seen using more VRAM than it declared (3 readings in a row): only "
         "flag it (warn), or also stop it (stop; GPU deploys must then declare vram_gb) "
         "(default: %(default)s)")
+    add("--swarm", action="store_true", default=_flag(environ, "swarm"),
+        help="serve the whole Docker Swarm this engine manages: services become Swarm "
+        "services placed on the swarm's nodes and GPUs (run it on a manager; one per swarm)")
+    add("--node-grace", type=_positive, default=_env(environ, "node_grace", "30"), metavar="SECONDS",
+        help="with --swarm: a node down this long has its services placed elsewhere "
+        "(default: %(default)s)")
     add("--fake-gpus", type=_fake_gpus, default=_env(environ, "fake_gpus"), metavar="NAME:GB,...",
         help="simulate GPUs for development and tests, e.g. 'RTX 4090:24,RTX 4090:24': placement "
         "and accounting are real, containers get NVIDIA_VISIBLE_DEVICES and no device")
@@ -179,6 +187,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                        help="the agent's state dir (default: as for the agent)")
     token.add_argument("--token-file", type=Path, default=argparse.SUPPRESS, metavar="PATH",
                        help="the agent's --token-file, when it has one")
+    gpus = commands.add_parser(
+        "gpus", help="this node's GPUs, as NVML reports them",
+        description="Print this node's GPUs. With --label, the line to put in this node's "
+        "/etc/docker/daemon.json \"labels\" list, so that a `deploy-agent --swarm` on a "
+        "manager knows its GPUs (restart dockerd after changing it).")
+    gpus.add_argument("--label", action="store_true", help="print the Docker engine label line")
     return parser
 
 
@@ -266,6 +280,8 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         service_pids_limit=args.service_pids_limit,
         max_lease_s=args.max_lease,
         vram_overuse=args.vram_overuse,
+        swarm=args.swarm,
+        node_grace_s=args.node_grace,
         publish_host=args.publish_host,
         token=token,
     )

@@ -53,19 +53,34 @@ class GpuReading:
     uuid: str
     name: str
     total_gb: float
-    used_gb: float
+    used_gb: float | None  # None: not known here (another node's GPU, in front of a swarm)
     utilization_pct: float | None = None
     processes: tuple[GpuProcess, ...] | None = None
     mig: bool = False
+    node: str | None = None  # the node it is on, in front of a swarm
+    node_index: int | None = None  # its index on that node
+    available: bool = True  # False while its node is down: nothing new is placed there
+
+    @property
+    def local_index(self) -> int:
+        return self.index if self.node_index is None else self.node_index
+
+    @property
+    def label(self) -> str:
+        """How people and free_gb maps name it: `0`, or `node/0` in a swarm."""
+        return str(self.local_index) if self.node is None else f"{self.node}/{self.local_index}"
 
 
 class GpuInventory(Protocol):
-    """Something that reports the node's GPUs."""
+    """Something that reports GPUs, and knows how a container is given one of them."""
 
-    simulated: bool
+    simulated: bool  # fake GPUs: their use is what services declared
 
     def read(self) -> list[GpuReading]:
         """The GPUs now; blocking, so callers run it in a thread."""
+
+    def handoff(self, assignment: Assignment) -> tuple[dict[str, str], list[JSONObject]]:
+        """Env and DeviceRequests that give a container this GPU."""
 
     def close(self) -> None:
         """Release the driver."""
@@ -78,6 +93,9 @@ class NoGpus:
 
     def read(self) -> list[GpuReading]:
         return []
+
+    def handoff(self, assignment: Assignment) -> tuple[dict[str, str], list[JSONObject]]:
+        raise NoGpu("This node has no GPU.")
 
     def close(self) -> None:
         pass
@@ -93,6 +111,10 @@ class FakeGpus:
 
     def read(self) -> list[GpuReading]:
         return list(self._gpus)
+
+    def handoff(self, assignment: Assignment) -> tuple[dict[str, str], list[JSONObject]]:
+        """Only NVIDIA_VISIBLE_DEVICES: there is no device to request."""
+        return {"NVIDIA_VISIBLE_DEVICES": str(assignment.local_index)}, []
 
     def close(self) -> None:
         pass
@@ -164,6 +186,12 @@ class NvmlGpus:
     def _container_of(self, pid: int) -> str | None:
         return container_of_pid(pid, self._proc)
 
+    def handoff(self, assignment: Assignment) -> tuple[dict[str, str], list[JSONObject]]:
+        """A DeviceRequest by UUID, as `docker run --gpus device=UUID` makes: inside the
+        container the GPU is device 0, so CUDA_VISIBLE_DEVICES is never set."""
+        return {}, [{"Driver": "", "Count": 0, "DeviceIDs": [assignment.uuid],
+                     "Capabilities": [["gpu"]], "Options": {}}]
+
     def close(self) -> None:
         with contextlib.suppress(self._nvml.NVMLError):
             self._nvml.nvmlShutdown()
@@ -205,6 +233,12 @@ class Assignment:
     index: int
     uuid: str
     vram_gb: float
+    node: str | None = None
+    node_index: int | None = None
+
+    @property
+    def local_index(self) -> int:
+        return self.index if self.node_index is None else self.node_index
 
 
 @attrs.frozen
@@ -224,14 +258,15 @@ class GpuView:
     name: str
     uuid: str
     vram_total_gb: float
-    vram_used_gb: float
+    vram_used_gb: float | None
     vram_reserved_gb: float
     vram_committed_gb: float
-    vram_foreign_gb: float
+    vram_foreign_gb: float | None
     vram_free_gb: float
     utilization_pct: float | None
     services: list[str]
     service_vram: list[ServiceVram]
+    node_name: str | None
 
 
 def overuse_margin_gb(declared_gb: float) -> float:
@@ -330,6 +365,8 @@ class GpuPool:
         known (a process whose container is gone counts until the driver frees it), else
         used minus reserved. `freeing`: a service counted as gone, memory and all."""
         if reading.processes is None:
+            if reading.used_gb is None:
+                return 0.0  # not known: placement counts declarations
             return max(0.0, reading.used_gb - self.reserved_gb(reading.index))
         mine = self._mine_on(reading.index)
         if freeing in self._containers:
@@ -355,17 +392,18 @@ class GpuPool:
             raise NoGpu("This node has no GPU; deploy it without gpu: true or on a GPU node.")
         free = {r.index: self.free_gb(r, freeing) for r in self._readings}
         counts = {r.index: len(set(self.services_on(r.index)) - {freeing}) for r in self._readings}
-        fitting = [r for r in self._readings if free[r.index] >= vram_gb]
+        fitting = [r for r in self._readings if r.available and free[r.index] >= vram_gb]
         if not fitting:
-            listed = ", ".join(f"GPU {r.index} ({r.name}) has {max(0.0, free[r.index]):.1f} GB free"
+            listed = ", ".join(f"GPU {r.label} ({r.name}) has {max(0.0, free[r.index]):.1f} GB free"
                                for r in self._readings)
             raise NoGpuCapacity(
                 f"No GPU has {vram_gb:g} GB of VRAM free: {listed}.",
-                free_gb={str(r.index): round(max(0.0, free[r.index]), 2) for r in self._readings},
+                free_gb={r.label: round(max(0.0, free[r.index]), 2) for r in self._readings},
             )
         best = min(fitting, key=lambda r: (
             (r.total_gb - free[r.index]) / r.total_gb, counts[r.index], r.index))
-        return Assignment(index=best.index, uuid=best.uuid, vram_gb=vram_gb)
+        return Assignment(index=best.index, uuid=best.uuid, vram_gb=vram_gb, node=best.node,
+                          node_index=best.node_index)
 
     def reserve(self, name: str, vram_gb: float) -> Assignment:
         """Place `name` on the least-committed GPU that fits, and hold it there."""
@@ -373,11 +411,15 @@ class GpuPool:
         self._reservations[name] = assignment
         return assignment
 
-    def claim(self, name: str, index: int, vram_gb: float) -> None:
-        """Record the reservation of a service adopted from its container labels."""
-        reading = self._reading(index)
+    def claim(self, name: str, local_index: int, vram_gb: float, node: str | None = None) -> None:
+        """Record the reservation of a service adopted from its labels (GPU local_index on
+        `node`, or on this node)."""
+        reading = next((r for r in self._readings
+                        if r.node == node and r.local_index == local_index), None)
+        index = reading.index if reading is not None else local_index
         self._reservations[name] = Assignment(index=index, uuid=reading.uuid if reading else "",
-                                              vram_gb=vram_gb)
+                                              vram_gb=vram_gb, node=node,
+                                              node_index=local_index if node is not None else None)
 
     def release(self, name: str) -> None:
         self._reservations.pop(name, None)
@@ -385,15 +427,8 @@ class GpuPool:
         self.over = self.over - {name}
 
     def handoff(self, assignment: Assignment) -> tuple[dict[str, str], list[JSONObject]]:
-        """Env and DeviceRequests that give the container this GPU, as `--gpus device=UUID` does.
-
-        Inside the container the GPU is device 0, so CUDA_VISIBLE_DEVICES is never set.
-        Fake GPUs get only NVIDIA_VISIBLE_DEVICES, since there is no device to request.
-        """
-        if self.inventory.simulated:
-            return {"NVIDIA_VISIBLE_DEVICES": str(assignment.index)}, []
-        return {}, [{"Driver": "", "Count": 0, "DeviceIDs": [assignment.uuid],
-                     "Capabilities": [["gpu"]], "Options": {}}]
+        """Env and DeviceRequests that give the container this GPU (the inventory knows how)."""
+        return self.inventory.handoff(assignment)
 
     def views(self) -> list[GpuView]:
         views = []
@@ -402,14 +437,16 @@ class GpuPool:
             used = reserved if self.inventory.simulated else r.used_gb
             services = self.services_on(r.index)
             views.append(GpuView(
-                id=r.index, name=r.name, uuid=r.uuid, vram_total_gb=_gb(r.total_gb),
-                vram_used_gb=_gb(used), vram_reserved_gb=_gb(reserved),
-                vram_committed_gb=_gb(self.committed_gb(r)), vram_foreign_gb=_gb(self.foreign_gb(r)),
+                id=r.local_index, name=r.name, uuid=r.uuid, vram_total_gb=_gb(r.total_gb),
+                vram_used_gb=_gb_or_none(used), vram_reserved_gb=_gb(reserved),
+                vram_committed_gb=_gb(self.committed_gb(r)),
+                vram_foreign_gb=None if used is None else _gb(self.foreign_gb(r)),
                 vram_free_gb=_gb(max(0.0, self.free_gb(r))),
                 utilization_pct=r.utilization_pct, services=services,
                 service_vram=[ServiceVram(name, self._reservations[name].vram_gb,
                                           _gb_or_none(self.observed_gb(name, r.index)))
                               for name in services],
+                node_name=r.node,
             ))
         return views
 

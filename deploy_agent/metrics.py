@@ -7,6 +7,7 @@ as they finish; the rest is read from memory at scrape time, never from Docker.
 from __future__ import annotations
 
 import platform
+import typing
 from collections import Counter as Tally
 from collections.abc import Iterator
 
@@ -16,12 +17,13 @@ from prometheus_client.registry import Collector
 
 from deploy_agent import __version__
 from deploy_agent.events import EventLog
+from deploy_agent.models import Status
 from deploy_agent.reconciler import Reconciler
 from deploy_agent.streams import Streams
 from deploy_agent.supervise import Supervisor
 from deploy_agent.table import ServiceTable
 
-STATUSES = ("starting", "healthy", "unhealthy", "restarting", "exited")
+STATUSES = typing.get_args(Status)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -83,12 +85,15 @@ class _StateCollector(Collector):
                                          labels=["gpu", "name"]),
         }
         for view in self._table.gpus.views():
-            labels = [str(view.id), view.name]
+            gpu = str(view.id) if view.node_name is None else f"{view.node_name}/{view.id}"
+            labels = [gpu, view.name]
             families["total"].add_metric(labels, view.vram_total_gb)
             families["reserved"].add_metric(labels, view.vram_reserved_gb)
-            families["used"].add_metric(labels, view.vram_used_gb)
+            if view.vram_used_gb is not None:  # a remote GPU's use is not known
+                families["used"].add_metric(labels, view.vram_used_gb)
             families["committed"].add_metric(labels, view.vram_committed_gb)
-            families["foreign"].add_metric(labels, view.vram_foreign_gb)
+            if view.vram_foreign_gb is not None:
+                families["foreign"].add_metric(labels, view.vram_foreign_gb)
         yield from families.values()
 
         used = GaugeMetricFamily("deploy_agent_service_vram_used_gb",

@@ -23,7 +23,9 @@ EnvMap = NewType("EnvMap", dict[str, str])
 VolumeList = NewType("VolumeList", tuple[str, ...])
 Command = NewType("Command", tuple[str, ...])
 
-Status = Literal["starting", "healthy", "unhealthy", "exited", "restarting"]
+Status = Literal["starting", "healthy", "unhealthy", "exited", "restarting",
+                 "rescheduling", "pending"]  # the last two only in front of a swarm
+LIVE_STATUSES = ("starting", "healthy", "unhealthy")
 
 CONTAINER_PREFIX = "tidybot-"
 
@@ -97,6 +99,9 @@ class Service:
     exit_code: int | None = None
     restarts: int = 0
     pinned: bool = True  # deployed without a lease by someone: runs until stopped
+    node_name: str | None = None  # in front of a swarm: the node it runs on
+    node_addr: str | None = None  # ... and the address its port is published on
+    reason: str | None = None  # why it is pending
 
 
 @attrs.frozen
@@ -118,13 +123,16 @@ class ServiceView:
     lease_expires_at: str | None
     vram_used_gb: float | None
     vram_over: bool
+    node_name: str
+    reason: str | None
 
     @classmethod
     def of(cls, service: Service, advertise_host: str, now: float, leases: list[Lease],
-           vram_used_gb: float | None = None, vram_over: bool = False) -> ServiceView:
+           vram_used_gb: float | None = None, vram_over: bool = False,
+           node_name: str = "") -> ServiceView:
         return cls(
             name=service.spec.name,
-            host=service_url(advertise_host, service.host_port),
+            host=service_url(service.node_addr or advertise_host, service.host_port),
             port=service.host_port,
             container_port=service.spec.port,
             gpu=service.gpu,
@@ -138,6 +146,8 @@ class ServiceView:
             lease_expires_at=rfc3339(max(lease.expires_at for lease in leases)) if leases else None,
             vram_used_gb=None if vram_used_gb is None else round(vram_used_gb, 2),
             vram_over=vram_over,
+            node_name=service.node_name or node_name,
+            reason=service.reason,
         )
 
 
@@ -167,7 +177,7 @@ class DryRunAnswer:
     gpu: int | None
     status: Status | None
     already_running: bool
-    pull_needed: bool
+    pull_needed: bool | None  # None: another node pulls it, the agent can't know
     ok: bool = True
     dry_run: bool = True
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from deploy_agent.errors import NoPortAvailable
 
@@ -28,8 +28,10 @@ class PortAllocator:
     never receive the same port and the event loop never waits on a probe.
     """
 
-    def __init__(self, port_range: tuple[int, int]) -> None:
+    def __init__(self, port_range: tuple[int, int],
+                 probe: Callable[[int], bool] | None = bound_on_host) -> None:
         self._low, self._high = port_range
+        self._probe = probe  # None: the ports are another node's, nothing to probe here
         self._reserved: set[int] = set()
 
     def candidates(self, preferred: int) -> Iterator[int]:
@@ -44,8 +46,9 @@ class PortAllocator:
                        freed: frozenset[int] = frozenset()) -> int | None:
         """Blocking: the first candidate not excluded that nothing on the host listens on
         (a `freed` port counts as unbound: its container is about to go)."""
+        probe = self._probe or (lambda port: False)
         return next((port for port in self.candidates(preferred)
-                     if port not in excluded and (port in freed or not bound_on_host(port))), None)
+                     if port not in excluded and (port in freed or not probe(port))), None)
 
     async def reserve(self, preferred: int, published: set[int],
                       skip: frozenset[int] = frozenset()) -> int:
@@ -78,3 +81,20 @@ class PortAllocator:
 
     def reserved(self) -> frozenset[int]:
         return frozenset(self._reserved)
+
+
+class NodePorts:
+    """Host-port allocators by node: None is this node (probed with bind()); in front of a
+    swarm, each node's ports are its own, known only from the services placed there."""
+
+    def __init__(self, port_range: tuple[int, int], remote: bool = False) -> None:
+        self._range = port_range
+        self._remote = remote
+        self._allocators: dict[str | None, PortAllocator] = {}
+
+    def on(self, node: str | None) -> PortAllocator:
+        allocator = self._allocators.get(node)
+        if allocator is None:
+            probe = None if self._remote else bound_on_host
+            allocator = self._allocators[node] = PortAllocator(self._range, probe)
+        return allocator

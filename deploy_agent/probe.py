@@ -30,39 +30,44 @@ class HealthProbe:
 
     def __init__(self, host: str) -> None:
         self._host = host
-        self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._workers = ThreadPoolExecutor(BATCH_WORKERS, thread_name_prefix="probe")
 
-    async def healthy(self, host_port: int, path: str, timeout_s: float) -> bool:
-        """One probe on the event loop; cancelling it abandons the connection at once."""
+    async def healthy(self, host_port: int, path: str, timeout_s: float,
+                      host: str | None = None) -> bool:
+        """One probe on the event loop; cancelling it abandons the connection at once.
+
+        `host`: where the port is published, when not on this node (a swarm node's address).
+        """
+        host = host or self._host
         loop = asyncio.get_running_loop()
         try:
-            with socket.socket(self._family, socket.SOCK_STREAM) as sock:
+            with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
                 sock.setblocking(False)
                 async with asyncio.timeout(timeout_s):
-                    await loop.sock_connect(sock, (self._host, host_port))
-                    await loop.sock_sendall(sock, _request(self._host, host_port, path))
+                    await loop.sock_connect(sock, (host, host_port))
+                    await loop.sock_sendall(sock, _request(host, host_port, path))
                     head = await loop.sock_recv(sock, 64)
         except (OSError, TimeoutError):
             return False
         return _is_2xx(head)
 
-    async def healthy_all(self, targets: Sequence[tuple[int, str]], timeout_s: float) -> list[bool]:
-        """Probe every (host_port, path) on the worker threads; one answer per target."""
+    async def healthy_all(self, targets: Sequence[Target], timeout_s: float) -> list[bool]:
+        """Probe every (host or None, host_port, path) on the worker threads; one answer each."""
         if not targets:
             return []
         return await asyncio.to_thread(self._probe_batch, targets, timeout_s)
 
-    def _probe_batch(self, targets: Sequence[tuple[int, str]], timeout_s: float) -> list[bool]:
+    def _probe_batch(self, targets: Sequence[Target], timeout_s: float) -> list[bool]:
         return list(self._workers.map(
-            lambda target: self._probe_blocking(target[0], target[1], timeout_s), targets))
+            lambda target: self._probe_blocking(target[0] or self._host, target[1], target[2],
+                                                timeout_s), targets))
 
-    def _probe_blocking(self, host_port: int, path: str, timeout_s: float) -> bool:
+    def _probe_blocking(self, host: str, host_port: int, path: str, timeout_s: float) -> bool:
         try:
-            with socket.socket(self._family, socket.SOCK_STREAM) as sock:
+            with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
                 sock.settimeout(timeout_s)
-                sock.connect((self._host, host_port))
-                sock.sendall(_request(self._host, host_port, path))
+                sock.connect((host, host_port))
+                sock.sendall(_request(host, host_port, path))
                 head = sock.recv(64)
         except OSError:  # refused, reset, timed out
             return False
@@ -70,6 +75,14 @@ class HealthProbe:
 
     def close(self) -> None:
         self._workers.shutdown(wait=False, cancel_futures=True)
+
+
+Target = tuple[str | None, int, str]
+"""(host, or None for the default, host_port, path)"""
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def _request(host: str, port: int, path: str) -> bytes:

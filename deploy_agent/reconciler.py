@@ -318,7 +318,7 @@ class Reconciler:
                    if s.status in ("starting", "healthy", "unhealthy")
                    and not self._table.busy(s.spec.name)]
         results = await self._probe.healthy_all(
-            [(s.host_port, s.spec.health) for s in running], PROBE_TIMEOUT_S)
+            [(s.node_addr, s.host_port, s.spec.health) for s in running], PROBE_TIMEOUT_S)
         for service, healthy in zip(running, results, strict=True):
             self._record_probe(service, healthy)
 

@@ -105,7 +105,7 @@ def service_from_container(converter: cattrs.Converter, info: JSONObject,
         container_id=info["Id"],
         host_port=host_port,
         gpu=gpu,
-        started_at=_parse_docker_time(state.get("StartedAt")) or time.time(),
+        started_at=parse_docker_time(state.get("StartedAt")) or time.time(),
         restarts=int(info.get("RestartCount", 0)),
         pinned=lease_of(labels) is None,
     )
@@ -148,7 +148,7 @@ def summary_name(summary: JSONObject) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _parse_docker_time(text: str | None) -> float | None:
+def parse_docker_time(text: str | None) -> float | None:
     """Docker's RFC 3339 nanosecond times -> epoch seconds."""
     if not text or text.startswith("0001-"):
         return None

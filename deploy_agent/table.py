@@ -18,8 +18,8 @@ import attrs
 
 from deploy_agent.errors import LeaseNotFound, ServiceNotFound
 from deploy_agent.gpus import Assignment, GpuPool
-from deploy_agent.models import Lease, Service
-from deploy_agent.ports import PortAllocator
+from deploy_agent.models import Lease, Service, Status
+from deploy_agent.ports import NodePorts
 from deploy_agent.state import Abandoned, SavedState, StateFile
 
 _LOGGER = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Observation:
 class ServiceTable:
     """Records, locks, generations and reservations, with the methods that change them."""
 
-    def __init__(self, ports: PortAllocator, gpus: GpuPool, state_file: StateFile) -> None:
+    def __init__(self, ports: NodePorts, gpus: GpuPool, state_file: StateFile) -> None:
         self._ports = ports
         self._gpus = gpus
         self._state_file = state_file
@@ -146,9 +146,21 @@ class ServiceTable:
     def adopt(self, service: Service) -> None:
         """Track a service found running at start-up or by a resync, with its reservations."""
         self.track(service)
-        self._ports.claim(service.host_port)
+        self._ports.on(service.node_name).claim(service.host_port)
         if service.gpu is not None:
-            self._gpus.claim(service.spec.name, service.gpu, service.spec.vram_gb)
+            self._gpus.claim(service.spec.name, service.gpu, service.spec.vram_gb, service.node_name)
+
+    def set_status(self, service: Service, status: Status, reason: str | None = None) -> None:
+        """What a background pass saw of it (and why it waits, when pending)."""
+        service.status = status
+        service.reason = reason
+
+    def relocate(self, service: Service, *, node_name: str, node_addr: str, host_port: int,
+                 gpu: int | None) -> None:
+        """It was placed again (its node was lost); the new port and GPU are reserved already."""
+        service.node_name, service.node_addr = node_name, node_addr
+        service.host_port, service.gpu = host_port, gpu
+        self._bump(service.spec.name)
 
     def pin(self, service: Service) -> None:
         """Someone deployed it without a lease: it runs until stopped, whatever leases do."""
@@ -161,7 +173,7 @@ class ServiceTable:
         if not self.untrack(service):
             return False
         self.release_gpu(service.spec.name)
-        self.release_port(service.host_port)
+        self.release_port(service.host_port, service.node_name)
         return True
 
     # -- reservations --------------------------------------------------------------------
@@ -171,18 +183,19 @@ class ServiceTable:
         return self._gpus.reserve(name, vram_gb)
 
     async def reserve_port(self, preferred: int, published: set[int],
-                           refused: frozenset[int] = frozenset()) -> int:
-        return await self._ports.reserve(preferred, published, refused)
+                           refused: frozenset[int] = frozenset(), node: str | None = None) -> int:
+        return await self._ports.on(node).reserve(preferred, published, refused)
 
-    async def free_port(self, preferred: int, published: set[int], freed: set[int]) -> int:
+    async def free_port(self, preferred: int, published: set[int], freed: set[int],
+                        node: str | None = None) -> int:
         """The host port a deploy would get now; nothing is reserved."""
-        return await self._ports.first_free(preferred, published, freed)
+        return await self._ports.on(node).first_free(preferred, published, freed)
 
     def release_gpu(self, name: str) -> None:
         self._gpus.release(name)
 
-    def release_port(self, host_port: int) -> None:
-        self._ports.release(host_port)
+    def release_port(self, host_port: int, node: str | None = None) -> None:
+        self._ports.on(node).release(host_port)
 
     async def refresh_gpus(self) -> None:
         """Re-read the GPUs, telling the pool which containers are the agent's own."""

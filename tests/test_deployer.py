@@ -1,4 +1,4 @@
-"""The deploy flow's bookkeeping when the engine misbehaves, with a stand-in engine.
+"""The deploy flow (deployer and local runtime) when the engine misbehaves, with a stand-in engine.
 
 What crosses into Docker is tested against the real engine elsewhere; these tests drive
 the engine into failures it won't produce on cue (a removal that fails mid-rollback, a
@@ -21,7 +21,8 @@ from deploy_agent.engine import Engine
 from deploy_agent.errors import AgentError, EngineError, EngineUnavailable
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import FakeGpus, GpuPool
-from deploy_agent.ports import PortAllocator
+from deploy_agent.local import LocalRuntime
+from deploy_agent.ports import NodePorts
 from deploy_agent.probe import HealthProbe
 from deploy_agent.state import StateFile
 from deploy_agent.table import ServiceTable
@@ -55,11 +56,12 @@ def stand_in_engine(**overrides: Any) -> Any:
 async def deployer_with(engine: Any, tmp_path: Path, healthy: bool = True) -> tuple[Deployer, ServiceTable]:
     gpus = GpuPool(FakeGpus("RTX 4090:24"))
     await gpus.refresh({})
-    table = ServiceTable(PortAllocator(PORTS), gpus, StateFile(tmp_path, CONVERTER))
+    table = ServiceTable(NodePorts(PORTS), gpus, StateFile(tmp_path, CONVERTER))
     probe = MagicMock(spec=HealthProbe)
     probe.healthy = AsyncMock(return_value=healthy)
     config = make_config(tmp_path, port_range=PORTS)
-    return Deployer(config, engine, probe, table, CONVERTER, EventLog(tmp_path)), table
+    runtime = LocalRuntime(config, engine, probe, table, CONVERTER)
+    return Deployer(config, runtime, table, EventLog(tmp_path)), table
 
 
 def request(name: str = "svc", **body: Any) -> Any:
@@ -167,11 +169,12 @@ class TestOffTheLoop:
         monkeypatch.setattr(policy.os.path, "realpath", slow_realpath)
         gpus = GpuPool(FakeGpus("RTX 4090:24"))
         await gpus.refresh({})
-        table = ServiceTable(PortAllocator(PORTS), gpus, StateFile(tmp_path, CONVERTER))
+        table = ServiceTable(NodePorts(PORTS), gpus, StateFile(tmp_path, CONVERTER))
         probe = MagicMock(spec=HealthProbe)
         probe.healthy = AsyncMock(return_value=True)
         config = make_config(tmp_path, port_range=PORTS, allow_host_paths=(tmp_path,))
-        deployer = Deployer(config, stand_in_engine(), probe, table, CONVERTER, EventLog(tmp_path))
+        runtime = LocalRuntime(config, stand_in_engine(), probe, table, CONVERTER)
+        deployer = Deployer(config, runtime, table, EventLog(tmp_path))
         loop = asyncio.get_running_loop()
         gaps: list[float] = []
 

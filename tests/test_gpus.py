@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from deploy_agent.errors import NoGpu, NoGpuCapacity
 from deploy_agent.gpus import (
     GIB,
+    Assignment,
     FakeGpus,
     GpuPool,
     GpuProcess,
@@ -27,7 +28,7 @@ from deploy_agent.gpus import (
 
 
 class StaticGpus:
-    """An inventory whose readings a test sets directly."""
+    """An inventory whose readings a test sets directly; hands over GPUs as NVML does."""
 
     simulated = False
 
@@ -36,6 +37,9 @@ class StaticGpus:
 
     def read(self) -> list[GpuReading]:
         return self.readings
+
+    def handoff(self, assignment: Assignment) -> tuple[dict[str, str], list[dict[str, object]]]:
+        return NvmlGpus.handoff(NvmlGpus.__new__(NvmlGpus), assignment)
 
     def close(self) -> None:
         pass
@@ -399,7 +403,7 @@ class TestRefreshWhileDeploying:
 
         from deploy_agent.convert import make_converter
         from deploy_agent.models import DeploySpec, Service
-        from deploy_agent.ports import PortAllocator
+        from deploy_agent.ports import NodePorts
         from deploy_agent.state import StateFile
         from deploy_agent.table import ServiceTable
 
@@ -409,7 +413,7 @@ class TestRefreshWhileDeploying:
                 return self.readings
 
         converter = make_converter()
-        table = ServiceTable(PortAllocator((28000, 28010)), GpuPool(SlowGpus([reading(0)])),
+        table = ServiceTable(NodePorts((28000, 28010)), GpuPool(SlowGpus([reading(0)])),
                              StateFile(tmp_path, converter))
         spec = converter.structure({"name": "first", "image": "img:1"}, DeploySpec)
         table.adopt(Service(spec=spec, container_id="a" * 64, host_port=28000))

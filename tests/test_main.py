@@ -80,3 +80,33 @@ class TestDaemonFootprint:
         )
         result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
         assert result.stdout.strip() == "[]"
+
+
+class TestGpusCommand:
+    """`deploy-agent gpus --label` prints the engine label a swarm manager reads GPUs from."""
+
+    def test_label_round_trip(self, tmp_path: Path) -> None:
+        import json
+
+        from deploy_agent.swarm import SwarmNode
+
+        described = tmp_path / "nvml.json"
+        described.write_text(json.dumps({"gpus": [
+            {"uuid": "GPU-a", "name": "NVIDIA H100", "total_gb": 80, "processes": []},
+            {"uuid": "GPU-b", "name": "NVIDIA L4", "total_gb": 24, "processes": []}]}))
+        env = {"PYTHONPATH": str(Path(__file__).parent / "nvml_standin"),
+               "DEPLOY_AGENT_TEST_NVML": str(described)}
+        line = run("gpus", "--label", env=env).stdout.strip()
+        assert line.startswith("deploy-agent.gpus=[")
+        key, _, value = line.partition("=")
+        engine = {"Labels": {key: value}}
+        node = SwarmNode.of({"ID": "n1", "Description": {"Hostname": "gpu-2", "Engine": engine},
+                             "Status": {"State": "ready", "Addr": "10.0.0.6"}})
+        assert [(g["uuid"], g["name"], g["vram_gb"]) for g in node.gpus] == [
+            ("GPU-a", "NVIDIA H100", 80), ("GPU-b", "NVIDIA L4", 24)]
+        listed = run("gpus", env=env).stdout
+        assert "GPU-a" in listed and "80.0 GB" in listed
+
+    def test_no_gpus_is_an_empty_label(self) -> None:
+        env = {"PYTHONPATH": "/nonexistent"}  # no NVML at all: no GPUs, still a usable line
+        assert run("gpus", "--label", env=env).stdout.strip() == "deploy-agent.gpus=[]"

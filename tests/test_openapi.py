@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,16 @@ class TestDocument:
         import attrs
 
         from deploy_agent.convert import MANIFEST_DEPLOY, MANIFEST_REQUIRES, MANIFEST_TOP, REQUEST_KEYS
-        from deploy_agent.events import Event
+        from deploy_agent.events import KINDS, Event
         from deploy_agent.gpus import GpuView
-        from deploy_agent.models import DeployAnswer, DeploySpec, DryRunAnswer, HealthAnswer, ServiceView
+        from deploy_agent.models import (
+            DeployAnswer,
+            DeploySpec,
+            DryRunAnswer,
+            HealthAnswer,
+            ServiceView,
+            Status,
+        )
 
         schemas = SPEC["components"]["schemas"]
 
@@ -69,6 +77,8 @@ class TestDocument:
         assert set(manifest) == MANIFEST_TOP
         assert set(manifest["deploy"]["properties"]) == set(MANIFEST_DEPLOY)
         assert set(manifest["requires"]["properties"]) == set(MANIFEST_REQUIRES)
+        assert tuple(schemas["Event"]["properties"]["kind"]["enum"]) == KINDS
+        assert schemas["Service"]["properties"]["status"]["enum"] == list(typing.get_args(Status))
         for schema, model in (("Health", HealthAnswer), ("Service", ServiceView), ("Gpu", GpuView),
                               ("DeployAnswer", DeployAnswer), ("Event", Event),
                               ("DryRunAnswer", DryRunAnswer)):

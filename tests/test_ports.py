@@ -73,17 +73,14 @@ class TestPortAllocator:
 class TestOffTheLoop:
     """bind() probes run in a thread: a slow probe never stalls the event loop."""
 
-    async def test_slow_probes_leave_the_loop_free(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def test_slow_probes_leave_the_loop_free(self) -> None:
         import asyncio
         import time
-
-        from deploy_agent import ports as ports_module
 
         def slow_probe(port: int) -> bool:
             time.sleep(0.1)  # a probe stuck in the kernel, say
             return port < 29205  # the first five are taken
 
-        monkeypatch.setattr(ports_module, "bound_on_host", slow_probe)
         loop = asyncio.get_running_loop()
         gaps: list[float] = []
 
@@ -94,7 +91,23 @@ class TestOffTheLoop:
                 gaps.append(loop.time() - before)
 
         ticker = asyncio.create_task(tick())
-        port = await PortAllocator((29200, 29210)).reserve(29200, set())
+        port = await PortAllocator((29200, 29210), probe=slow_probe).reserve(29200, set())
         ticker.cancel()
         assert port == 29205
         assert max(gaps) < 0.08, max(gaps)  # on the loop, each probe would stall it 0.1 s
+
+
+class TestNodePorts:
+    """Each node has its own ports; another node's are never probed here."""
+
+    async def test_nodes_are_independent(self, listener: socket.socket) -> None:
+        from deploy_agent.ports import NodePorts
+
+        port = listener.getsockname()[1]
+        with listener:
+            remote = NodePorts((port, port + 5), remote=True)
+            assert await remote.on("node-a").reserve(port, set()) == port  # bound here, not there
+            assert await remote.on("node-b").reserve(port, set()) == port
+            assert await remote.on("node-a").reserve(port, set()) == port + 1
+            local = NodePorts((port, port + 5))
+            assert await local.on(None).reserve(port, set()) == port + 1

@@ -91,7 +91,8 @@ class TestBatch:
         ok, missing, broken = await serve(status(b"200")), 1, await serve(status(b"500"))
         probe = HealthProbe("127.0.0.1")
         try:
-            assert await probe.healthy_all([(ok, "/health"), (missing, "/"), (broken, "/h")], 1.0) == [
+            targets = [(None, ok, "/health"), (None, missing, "/"), (None, broken, "/h")]
+            assert await probe.healthy_all(targets, 1.0) == [
                 True, False, False]
             assert await probe.healthy_all([], 1.0) == []
         finally:
@@ -104,7 +105,7 @@ class TestBatch:
         probe = HealthProbe("127.0.0.1")
         try:
             started = time.monotonic()
-            results = await probe.healthy_all([(hung, "/")] * 3 + [(ok, "/")] * 40, 0.5)
+            results = await probe.healthy_all([(None, hung, "/")] * 3 + [(None, ok, "/")] * 40, 0.5)
             assert results == [False] * 3 + [True] * 40
             assert time.monotonic() - started < 1.5  # the hung ones waited side by side
         finally:

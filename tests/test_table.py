@@ -12,7 +12,7 @@ from deploy_agent.convert import make_converter
 from deploy_agent.errors import NoGpuCapacity
 from deploy_agent.gpus import FakeGpus, GpuPool
 from deploy_agent.models import DeploySpec, Service
-from deploy_agent.ports import PortAllocator
+from deploy_agent.ports import NodePorts
 from deploy_agent.state import StateFile
 from deploy_agent.table import ServiceTable
 
@@ -31,7 +31,7 @@ def service(name: str, host_port: int, gpu: int | None = None, vram_gb: float = 
 async def table(tmp_path: Path) -> ServiceTable:
     gpus = GpuPool(FakeGpus("RTX 4090:24"))
     await gpus.refresh({})
-    return ServiceTable(PortAllocator((29300, 29310)), gpus, StateFile(tmp_path, CONVERTER))
+    return ServiceTable(NodePorts((29300, 29310)), gpus, StateFile(tmp_path, CONVERTER))
 
 
 class TestLocks:
@@ -137,7 +137,7 @@ class TestStateFile:
         gpus = GpuPool(FakeGpus("RTX 4090:24"))
         await gpus.refresh({})
         state_dir = tmp_path / "state"
-        table = ServiceTable(PortAllocator((29300, 29310)), gpus, StateFile(state_dir, CONVERTER))
+        table = ServiceTable(NodePorts((29300, 29310)), gpus, StateFile(state_dir, CONVERTER))
         state_dir.mkdir()
         (state_dir / ".services.json.tmp").mkdir()  # the temp file can't be written: like a full disk
         table.adopt(service("a", 29300, gpu=0, vram_gb=20))
@@ -156,7 +156,7 @@ class TestStateFile:
                                                         tmp_path: Path) -> None:
         table.abandon("attempt-1", "a")
         await table.persist()
-        fresh = ServiceTable(PortAllocator((29300, 29310)), table.gpus, StateFile(tmp_path, CONVERTER))
+        fresh = ServiceTable(NodePorts((29300, 29310)), table.gpus, StateFile(tmp_path, CONVERTER))
         fresh.restore(StateFile(tmp_path, CONVERTER).load())
         assert fresh.is_abandoned("attempt-1") and not fresh.is_abandoned("attempt-2")
         fresh.settle(attempts_seen={"attempt-1"}, removed={"attempt-1"})
@@ -215,7 +215,7 @@ class TestLeases:
         lease = table.add_lease("a", 30)
         lease.expires_at = time.time() - 100  # saved long ago, the agent down since
         await table.persist()
-        fresh = ServiceTable(PortAllocator((29300, 29310)), table.gpus, StateFile(tmp_path, CONVERTER))
+        fresh = ServiceTable(NodePorts((29300, 29310)), table.gpus, StateFile(tmp_path, CONVERTER))
         fresh.restore(StateFile(tmp_path, CONVERTER).load())
         restored = fresh.lease("a", lease.id)
         assert time.time() + 29 < restored.expires_at <= time.time() + 30

@@ -108,7 +108,7 @@ function gpuCard(gpu, colours) {
   legend.append(el("li", {}, el("span", { class: "swatch free" }), `free: ${gb(gpu.vram_free_gb)}`));
   const utilisation = gpu.utilization_pct === null ? "" : ` · ${gpu.utilization_pct}% busy`;
   return el("article", { class: "gpu", "data-gpu": String(gpu.id) },
-    el("header", {}, el("h3", { text: `GPU ${gpu.id} · ${gpu.name}` })),
+    el("header", {}, el("h3", { text: `${gpu.node_name ? `${gpu.node_name} · ` : ""}GPU ${gpu.id} · ${gpu.name}` })),
     el("p", { class: "numbers",
       text: `${gb(gpu.vram_total_gb)} total · ${gb(gpu.vram_reserved_gb)} reserved · ${gb(gpu.vram_used_gb)} in use${utilisation}` }),
     bar, legend);
@@ -118,10 +118,12 @@ function gpuCard(gpu, colours) {
 
 const COLUMNS = [
   { label: "Name", cell: (s) => el("th", { scope: "row", text: s.name }) },
-  { label: "Status", cell: (s) => el("td", { class: `status status-${s.status}`,
-    text: s.exit_code === null ? s.status : `${s.status} (${s.exit_code})` }) },
+  { label: "Status", cell: (s) => el("td", { class: `status status-${s.status}`, title: s.reason,
+    text: s.exit_code !== null ? `${s.status} (${s.exit_code})` : s.reason ? `${s.status}: ${s.reason}` : s.status }) },
   { label: "URL", cell: (s) => el("td", {}, el("a", { href: s.host, rel: "noopener", text: s.host,
     "data-key": `url:${s.name}` })) },
+  { label: "Node", when: (all) => new Set(all.map((s) => s.node_name)).size > 1,
+    cell: (s) => el("td", { text: s.node_name }) },
   { label: "GPU", cell: (s) => el("td", { class: "num", text: s.gpu === null ? "–" : String(s.gpu) }) },
   { label: "VRAM declared", cell: (s) => el("td", { class: "num", text: s.gpu === null && !s.vram_gb ? "–" : gb(s.vram_gb) }) },
   { label: "VRAM used", when: (all) => all.some((s) => s.vram_used_gb !== null),

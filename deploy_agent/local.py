@@ -1,0 +1,259 @@
+"""One Docker engine: services as containers on this node."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncGenerator
+
+import attrs
+import cattrs
+
+from deploy_agent.config import Config
+from deploy_agent.engine import Engine, container_config
+from deploy_agent.errors import (
+    Conflict,
+    ContainerExited,
+    EngineUnavailable,
+    HealthTimeout,
+    NoPortAvailable,
+    PortTaken,
+)
+from deploy_agent.gpus import Assignment
+from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, JSONObject, Lease, Service
+from deploy_agent.probe import HealthProbe
+from deploy_agent.runtime import DryRunOutcome, Progress
+from deploy_agent.state import labels_for, service_from_container
+from deploy_agent.table import ServiceTable
+
+_LOGGER = logging.getLogger(__name__)
+
+PORT_ATTEMPTS = 5
+LOG_TAIL_LINES = 20
+MIN_POLL_S = 0.02
+MAX_POLL_S = 1.0
+
+
+def poll_interval(elapsed_s: float) -> float:
+    """Health polls start every 20 ms and back off to 1 s, at about 5% of the time waited."""
+    return min(MAX_POLL_S, max(MIN_POLL_S, elapsed_s / 20))
+
+
+@attrs.define
+class _Attempt:
+    """One try at creating a service's container, and what it holds so far."""
+
+    spec: DeploySpec
+    host_port: int
+    lease: Lease | None  # the lease the container is created under (in its labels)
+    id: str = attrs.field(factory=lambda: secrets.token_hex(8))
+    service: Service | None = None  # set once the engine has created the container
+    created_unknown: bool = False  # the create call failed in a way that may still create it
+
+
+class LocalRuntime:
+    """Services as containers of one engine: create, start, wait healthy, roll back."""
+
+    def __init__(self, config: Config, engine: Engine, probe: HealthProbe, table: ServiceTable,
+                 converter: cattrs.Converter) -> None:
+        self._config = config
+        self._engine = engine
+        self._probe = probe
+        self._table = table
+        self._converter = converter
+        self._rollbacks: set[asyncio.Task[None]] = set()
+
+    async def remove_stray(self, spec: DeploySpec) -> None:
+        """A container of this name that the agent does not track: ours is replaced, a foreign one refused."""
+        info = await self._engine.inspect(spec.container_name)
+        if info is None:
+            return
+        if self._foreign(info):
+            raise Conflict(
+                f"A container named {spec.container_name} exists that this agent does not manage; "
+                "remove or rename it first.", name=spec.name,
+            )
+        _LOGGER.info("Removing untracked container %s before deploying", spec.container_name)
+        await self._engine.remove(info["Id"])
+
+    def _foreign(self, info: JSONObject) -> bool:
+        """A container this agent instance did not create (or can't read back)."""
+        return service_from_container(self._converter, info, self._config.instance) is None
+
+    async def _ensure_image(self, image: str, progress: Progress) -> None:
+        if not await self._engine.has_image(image):
+            _LOGGER.info("Pulling %s", image)
+            await self._engine.pull(image, lambda step: progress({"event": "pull", **step}))
+
+    async def launch(self, spec: DeploySpec, progress: Progress, lease: Lease | None) -> Service:
+        """Reserve a GPU (before a long pull, so a full node answers at once), then a port."""
+        assignment = None
+        if spec.gpu:
+            await self._table.refresh_gpus()
+            assignment = self._table.reserve_gpu(spec.name, spec.vram_gb)
+        try:
+            await self._ensure_image(spec.image, progress)
+            published = await self._engine.published_ports()
+            refused: set[int] = set()
+            for _ in range(PORT_ATTEMPTS):
+                host_port = await self._table.reserve_port(spec.port, published, frozenset(refused))
+                try:
+                    service = await self._create_and_start(_Attempt(spec, host_port, lease),
+                                                           assignment, progress)
+                except PortTaken:
+                    _LOGGER.info("Host port %s was taken under us; trying the next", host_port)
+                    refused.add(host_port)
+                    continue
+                await self._table.persist()
+                return service
+            raise NoPortAvailable(
+                f"The engine refused {PORT_ATTEMPTS} host ports in a row for {spec.name}.")
+        except BaseException:
+            self._table.release_gpu(spec.name)
+            raise
+
+    async def _create_and_start(self, attempt: _Attempt, assignment: Assignment | None,
+                                progress: Progress) -> Service:
+        """Create, start, wait healthy. On any failure nothing is left: container, port, record."""
+        spec, host_port = attempt.spec, attempt.host_port
+        try:
+            gpu = assignment.index if assignment else None
+            gpu_env, device_requests = self._table.gpus.handoff(assignment) if assignment else ({}, [])
+            labels = labels_for(self._converter, spec, host_port, gpu, self._config.instance,
+                                attempt.id, attempt.lease)
+            config = container_config(spec, host_port=host_port, env={**spec.env, **gpu_env},
+                                      labels=labels, device_requests=device_requests,
+                                      publish_host=self._config.publish_host,
+                                      pids_limit=self._config.service_pids_limit)
+            try:
+                container_id = await self._engine.create(spec.container_name, config)
+            except EngineUnavailable:
+                attempt.created_unknown = True  # the engine may still act on the request
+                raise
+            attempt.service = Service(spec=spec, container_id=container_id, host_port=host_port,
+                                      gpu=gpu, pinned=attempt.lease is None)
+            self._table.track(attempt.service)
+            progress({"event": "created", "container": container_id[:12], "port": host_port,
+                      "gpu": gpu})
+            await self._engine.start(container_id)
+            progress({"event": "started"})
+            await self._wait_healthy(attempt.service, progress)
+        except BaseException as err:
+            # Shielded and tracked: a deploy cancelled at shutdown still rolls back, and
+            # close() waits for that before the process exits.
+            rollback = asyncio.ensure_future(self._roll_back(attempt, err))
+            self._rollbacks.add(rollback)
+            rollback.add_done_callback(self._rollbacks.discard)
+            await asyncio.shield(rollback)
+            raise
+        attempt.service.status = "healthy"
+        _LOGGER.info("Deployed %s on host port %s%s", spec.name, host_port,
+                     f", GPU {gpu}" if gpu is not None else "")
+        return attempt.service
+
+    async def _roll_back(self, attempt: _Attempt, cause: BaseException) -> None:
+        """Remove what the attempt created and release its port. Never raises: whatever
+        fails here, the caller gets the original error and the reservations come back."""
+        spec = attempt.spec
+        _LOGGER.info("Deploy of %s failed or was cancelled (%s); removing its container and "
+                     "releasing host port %s", spec.name, type(cause).__name__, attempt.host_port)
+        try:
+            if attempt.service is not None:
+                self._table.untrack(attempt.service)
+            if attempt.created_unknown or (attempt.service and isinstance(cause, EngineUnavailable)):
+                # Don't wait on an engine that is away: the resync removes it when it is back.
+                self._table.abandon(attempt.id, spec.name)
+            elif attempt.service is not None:
+                await self._engine.remove(attempt.service.container_id)
+        except Exception as err:
+            _LOGGER.warning("Could not remove the container of the failed deploy of %s (%s); "
+                            "it will be removed when the engine answers", spec.name,
+                            getattr(err, "message", err))
+            self._table.abandon(attempt.id, spec.name)
+        finally:
+            self._table.release_port(attempt.host_port)
+        if self._table.is_abandoned(attempt.id):
+            await self._table.persist()  # so a restart still knows to remove it
+
+    async def _wait_healthy(self, service: Service, progress: Progress) -> None:
+        """Poll health with backoff while watching for the container to exit."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timeout = min(service.spec.ready_timeout, self._config.max_ready_timeout)
+        exited = asyncio.ensure_future(self._engine.wait_exit(service.container_id))
+        attempt = 0
+        try:
+            while True:
+                elapsed = loop.time() - started
+                remaining = timeout - elapsed
+                if remaining <= 0:
+                    raise HealthTimeout(
+                        f"{service.spec.name} did not answer {service.spec.health} with 2xx "
+                        f"within {timeout:g} s.",
+                        name=service.spec.name, logs=await self._logs(service),
+                    )
+                probe = asyncio.ensure_future(self._probe.healthy(
+                    service.host_port, service.spec.health, min(1.0, remaining)))
+                await asyncio.wait({probe, exited}, return_when=asyncio.FIRST_COMPLETED)
+                if exited.done():  # exited, or the engine failed under the watch
+                    probe.cancel()
+                    await self._raise_exited(service, exited.result())
+                attempt += 1
+                progress({"event": "health", "attempt": attempt, "healthy": probe.result(),
+                          "elapsed_s": round(loop.time() - started, 3)})
+                if probe.result():
+                    return
+                pause = min(poll_interval(elapsed), max(0.0, timeout - (loop.time() - started)))
+                await asyncio.wait({exited}, timeout=pause)
+        finally:
+            exited.cancel()
+            await asyncio.gather(exited, return_exceptions=True)
+
+    async def _raise_exited(self, service: Service, exit_code: int) -> None:
+        raise ContainerExited(
+            f"{service.spec.name} exited with code {exit_code} before it became healthy.",
+            name=service.spec.name, exit_code=exit_code, logs=await self._logs(service),
+        )
+
+    async def _logs(self, service: Service) -> list[str]:
+        return await self._engine.logs_tail(service.container_id, LOG_TAIL_LINES)
+
+    async def place(self, spec: DeploySpec, replacing: Service | None) -> DryRunOutcome:
+        if replacing is None:
+            info = await self._engine.inspect(spec.container_name)
+            if info is not None and self._foreign(info):
+                raise Conflict(f"A container named {spec.container_name} exists that this agent "
+                               "does not manage; remove or rename it first.", name=spec.name)
+        freeing = replacing.spec.name if replacing is not None else None
+        gpu = None
+        if spec.gpu:
+            await self._table.refresh_gpus()
+            gpu = self._table.gpus.place(spec.vram_gb, freeing=freeing).local_index
+        pull_needed = not await self._engine.has_image(spec.image)
+        published = await self._engine.published_ports()
+        freed = {replacing.host_port} if replacing is not None else set()
+        port = await self._table.free_port(spec.port, published - freed, freed)
+        return DryRunOutcome(port, gpu, already_running=False, pull_needed=pull_needed)
+
+    async def stop(self, service: Service, grace_s: int) -> None:
+        await self._engine.stop(service.container_id, grace_s)
+
+    async def discard(self, service: Service) -> None:
+        await self._engine.remove(service.container_id)
+
+    async def remove_untracked(self, name: str) -> bool:
+        info = await self._engine.inspect(CONTAINER_PREFIX + name)
+        if info is None or self._foreign(info):
+            return False
+        await self._engine.remove(info["Id"])
+        return True
+
+    async def logs(self, service: Service, tail: int) -> str:
+        return await self._engine.logs(service.container_id, tail)
+
+    def follow_logs(self, service: Service, tail: int) -> AsyncGenerator[str, None]:
+        return self._engine.follow_logs(service.container_id, tail)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._rollbacks, return_exceptions=True)

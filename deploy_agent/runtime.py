@@ -1,0 +1,67 @@
+"""The backend boundary: what the deployer asks of whatever runs the services.
+
+One Docker engine (local.py) or a Docker Swarm (swarm.py). The HTTP layer, validation,
+policy, leases, events and the page sit above this line and don't know which runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from typing import Protocol
+
+import attrs
+
+from deploy_agent.models import DeploySpec, JSONObject, Lease, Service
+
+Progress = Callable[[JSONObject], None]
+"""Receives deploy progress events ({"event": "pull" | "created" | "started" | "health", ...})."""
+
+
+def no_progress(event: JSONObject) -> None:
+    del event
+
+
+@attrs.frozen
+class DryRunOutcome:
+    """Where a deploy would land now: its host port, node and GPU, and whether it would pull
+    (None when the agent can't know: the image is pulled by another node)."""
+
+    host_port: int
+    gpu: int | None
+    already_running: bool
+    pull_needed: bool | None
+    service: Service | None = None  # the running one, when already_running
+    node_name: str | None = None
+    node_addr: str | None = None
+
+
+class Runtime(Protocol):
+    """Runs services for the deployer; every reservation goes through the service table."""
+
+    async def remove_stray(self, spec: DeploySpec) -> None:
+        """Before a launch: remove a leftover of ours under this name; Conflict for a foreign one."""
+
+    async def launch(self, spec: DeploySpec, progress: Progress, lease: Lease | None) -> Service:
+        """Reserve, create, start, wait healthy; tracked in the table. On any failure nothing
+        is left and nothing stays reserved; the caller gets the original error."""
+
+    async def place(self, spec: DeploySpec, replacing: Service | None) -> DryRunOutcome:
+        """Where launch() would put it now, reserving nothing; the errors launch() would raise."""
+
+    async def stop(self, service: Service, grace_s: int) -> None:
+        """Stop it (grace, then kill); it is removed by discard()."""
+
+    async def discard(self, service: Service) -> None:
+        """Remove what runs the service; a service already gone is fine."""
+
+    async def remove_untracked(self, name: str) -> bool:
+        """Remove a leftover of ours under this name the table lacks; whether there was one."""
+
+    async def logs(self, service: Service, tail: int) -> str:
+        """Its recent output."""
+
+    def follow_logs(self, service: Service, tail: int) -> AsyncGenerator[str, None]:
+        """Its output as it comes, after its last `tail` lines."""
+
+    async def close(self) -> None:
+        """Wait for rollbacks still running."""

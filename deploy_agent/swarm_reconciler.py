@@ -1,0 +1,182 @@
+"""Keeps the service table true in front of a swarm: Swarm is the store, polled.
+
+At start the table is rebuilt from the Swarm services' labels (and services.json for
+leases). Every resync looks at the nodes (their GPUs, whether they are up), the services
+and their tasks (crashes and restarts become events), places again the services of a node
+down longer than --node-grace (or waits, pending, for room), and probes each service's
+health on its node's address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from deploy_agent.errors import AgentError
+from deploy_agent.models import LIVE_STATUSES, JSONObject, Service
+from deploy_agent.reconciler import Reconciler
+from deploy_agent.state import attempt_of, parse_docker_time
+from deploy_agent.swarm import (
+    SwarmEngine,
+    SwarmGpus,
+    SwarmNode,
+    SwarmRuntime,
+    _exit_code,
+    _port_error,
+    latest_task,
+    service_from_swarm,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+ENDED_TASK_STATES = ("failed", "rejected", "complete", "shutdown", "orphaned", "remove")
+CRASHED_TASK_STATES = ("failed", "complete", "rejected")  # "shutdown": the agent ended it
+
+
+class SwarmReconciler(Reconciler):
+    """The one-node reconciler's loops (engine liveness, resync, probes), fed from Swarm."""
+
+    def __init__(self, *args: Any, swarm: SwarmEngine, runtime: SwarmRuntime, gpus: SwarmGpus,
+                 node_grace_s: float, describe: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._swarm = swarm
+        self._runtime = runtime
+        self._gpus = gpus
+        self._node_grace_s = node_grace_s
+        self._describe = describe  # who this agent is, for the swarm's lock
+        self._down_since: dict[str, float] = {}  # node id -> when it was first seen down
+        self._running_task: dict[str, str] = {}  # service id -> the task last seen running
+        self._reported_crashes: set[str] = set()  # tasks already reported as crashed
+        self._crashed_since: set[str] = set()  # services that crashed and have not run since
+        self._updated_at: dict[str, float] = {}  # service id -> when its spec last changed
+
+    async def start_up(self) -> None:
+        """Be the swarm's one agent, then rebuild the table from the Swarm services."""
+        info = await self._swarm.swarm_info()
+        if not info.get("ControlAvailable"):
+            raise SystemExit("deploy-agent: --swarm needs a swarm manager's engine; "
+                             f"this one is {info.get('LocalNodeState') or 'not in a swarm'}")
+        await self._swarm.hold_lock(self._instance, str(info.get("NodeID")), self._describe)
+        recorded = self._table.restore(await asyncio.to_thread(self._state_file.load))
+        self._recorded = {service.container_id: service for service in recorded}
+        await self._look_at_nodes()
+        self._engine_is(reachable=True)
+        for found in await self._swarm.managed_services():
+            with contextlib.suppress(AgentError):
+                await self._adopt_or_remove_service(found, "start_up")
+        with contextlib.suppress(AgentError):  # crashes from before this start are history
+            tasks = await self._swarm.tasks([s.container_id for s in self._table.services()])
+            self._reported_crashes = {t["ID"] for t in tasks
+                                      if (t.get("Status") or {}).get("State") in CRASHED_TASK_STATES}
+        _LOGGER.info("Adopted %d service(s) from the swarm", len(self._table.services()))
+        await self._table.persist()
+
+    async def follow_events(self) -> None:
+        """Remote containers' events come from the task list, polled by the resync."""
+        await asyncio.Event().wait()
+
+    async def _look_at_nodes(self) -> list[SwarmNode]:
+        nodes = await self._swarm.nodes()
+        self._runtime.nodes = {node.id: node for node in nodes}
+        self._gpus.update(nodes)
+        now = time.monotonic()
+        for node in nodes:
+            if node.ready:
+                self._down_since.pop(node.id, None)
+            else:
+                self._down_since.setdefault(node.id, now)
+        await self._table.refresh_gpus()
+        return nodes
+
+    async def _adopt_or_remove_service(self, found: JSONObject, reason: str) -> None:
+        labels = (found.get("Spec") or {}).get("Labels") or {}
+        if self._table.is_abandoned(attempt_of(labels)):
+            _LOGGER.info("Removing the Swarm service %s of an abandoned deploy", found["ID"][:12])
+            await self._swarm.remove_service(found["ID"])
+            return
+        service = service_from_swarm(self._converter, found, self._instance, self._runtime.nodes)
+        if service is None or self._table.busy(service.spec.name):
+            return
+        self._restore_holders(service, labels)
+        self._table.adopt(service)
+        self._events.emit("adopted", service.spec.name, reason, image=service.spec.image,
+                          node=service.node_name)
+
+    async def resync(self) -> None:
+        with self._table.observe() as seen:
+            await self._look_at_nodes()
+            found = {s["ID"]: s for s in await self._swarm.managed_services()}
+            self._updated_at = {sid: parse_docker_time(s.get("UpdatedAt")) or 0.0 for sid, s in found.items()}
+            self._engine_is(reachable=True)
+            for service in self._table.services():
+                in_swarm = found.pop(service.container_id, None)
+                if seen.current(service.spec.name) and in_swarm is None:
+                    self._remove(service, "service_gone")
+            for untracked in found.values():
+                name = str((untracked.get("Spec") or {}).get("Name") or "").removeprefix("tidybot-")
+                if seen.current(name):
+                    await self._adopt_or_remove_service(untracked, "resync")
+        services = self._table.services()
+        tasks = await self._swarm.tasks([s.container_id for s in services])
+        for service in services:
+            if not self._table.busy(service.spec.name):
+                await self._follow_tasks(service, [t for t in tasks
+                                                   if t.get("ServiceID") == service.container_id],
+                                         self._updated_at.get(service.container_id, 0.0))
+        tracked = {s.container_id for s in services}
+        self._running_task = {k: v for k, v in self._running_task.items() if k in tracked}
+        self._crashed_since &= tracked
+        self._reported_crashes &= {task["ID"] for task in tasks}
+        await self._probe_all()
+        await self._table.persist_if_dirty()
+
+    async def _follow_tasks(self, service: Service, tasks: list[JSONObject], updated_at: float) -> None:
+        """Status, crashes and restarts from its tasks; placed again when its node is lost,
+        or when its port is taken there (by tasks of its current spec: since `updated_at`)."""
+        name, service_id = service.spec.name, service.container_id
+        node = self._runtime.node_named(service.node_name)
+        now = time.monotonic()
+        down_for = now - self._down_since.get(node.id, now) if node is not None else float("inf")
+        latest = latest_task(tasks)
+        port_taken = any(_port_error(t) for t in tasks
+                         if (parse_docker_time(t.get("CreatedAt")) or 0.0) >= updated_at)
+        if service.status == "pending" or down_for > self._node_grace_s or port_taken:
+            why = "pending" if service.status == "pending" else "port_taken" if port_taken else "node_down"
+            async with self._table.locked(name):
+                await self._runtime.place_again(service, why)
+            return
+        for task in tasks:  # the task that failed may already have a successor: look at all
+            state = (task.get("Status") or {}).get("State")
+            if state in CRASHED_TASK_STATES and task["ID"] not in self._reported_crashes \
+                    and not _port_error(task):
+                self._reported_crashes.add(task["ID"])
+                self._crashed_since.add(service_id)
+                service.exit_code = _exit_code(task)
+                self._events.emit("crashed", name, exit_code=service.exit_code, node=service.node_name)
+        if latest is None:
+            return
+        state = (latest.get("Status") or {}).get("State")
+        if state == "running":
+            if self._running_task.get(service_id) != latest["ID"] and service_id in self._crashed_since:
+                self._crashed_since.discard(service_id)
+                service.restarts += 1
+                service.started_at = time.time()
+                self._events.emit("restarted", name, "engine", restarts=service.restarts,
+                                  node=service.node_name)
+            self._running_task[service_id] = latest["ID"]
+            if service.status not in LIVE_STATUSES:
+                self._table.set_status(service, "starting")
+                service.exit_code = None
+        elif state in ENDED_TASK_STATES and service.status != "rescheduling":
+            self._table.set_status(service, "exited")
+        elif service.status not in LIVE_STATUSES and service.status != "rescheduling":
+            self._table.set_status(service, "starting")
+
+    async def _check_pids(self) -> None:
+        """Remote services' processes are not on this node: nothing to compare."""
+
+    def _report_overuse(self) -> None:
+        """Remote GPUs' use is not seen from the manager: nothing to report."""

@@ -1,0 +1,273 @@
+"""`deploy-agent --swarm` in front of a real two-node Docker Swarm on this machine.
+
+The swarm is two dockerds in network namespaces (tests/swarm_lab.py), each with two fake
+24 GB GPUs in its engine label. The agent runs as a process in the root namespace with
+`--docker-host` on the manager's socket; it and the tests reach the nodes' addresses over
+a veth of the lab's own. Only those addresses are used; the main dockerd is not touched.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent_process import COMMAND, AgentProcess, free_port, get_json, post_json
+from tests.conftest import TEST_IMAGE
+from tests.swarm_lab import NODES, SwarmLab, can_build
+from tests.test_restarts import wait_until
+
+pytestmark = [pytest.mark.docker,
+              pytest.mark.skipif(not can_build(), reason="needs root, ip and unshare (network namespaces)")]
+
+
+@pytest.fixture(scope="module")
+def lab(test_image: str) -> Iterator[SwarmLab]:
+    swarm = SwarmLab()
+    swarm.up(test_image)
+    try:
+        yield swarm
+    finally:
+        swarm.down()
+        assert swarm.leftovers() == {"namespaces": [], "links": [], "mounts": [], "cgroups": [],
+                                     "processes": []}
+
+
+@pytest.fixture
+def agents(lab: SwarmLab, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Agents in front of the lab's swarm; their Swarm services are removed afterwards."""
+    started: list[AgentProcess] = []
+
+    def start(*args: str) -> AgentProcess:
+        agent = AgentProcess(tmp_path / f"state-{len(started)}", "--swarm", "--docker-host",
+                             lab.socket("manager"), *args)
+        agent.start()
+        started.append(agent)
+        return agent
+
+    try:
+        yield start
+    finally:
+        for agent in started:
+            agent.close()
+        remove_services(lab)
+
+
+def remove_services(lab: SwarmLab) -> None:
+    names = lab.docker("manager", "service", "ls", "-q", "--filter", "label=tidybot.deploy-agent",
+                       check=False).stdout.split()
+    if names:
+        lab.docker("manager", "service", "rm", *names, check=False)
+    lab.docker("manager", "config", "rm", "deploy-agent.lock", check=False)
+    lab.wait(lambda: not lab.docker("manager", "ps", "-aq").stdout.strip()
+             and not lab.docker("worker", "ps", "-aq").stdout.strip(), 30, "service containers gone")
+
+
+def deploy(agent: AgentProcess, name: str, **body: Any) -> tuple[int, dict[str, Any]]:
+    status, answer = post_json(agent.url + "/deploy", {"name": name, "image": TEST_IMAGE, **body})
+    return status, dict(answer)
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class TestPlacement:
+    """GPUs from the nodes' labels, spread across GPUs and nodes, never over-committed."""
+
+    def test_gpus_spread_reachable_and_full(self, lab: SwarmLab, agents: Any) -> None:
+        agent = agents()
+        gpus = get_json(agent.url + "/gpus")
+        assert sorted((g["node_name"], g["id"]) for g in gpus) == sorted(
+            (lab.hostname(node), i) for node in NODES for i in range(2))
+        assert {g["vram_used_gb"] for g in gpus} == {None}  # not seen from the manager
+
+        placed = [deploy(agent, f"t-sw-{i}", gpu=True, vram_gb=16) for i in range(4)]
+        assert [status for status, _ in placed] == [200] * 4, placed
+        assert sorted((a["host"].split("//")[1].split(":")[0], a["gpu"]) for _, a in placed) == sorted(
+            (lab.addr(node), i) for node in NODES for i in range(2))  # one per GPU, both nodes
+        for _, answer in placed:
+            assert answers(answer["host"]), answer
+        listed = {s["name"]: s for s in get_json(agent.url + "/services")}
+        assert {s["node_name"] for s in listed.values()} == {lab.hostname(n) for n in NODES}
+
+        status, refused = deploy(agent, "t-sw-fifth", gpu=True, vram_gb=16)
+        assert (status, refused["error"]) == (503, "no_gpu_capacity")
+        assert sorted(refused["free_gb"]) == sorted(f"{lab.hostname(n)}/{i}" for n in NODES for i in range(2))
+
+        service = lab.docker("manager", "service", "inspect", "tidybot-t-sw-0").stdout
+        spec = json.loads(service)[0]["Spec"]
+        assert spec["EndpointSpec"]["Mode"] == "dnsrr"
+        assert spec["EndpointSpec"]["Ports"][0]["PublishMode"] == "host"
+        assert spec["TaskTemplate"]["Placement"]["Constraints"][0].startswith("node.id==")
+        env = spec["TaskTemplate"]["ContainerSpec"]["Env"]
+        assert any(e.startswith("NVIDIA_VISIBLE_DEVICES=GPU-") for e in env)
+
+        assert post_json(agent.url + "/stop", {"name": "t-sw-0"})[0] == 200
+        assert "tidybot-t-sw-0" not in lab.docker("manager", "service", "ls", "--format", "{{.Name}}").stdout
+
+    def test_parallel_deploys_never_over_commit(self, lab: SwarmLab, agents: Any) -> None:
+        agent = agents()
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(lambda i: deploy(agent, f"t-par-{i}", gpu=True, vram_gb=10), range(10)))
+        statuses = sorted(status for status, _ in results)
+        assert statuses == [200] * 8 + [503] * 2, results
+        for gpu in get_json(agent.url + "/gpus"):
+            assert gpu["vram_reserved_gb"] <= 24 and len(gpu["services"]) == 2
+
+
+class TestOnTheNodes:
+    """What happens on the nodes reaches the agent: taken ports, crashes and restarts."""
+
+    def test_port_taken_on_the_node_goes_to_the_next(self, lab: SwarmLab, agents: Any) -> None:
+        agent = agents()
+        squatters = [lab.docker(node, "run", "-d", "-p", "28500:8000", TEST_IMAGE).stdout.strip()
+                     for node in NODES]  # outside the swarm: its scheduler can't know
+        try:
+            status, answer = deploy(agent, "t-port", ready_timeout=30)
+            assert status == 200, answer
+            assert answer["port"] == 28501 and answers(answer["host"])
+        finally:
+            for node, container in zip(NODES, squatters, strict=True):
+                lab.docker(node, "rm", "-f", container)
+
+    def test_a_crash_on_a_node_is_an_event(self, lab: SwarmLab, agents: Any) -> None:
+        agent = agents()
+        status, answer = deploy(agent, "t-crash")
+        assert status == 200, answer
+        node = next(n for n in NODES if answer["host"].startswith(f"http://{lab.addr(n)}:"))
+        container = lab.docker(node, "ps", "-q", "--filter",
+                               "label=com.docker.swarm.service.name=tidybot-t-crash").stdout.split()[0]
+        lab.docker(node, "exec", container, "sh", "-c", "kill -9 $(pidof httpd)")
+
+        def seen() -> set[str]:
+            return {e["kind"] for e in get_json(agent.url + "/events") if e["service"] == "t-crash"}
+
+        wait_until(lambda: {"crashed", "restarted"} <= seen(), timeout=30)
+        wait_until(lambda: get_json(agent.url + "/services/t-crash")["status"] == "healthy", timeout=30)
+        assert get_json(agent.url + "/services/t-crash")["restarts"] == 1
+
+
+class TestStore:
+    """Swarm is the store: a restarted agent rebuilds its table; a second agent is refused."""
+
+    def test_restart_rebuilds_the_table(self, lab: SwarmLab, agents: Any) -> None:
+        agent = agents()
+        for i in range(3):
+            assert deploy(agent, f"t-keep-{i}", gpu=True, vram_gb=12)[0] == 200
+
+        def placements() -> dict[str, tuple[str, int, int]]:
+            services = get_json(agent.url + "/services")
+            return {s["name"]: (s["node_name"], s["gpu"], s["port"]) for s in services}
+
+        def reservations() -> list[tuple[str, int, float]]:
+            return [(g["node_name"], g["id"], g["vram_reserved_gb"]) for g in get_json(agent.url + "/gpus")]
+
+        before, reserved = placements(), reservations()
+        agent.stop(signal.SIGKILL)
+        (agent.state_dir / "services.json").unlink()  # the swarm alone must be enough
+        agent.start()
+        assert placements() == before and reservations() == reserved
+        wait_until(lambda: {s["status"] for s in get_json(agent.url + "/services")} == {"healthy"},
+                   timeout=15)
+        assert deploy(agent, "t-keep-0", gpu=True, vram_gb=12)[1]["already_running"] is True
+
+    def test_a_second_swarm_agent_is_refused(self, lab: SwarmLab, agents: Any, tmp_path: Path) -> None:
+        agents()
+        second = subprocess.run(
+            [COMMAND, "--swarm", "--docker-host", lab.socket("manager"), "--host", "127.0.0.1",
+             "--port", str(free_port()), "--state-dir", str(tmp_path / "second"), "--instance", "other"],
+            capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0
+        assert "another deploy-agent serves this swarm" in second.stderr and "Traceback" not in second.stderr
+
+
+class TestNodeLoss:
+    """A node down longer than --node-grace: its services run again elsewhere."""
+
+    def test_worker_lost_services_rescheduled(self, tmp_path: Path, test_image: str) -> None:
+        lab = SwarmLab()
+        lab.up(test_image)
+        agent = AgentProcess(tmp_path / "state", "--swarm", "--docker-host", lab.socket("manager"),
+                             "--node-grace", "2")
+        try:
+            lab.docker("manager", "swarm", "update", "--dispatcher-heartbeat", "1s")
+            agent.start()
+            on_worker = []
+            for i in range(4):
+                status, answer = deploy(agent, f"t-lost-{i}", gpu=True, vram_gb=8)
+                assert status == 200, answer
+                if answer["host"].startswith(f"http://{lab.addr('worker')}:"):
+                    on_worker.append(answer["name"])
+            assert on_worker  # the worker has some: two GPUs each, least committed first
+            lab.kill("worker")
+            worker = lab.hostname("worker")
+
+            def moved() -> bool:
+                services = {s["name"]: s for s in get_json(agent.url + "/services")}
+                return all(services[name]["node_name"] != worker and services[name]["status"] == "healthy"
+                           for name in on_worker)
+
+            wait_until(moved, timeout=60)
+            services = {s["name"]: s for s in get_json(agent.url + "/services")}
+            for name in on_worker:
+                assert answers(services[name]["host"]), services[name]
+            kinds = [(e["kind"], e["reason"], e["service"]) for e in get_json(agent.url + "/events")]
+            for name in on_worker:
+                assert ("rescheduled", "node_down", name) in kinds
+            manager_gpus = [g for g in get_json(agent.url + "/gpus") if g["node_name"] != worker]
+            assert all(g["vram_reserved_gb"] <= 24 for g in manager_gpus)
+        finally:
+            agent.close()
+            lab.down()
+        assert lab.leftovers() == {"namespaces": [], "links": [], "mounts": [], "cgroups": [],
+                                   "processes": []}
+
+    def test_no_room_waits_pending(self, tmp_path: Path, test_image: str) -> None:
+        lab = SwarmLab(gpus_per_node=1)
+        lab.up(test_image)
+        agent = AgentProcess(tmp_path / "state", "--swarm", "--docker-host", lab.socket("manager"),
+                             "--node-grace", "2")
+        try:
+            lab.docker("manager", "swarm", "update", "--dispatcher-heartbeat", "1s")
+            agent.start()
+            names = [deploy(agent, f"t-full-{i}", gpu=True, vram_gb=20)[1]["name"] for i in range(2)]
+            lab.kill("worker")
+            time.sleep(0.5)
+
+            def pending() -> list[str]:
+                return [s["name"] for s in get_json(agent.url + "/services")
+                        if s["status"] == "pending" and s["reason"]]
+
+            assert len(wait_until_value(pending, timeout=60)) == 1
+            waiting = pending()[0]
+            assert waiting in names
+            other = next(n for n in names if n != waiting)
+            assert post_json(agent.url + "/stop", {"name": other})[0] == 200  # room appears
+            wait_until(lambda: {s["name"]: s["status"] for s in get_json(agent.url + "/services")}
+                       .get(waiting) == "healthy", timeout=30)
+            kinds = [(e["kind"], e["service"]) for e in get_json(agent.url + "/events")]
+            assert ("pending", waiting) in kinds and ("rescheduled", waiting) in kinds
+        finally:
+            agent.close()
+            lab.down()
+
+
+def wait_until_value(check: Callable[[], list[str]], timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, "not reached in time"
+        time.sleep(0.2)
+    return found

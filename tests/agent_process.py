@@ -116,3 +116,25 @@ class AgentProcess:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+class AgentProcesses:
+    """The agent processes one test starts, each in its own state directory under `root`,
+    with `common` arguments first; `close()` kills them all."""
+
+    def __init__(self, root: Path, *common: str) -> None:
+        self.root = root
+        self.common = common
+        self.started: list[AgentProcess] = []
+
+    def start(self, *args: str, wrapper: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> AgentProcess:
+        agent = AgentProcess(self.root / f"state-{len(self.started)}", *self.common, *args, wrapper=wrapper)
+        agent.start_env = dict(env or {})
+        agent.start()
+        self.started.append(agent)
+        return agent
+
+    def close(self) -> None:
+        for agent in self.started:
+            agent.close()

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient
 
 from deploy_agent.app import create_app
 from deploy_agent.config import Config
-from tests.agent_process import AgentProcess, free_port
+from tests.agent_process import AgentProcess, AgentProcesses, free_port
 
 HERE = Path(__file__).parent
 TEST_IMAGE = "deploy-agent-test/httpd:1"
@@ -155,29 +155,26 @@ async def docker() -> AsyncIterator[aiodocker.Docker]:
 
 
 @pytest.fixture
-def node(tmp_path: Path, test_image: str) -> Iterator[AgentProcess]:
-    """An agent process with one simulated 24 GB GPU."""
+def agent_processes(tmp_path: Path, test_image: str) -> Iterator[AgentProcesses]:
+    """Agent processes a test starts: all killed, and the test containers removed, afterwards."""
     remove_test_containers()
-    agent = AgentProcess(tmp_path / "node", "--fake-gpus", "RTX 4090:24")
-    agent.start()
+    processes = AgentProcesses(tmp_path)
     try:
-        yield agent
+        yield processes
     finally:
-        agent.close()
+        processes.close()
         remove_test_containers()
 
 
 @pytest.fixture
-def two_nodes(tmp_path: Path, test_image: str) -> Iterator[tuple[AgentProcess, AgentProcess, str]]:
+def node(agent_processes: AgentProcesses) -> AgentProcess:
+    """An agent process with one simulated 24 GB GPU."""
+    return agent_processes.start("--fake-gpus", "RTX 4090:24")
+
+
+@pytest.fixture
+def two_nodes(agent_processes: AgentProcesses) -> tuple[AgentProcess, AgentProcess, str]:
     """A node with one 24 GB GPU, one with an 80 GB GPU, and an address nobody answers on."""
-    remove_test_containers()
-    small = AgentProcess(tmp_path / "small", "--fake-gpus", "RTX 4090:24")
-    big = AgentProcess(tmp_path / "big", "--fake-gpus", "A100 80GB:80")
-    small.start()
-    big.start()
-    try:
-        yield small, big, f"http://127.0.0.1:{free_port()}"
-    finally:
-        small.close()
-        big.close()
-        remove_test_containers()
+    small = agent_processes.start("--fake-gpus", "RTX 4090:24")
+    big = agent_processes.start("--fake-gpus", "A100 80GB:80")
+    return small, big, f"http://127.0.0.1:{free_port()}"

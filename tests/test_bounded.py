@@ -13,15 +13,15 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.agent_process import AgentProcess, get_json, post_json
-from tests.conftest import TEST_IMAGE, remove_test_containers
+from tests.agent_process import AgentProcess, AgentProcesses, get_json, post_json
+from tests.conftest import TEST_IMAGE
 from tests.test_api_docker import test_containers
 from tests.test_restarts import wait_until
 
@@ -29,23 +29,9 @@ pytestmark = pytest.mark.docker
 
 
 @pytest.fixture
-def agent_factory(tmp_path: Path, test_image: str) -> Iterator[Any]:
+def agent_factory(agent_processes: AgentProcesses) -> Callable[..., AgentProcess]:
     """Start agent processes with extra flags; all are killed and their containers removed."""
-    remove_test_containers()
-    started: list[AgentProcess] = []
-
-    def start(*args: str) -> AgentProcess:
-        agent = AgentProcess(tmp_path / f"state-{len(started)}", *args)
-        agent.start()
-        started.append(agent)
-        return agent
-
-    try:
-        yield start
-    finally:
-        for agent in started:
-            agent.close()
-        remove_test_containers()
+    return agent_processes.start
 
 
 def metric(agent: AgentProcess, name: str) -> float:

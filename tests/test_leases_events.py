@@ -11,37 +11,23 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from deploy_agent.client import AgentClient, AsyncAgentClient, LeaseNotFoundError
-from tests.agent_process import AgentProcess, get_json, installed, post_json
-from tests.conftest import TEST_IMAGE, remove_test_containers
+from tests.agent_process import AgentProcess, AgentProcesses, get_json, installed, post_json
+from tests.conftest import TEST_IMAGE
 from tests.test_api_docker import test_containers
-from tests.test_restarts import wait_until
+from tests.test_restarts import deploy, wait_until
 
 pytestmark = pytest.mark.docker
 
 
 @pytest.fixture
-def agent(tmp_path: Path, test_image: str) -> Iterator[AgentProcess]:
-    remove_test_containers()
-    process = AgentProcess(tmp_path / "state", "--fake-gpus", "RTX 4090:24")
-    process.start()
-    try:
-        yield process
-    finally:
-        process.close()
-        remove_test_containers()
-
-
-def deploy(agent: AgentProcess, name: str, **body: Any) -> dict[str, Any]:
-    status, answer = post_json(agent.url + "/deploy", {"name": name, "image": TEST_IMAGE, **body})
-    assert status == 200, answer
-    return dict(answer)
+def agent(agent_processes: AgentProcesses) -> AgentProcess:
+    return agent_processes.start("--fake-gpus", "RTX 4090:24")
 
 
 def events(agent: AgentProcess, query: str = "") -> list[dict[str, Any]]:

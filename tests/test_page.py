@@ -8,6 +8,7 @@ test's temporary directory.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -20,9 +21,9 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from tests.agent_process import AgentProcess, post_json
+from tests.agent_process import AgentProcess, AgentProcesses, post_json
 from tests.browser import browser_available, chromium, console_errors
-from tests.conftest import TEST_IMAGE, remove_test_containers
+from tests.conftest import TEST_IMAGE
 
 pytestmark = [
     pytest.mark.docker,
@@ -32,23 +33,8 @@ pytestmark = [
 
 
 @pytest.fixture
-def agents(tmp_path: Path, test_image: str) -> Iterator[Callable[..., AgentProcess]]:
-    remove_test_containers()
-    started: list[AgentProcess] = []
-
-    def start(*args: str) -> AgentProcess:
-        agent = AgentProcess(tmp_path / f"state-{len(started)}", "--fake-gpus",
-                             "RTX 4090:24,RTX 4090:24", *args)
-        agent.start()
-        started.append(agent)
-        return agent
-
-    try:
-        yield start
-    finally:
-        for agent in started:
-            agent.close()
-        remove_test_containers()
+def agents(agent_processes: AgentProcesses) -> Callable[..., AgentProcess]:
+    return functools.partial(agent_processes.start, "--fake-gpus", "RTX 4090:24,RTX 4090:24")
 
 
 @pytest.fixture

@@ -10,15 +10,15 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiodocker
 import pytest
 
-from tests.agent_process import AgentProcess, get_json, installed, post_json
-from tests.conftest import TEST_IMAGE, remove_test_containers
+from tests.agent_process import AgentProcess, AgentProcesses, get_json, installed, post_json
+from tests.conftest import TEST_IMAGE
 from tests.test_mdns import can_unshare
 from tests.test_restarts import wait_until
 
@@ -28,22 +28,8 @@ GIB = 1024**3
 
 
 @pytest.fixture
-def agents(tmp_path: Path, test_image: str) -> Iterator[Any]:
-    remove_test_containers()
-    started: list[AgentProcess] = []
-
-    def start(*args: str, wrapper: tuple[str, ...] = ()) -> AgentProcess:
-        agent = AgentProcess(tmp_path / f"state-{len(started)}", *args, wrapper=wrapper)
-        agent.start()
-        started.append(agent)
-        return agent
-
-    try:
-        yield start
-    finally:
-        for agent in started:
-            agent.close()
-        remove_test_containers()
+def agents(agent_processes: AgentProcesses) -> Callable[..., AgentProcess]:
+    return agent_processes.start
 
 
 def request(agent: AgentProcess, path: str, token: str | None = None,

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.agent_process import COMMAND, AgentProcess, free_port, get_json, post_json
+from tests.agent_process import COMMAND, AgentProcess, AgentProcesses, free_port, get_json, post_json
 from tests.conftest import TEST_IMAGE
 from tests.swarm_lab import NODES, SwarmLab, can_build
 from tests.test_restarts import wait_until
@@ -44,20 +44,11 @@ def lab(test_image: str) -> Iterator[SwarmLab]:
 @pytest.fixture
 def agents(lab: SwarmLab, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     """Agents in front of the lab's swarm; their Swarm services are removed afterwards."""
-    started: list[AgentProcess] = []
-
-    def start(*args: str) -> AgentProcess:
-        agent = AgentProcess(tmp_path / f"state-{len(started)}", "--swarm", "--docker-host",
-                             lab.socket("manager"), *args)
-        agent.start()
-        started.append(agent)
-        return agent
-
+    processes = AgentProcesses(tmp_path, "--swarm", "--docker-host", lab.socket("manager"))
     try:
-        yield start
+        yield processes.start
     finally:
-        for agent in started:
-            agent.close()
+        processes.close()
         remove_services(lab)
 
 

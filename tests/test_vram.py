@@ -13,14 +13,14 @@ import json
 import os
 import subprocess
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.agent_process import AgentProcess, get_json, post_json
-from tests.conftest import TEST_IMAGE, remove_test_containers
+from tests.agent_process import AgentProcess, AgentProcesses, get_json, post_json
+from tests.conftest import TEST_IMAGE
 from tests.test_api_docker import test_containers
 from tests.test_restarts import wait_until
 
@@ -72,27 +72,18 @@ def pid_of(name: str) -> int:
 
 
 @pytest.fixture
-def nvml_agents(tmp_path: Path, test_image: str) -> Iterator[Callable[..., tuple[AgentProcess, Nvml]]]:
+def nvml_agents(tmp_path: Path, agent_processes: AgentProcesses) -> Callable[..., tuple[AgentProcess, Nvml]]:
     if not engine_has_the_nvidia_driver():
         pytest.fail(f"CI=true but dockerd has no {HOOK} on its PATH")
-    remove_test_containers()
-    started: list[AgentProcess] = []
 
     def start(*args: str) -> tuple[AgentProcess, Nvml]:
-        nvml = Nvml(tmp_path / f"nvml-{len(started)}.json")
-        agent = AgentProcess(tmp_path / f"state-{len(started)}", *args)
-        agent.start_env = {"PYTHONPATH": f"{HERE / 'nvml_standin'}:{os.environ.get('PYTHONPATH', '')}",
-                           "DEPLOY_AGENT_TEST_NVML": str(nvml.path)}
-        agent.start()
-        started.append(agent)
+        nvml = Nvml(tmp_path / f"nvml-{len(agent_processes.started)}.json")
+        agent = agent_processes.start(*args, env={
+            "PYTHONPATH": f"{HERE / 'nvml_standin'}:{os.environ.get('PYTHONPATH', '')}",
+            "DEPLOY_AGENT_TEST_NVML": str(nvml.path)})
         return agent, nvml
 
-    try:
-        yield start
-    finally:
-        for agent in started:
-            agent.close()
-        remove_test_containers()
+    return start
 
 
 def deploy(agent: AgentProcess, name: str, **body: Any) -> tuple[int, dict[str, Any]]:
@@ -204,15 +195,8 @@ class TestDryRun:
     """dry_run=1 answers where a deploy would go, creates and reserves nothing, refuses alike."""
 
     @pytest.fixture
-    def agent(self, tmp_path: Path, test_image: str) -> Iterator[AgentProcess]:
-        remove_test_containers()
-        process = AgentProcess(tmp_path / "state", "--fake-gpus", "RTX 4090:24,RTX 4090:24")
-        process.start()
-        try:
-            yield process
-        finally:
-            process.close()
-            remove_test_containers()
+    def agent(self, agent_processes: AgentProcesses) -> AgentProcess:
+        return agent_processes.start("--fake-gpus", "RTX 4090:24,RTX 4090:24")
 
     def dry(self, agent: AgentProcess, name: str, **body: Any) -> tuple[int, dict[str, Any]]:
         status, answer = post_json(agent.url + "/deploy?dry_run=1", {"name": name, "image": TEST_IMAGE,

@@ -8,6 +8,7 @@ a veth of the lab's own. Only those addresses are used; the main dockerd is not 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -29,16 +30,22 @@ pytestmark = [pytest.mark.docker,
               pytest.mark.skipif(not can_build(), reason="needs root, ip and unshare (network namespaces)")]
 
 
+@contextlib.contextmanager
+def running_lab(test_image: str, gpus_per_node: int = 2) -> Iterator[SwarmLab]:
+    """A swarm lab, up; torn down afterwards and checked to have left nothing on the machine."""
+    lab = SwarmLab(gpus_per_node=gpus_per_node)
+    lab.up(test_image)
+    try:
+        yield lab
+    finally:
+        lab.down()
+    assert lab.leftovers() == {"namespaces": [], "links": [], "mounts": [], "cgroups": [], "processes": []}
+
+
 @pytest.fixture(scope="module")
 def lab(test_image: str) -> Iterator[SwarmLab]:
-    swarm = SwarmLab()
-    swarm.up(test_image)
-    try:
+    with running_lab(test_image) as swarm:
         yield swarm
-    finally:
-        swarm.down()
-        assert swarm.leftovers() == {"namespaces": [], "links": [], "mounts": [], "cgroups": [],
-                                     "processes": []}
 
 
 @pytest.fixture
@@ -188,14 +195,23 @@ class TestStore:
 class TestNodeLoss:
     """A node down longer than --node-grace: its services run again elsewhere."""
 
-    def test_worker_lost_services_rescheduled(self, tmp_path: Path, test_image: str) -> None:
-        lab = SwarmLab()
-        lab.up(test_image)
-        agent = AgentProcess(tmp_path / "state", "--swarm", "--docker-host", lab.socket("manager"),
-                             "--node-grace", "2")
-        try:
+    @staticmethod
+    @contextlib.contextmanager
+    def losing_a_node(tmp_path: Path, test_image: str,
+                      gpus_per_node: int = 2) -> Iterator[tuple[SwarmLab, AgentProcess]]:
+        """A lab of the test's own (its worker will be killed) with a 1 s dispatcher heartbeat,
+        and an agent in front of it with a 2 s --node-grace."""
+        with running_lab(test_image, gpus_per_node) as lab:
             lab.docker("manager", "swarm", "update", "--dispatcher-heartbeat", "1s")
-            agent.start()
+            processes = AgentProcesses(tmp_path, "--swarm", "--docker-host", lab.socket("manager"),
+                                       "--node-grace", "2")
+            try:
+                yield lab, processes.start()
+            finally:
+                processes.close()
+
+    def test_worker_lost_services_rescheduled(self, tmp_path: Path, test_image: str) -> None:
+        with self.losing_a_node(tmp_path, test_image) as (lab, agent):
             on_worker = []
             for i in range(4):
                 status, answer = deploy(agent, f"t-lost-{i}", gpu=True, vram_gb=8)
@@ -220,20 +236,9 @@ class TestNodeLoss:
                 assert ("rescheduled", "node_down", name) in kinds
             manager_gpus = [g for g in get_json(agent.url + "/gpus") if g["node_name"] != worker]
             assert all(g["vram_reserved_gb"] <= 24 for g in manager_gpus)
-        finally:
-            agent.close()
-            lab.down()
-        assert lab.leftovers() == {"namespaces": [], "links": [], "mounts": [], "cgroups": [],
-                                   "processes": []}
 
     def test_no_room_waits_pending(self, tmp_path: Path, test_image: str) -> None:
-        lab = SwarmLab(gpus_per_node=1)
-        lab.up(test_image)
-        agent = AgentProcess(tmp_path / "state", "--swarm", "--docker-host", lab.socket("manager"),
-                             "--node-grace", "2")
-        try:
-            lab.docker("manager", "swarm", "update", "--dispatcher-heartbeat", "1s")
-            agent.start()
+        with self.losing_a_node(tmp_path, test_image, gpus_per_node=1) as (lab, agent):
             names = [deploy(agent, f"t-full-{i}", gpu=True, vram_gb=20)[1]["name"] for i in range(2)]
             lab.kill("worker")
             time.sleep(0.5)
@@ -251,9 +256,6 @@ class TestNodeLoss:
                        .get(waiting) == "healthy", timeout=30)
             kinds = [(e["kind"], e["service"]) for e in get_json(agent.url + "/events")]
             assert ("pending", waiting) in kinds and ("rescheduled", waiting) in kinds
-        finally:
-            agent.close()
-            lab.down()
 
 
 def wait_until_value(check: Callable[[], list[str]], timeout: float) -> list[str]:

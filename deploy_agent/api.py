@@ -174,19 +174,15 @@ async def list_services(request: web.Request) -> web.Response:
            tuple((s.container_id, s.status, s.restarts, s.exit_code, s.started_at) for s in services))
     cache = request.app[LISTING_KEY]
     if cache.key != key:
-        advertise = request.app[CONFIG_KEY].advertise_host
-        node = socket.gethostname()
-        views = [ServiceView.of(s, advertise, now, table.leases_of(s.spec.name),
-                                gpus.observed_gb(s.spec.name), s.spec.name in gpus.over, node)
-                 for s in services]
+        views = [service_view(request, s, now) for s in services]
         cache.body = _dumps(request.app[CONVERTER_KEY].unstructure(views)).encode()
         cache.key = key
     return web.Response(body=cache.body, content_type="application/json")
 
 
-def service_view(request: web.Request, service: Service) -> ServiceView:
+def service_view(request: web.Request, service: Service, now: float | None = None) -> ServiceView:
     table, name = request.app[TABLE_KEY], service.spec.name
-    return ServiceView.of(service, request.app[CONFIG_KEY].advertise_host, time.time(),
+    return ServiceView.of(service, request.app[CONFIG_KEY].advertise_host, now or time.time(),
                           table.leases_of(name), table.gpus.observed_gb(name), name in table.gpus.over,
                           socket.gethostname())
 
@@ -328,11 +324,7 @@ async def renew(request: web.Request) -> web.Response:
     """Extend the caller's lease: `{"lease_id": ..., "lease_s": ...}` (lease_s optional)."""
     name = request.match_info["name"]
     lease_id, lease_s = parse_renew_request(await read_json(request))
-    if lease_s is not None and lease_s > request.app[CONFIG_KEY].max_lease_s:
-        limit = request.app[CONFIG_KEY].max_lease_s
-        raise InvalidRequest(f"lease_s {lease_s:g} is above this node's --max-lease ({limit:g} s).",
-                             details=[{"field": "lease_s", "message": f"must be at most {limit:g}"}])
-    lease = request.app[TABLE_KEY].renew_lease(name, lease_id, lease_s)
+    lease = request.app[DEPLOYER_KEY].renew(name, lease_id, lease_s)
     return json_response({"ok": True, "name": name, "lease_id": lease.id, "lease_s": lease.lease_s,
                           "lease_expires_at": rfc3339(lease.expires_at)})
 

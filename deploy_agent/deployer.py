@@ -123,13 +123,20 @@ class Deployer:
                 "This node stops services that use more VRAM than they declare "
                 "(--vram-overuse stop): a GPU service must declare vram_gb above 0.",
                 details=[{"field": "vram_gb", "message": "must be more than 0 for a GPU service here"}])
-        if request.lease_s is not None and request.lease_s > self._config.max_lease_s:
-            raise InvalidRequest(
-                f"lease_s {request.lease_s:g} is above this node's --max-lease "
-                f"({self._config.max_lease_s:g} s).",
-                details=[{"field": "lease_s", "message": f"must be at most {self._config.max_lease_s:g}"}])
+        self._check_lease_length(request.lease_s)
         if request.lease_id is not None:
             self._table.lease(request.spec.name, request.lease_id)  # 404 when not held
+
+    def _check_lease_length(self, lease_s: float | None) -> None:
+        limit = self._config.max_lease_s
+        if lease_s is not None and lease_s > limit:
+            raise InvalidRequest(f"lease_s {lease_s:g} is above this node's --max-lease ({limit:g} s).",
+                                 details=[{"field": "lease_s", "message": f"must be at most {limit:g}"}])
+
+    def renew(self, name: str, lease_id: str, lease_s: float | None) -> Lease:
+        """Extend a lease held on `name` (by its own length, or by `lease_s` within --max-lease)."""
+        self._check_lease_length(lease_s)
+        return self._table.renew_lease(name, lease_id, lease_s)
 
     def _hold(self, service: Service, request: DeployRequest, launched_under: str | None) -> Lease | None:
         """The caller's claim after a deploy: a lease (new, or renewed), or none (pinned).

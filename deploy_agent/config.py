@@ -165,7 +165,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--max-lease", type=_duration, default=_env(environ, "max_lease", "24h"), metavar="DURATION",
         help="longest lease_s a deploy or renewal may ask for, e.g. 24h or 90m (default: 24h)")
     add("--vram-overuse", choices=["warn", "stop"], default=_env(environ, "vram_overuse", "warn"),
-        help="a service seen using more VRAM than it declared (3 readings in a row): only "
+        help="a service seen using more VRAM than it declared (3 resyncs in a row): only "
         "flag it (warn), or also stop it (stop; GPU deploys must then declare vram_gb) "
         "(default: %(default)s)")
     add("--swarm", action="store_true", default=_flag(environ, "swarm"),

@@ -300,8 +300,7 @@ class GpuPool:
         """Read the GPUs again (in a thread); on a driver error keep the last reading.
 
         `containers` (service name -> container id) is a snapshot taken by the caller: the
-        service table may change while the driver is read. Each reading also advances the
-        overuse count: OVERUSE_READINGS in a row above declaration + margin flag a service.
+        service table may change while the driver is read.
         """
         try:
             readings = await asyncio.to_thread(self.inventory.read)
@@ -312,6 +311,11 @@ class GpuPool:
         self._containers = dict(containers)
         self._attribute(readings)
         self.readings_taken += 1
+
+    def tally_overuse(self) -> None:
+        """Count the last reading towards overuse: OVERUSE_READINGS in a row above declaration
+        + margin flag a service. Only the periodic resync calls this, so readings a deploy or
+        a dry run takes (any number, in quick succession) never make a spike look persistent."""
         streaks = {}
         for name, assignment in self._reservations.items():
             used = self.observed_gb(name, assignment.index)

@@ -273,6 +273,7 @@ class Reconciler:
             del self._failures[name]
         self._died &= {s.container_id for s in self._table.services()}
         await self._table.refresh_gpus()
+        self._table.gpus.tally_overuse()
         self._report_overuse()
         await self._probe_all()
         await self._table.persist_if_dirty()

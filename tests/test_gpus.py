@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from deploy_agent.errors import NoGpu, NoGpuCapacity
 from deploy_agent.gpus import (
     GIB,
+    OVERUSE_READINGS,
     Assignment,
     FakeGpus,
     GpuPool,
@@ -197,9 +198,11 @@ class TestOveruse:
         pool.claim("a", 0, 8)  # 8 + max(0.5, 0.8) = 8.8 allowed; 9 is over
         for expected in (set(), set(), {"a"}):
             await pool.refresh({"a": mine})
+            pool.tally_overuse()
             assert pool.over == expected
         gpus.readings = [reading(0, processes=(GpuProcess(1, 8.7, mine),))]  # back within bounds
         await pool.refresh({"a": mine})
+        pool.tally_overuse()
         assert pool.over == set()
 
     async def test_a_spike_is_not_overuse(self) -> None:
@@ -210,7 +213,19 @@ class TestOveruse:
         for used in (20, 20, 3, 20, 20):
             gpus.readings = [reading(0, processes=(GpuProcess(1, used, mine),))]
             await pool.refresh({"a": mine})
+            pool.tally_overuse()
         assert pool.over == set()
+
+    async def test_readings_for_requests_do_not_count(self) -> None:
+        """Deploys and dry runs read the GPUs too: however many, they are not periodic readings."""
+        mine = "m" * 64
+        pool = GpuPool(StaticGpus([reading(0, processes=(GpuProcess(1, 20, mine),))]))
+        pool.claim("a", 0, 4)
+        for _ in range(OVERUSE_READINGS + 2):
+            await pool.refresh({"a": mine})
+        assert pool.over == set()
+        pool.tally_overuse()
+        assert pool.over == set()  # one periodic reading above, not OVERUSE_READINGS
 
     def test_margin(self) -> None:
         assert overuse_margin_gb(2) == 0.5 and overuse_margin_gb(40) == 4

@@ -116,7 +116,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
             inventory = app[GPUS_KEY].inventory
             assert isinstance(inventory, SwarmGpus)
             runtime = swarm = SwarmRuntime(config, engine, probe, table, converter, inventory, events)
-            reconciler = SwarmReconciler(*common, swarm=engine, runtime=swarm, gpus=inventory,
+            reconciler = SwarmReconciler(*common, swarm=engine, runtime=swarm,
                                          node_grace_s=config.node_grace_s,
                                          describe=f"{socket.gethostname()} port {config.port}")
         else:

@@ -106,11 +106,11 @@ async def close_docker(docker: aiodocker.Docker) -> None:
 class Engine:
     """A thin, typed face over the engine: one client for control calls, one for streams."""
 
-    def __init__(self, control: aiodocker.Docker, streams: aiodocker.Docker | None = None, *,
+    def __init__(self, control: aiodocker.Docker, streams: aiodocker.Docker, *,
                  instance: str = "default", timeout_s: float = 30.0,
                  pull_stall_s: float = 120.0) -> None:
         self._docker = control
-        self._streams = streams or control
+        self._streams = streams
         self._ours = f"{MANAGED_LABEL}={instance}"  # label filter: this agent's containers only
         self.timeout_s = timeout_s
         self._pull_stall_s = pull_stall_s
@@ -132,7 +132,7 @@ class Engine:
         try:
             await self._bounded(f"inspect image {ref}", self._docker.images.inspect(ref))
         except EngineError as err:
-            if isinstance(err.__cause__, aiodocker.DockerError) and err.__cause__.status == 404:
+            if err.engine_status == 404:
                 return False
             raise
         return True
@@ -184,7 +184,7 @@ class Engine:
             container = await self._bounded(f"create {name}",
                                             self._docker.containers.create(config, name=name))
         except EngineError as err:
-            status = getattr(err.__cause__, "status", None)
+            status = err.engine_status
             if status == 409:
                 raise Conflict(f"A container named {name} already exists.", container=name) from err
             if status == 404:
@@ -217,7 +217,7 @@ class Engine:
             info: JSONObject = await self._bounded(
                 f"inspect {name_or_id}", self._docker.containers.container(name_or_id).show())
         except EngineError as err:
-            if getattr(err.__cause__, "status", None) == 404:
+            if err.engine_status == 404:
                 return None
             raise
         return info
@@ -266,7 +266,7 @@ class Engine:
                                 self._docker.containers.container(container_id).stop(t=grace_s),
                                 grace_s + self.timeout_s)
         except EngineError as err:
-            if getattr(err.__cause__, "status", None) not in (304, 404):
+            if err.engine_status not in (304, 404):
                 raise
 
     async def remove(self, container_id: str) -> None:
@@ -275,7 +275,7 @@ class Engine:
             await self._bounded("remove the container",
                                 self._docker.containers.container(container_id).delete(force=True))
         except EngineError as err:
-            if getattr(err.__cause__, "status", None) == 404 or "already in progress" in err.message:
+            if err.engine_status == 404 or "already in progress" in err.message:
                 return
             raise
 

@@ -96,6 +96,12 @@ class EngineError(AgentError):
     status = 502
     code = "engine_error"
 
+    @property
+    def engine_status(self) -> int | None:
+        """The HTTP status the engine refused with (404, 409, ...); None when it didn't answer one."""
+        status = getattr(self.__cause__, "status", None)
+        return status if isinstance(status, int) else None
+
 
 class EngineUnavailable(AgentError):
     """The Docker engine cannot be reached."""

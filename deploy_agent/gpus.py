@@ -325,9 +325,6 @@ class GpuPool:
         self._over_streak = streaks
         self.over = frozenset(name for name, streak in streaks.items() if streak >= OVERUSE_READINGS)
 
-    def _reading(self, index: int) -> GpuReading | None:
-        return next((r for r in self._readings if r.index == index), None)
-
     def _attribute(self, readings: list[GpuReading]) -> None:
         """Sum each reading's process memory per container, once, so that every question
         after it (per service, per GPU, per request) is a lookup."""

@@ -23,14 +23,12 @@ from deploy_agent.errors import (
 from deploy_agent.gpus import Assignment
 from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, JSONObject, Lease, Service
 from deploy_agent.probe import HealthProbe
-from deploy_agent.runtime import DryRunOutcome, Progress
+from deploy_agent.runtime import LOG_TAIL_LINES, PORT_ATTEMPTS, DryRunOutcome, Progress
 from deploy_agent.state import labels_for, service_from_container
 from deploy_agent.table import ServiceTable
 
 _LOGGER = logging.getLogger(__name__)
 
-PORT_ATTEMPTS = 5
-LOG_TAIL_LINES = 20
 MIN_POLL_S = 0.02
 MAX_POLL_S = 1.0
 
@@ -66,16 +64,20 @@ class LocalRuntime:
 
     async def remove_stray(self, spec: DeploySpec) -> None:
         """A container of this name that the agent does not track: ours is replaced, a foreign one refused."""
+        info = await self._existing_ours(spec)
+        if info is not None:
+            _LOGGER.info("Removing untracked container %s before deploying", spec.container_name)
+            await self._engine.remove(info["Id"])
+
+    async def _existing_ours(self, spec: DeploySpec) -> JSONObject | None:
+        """The container of this name, if any; Conflict when it isn't this agent's."""
         info = await self._engine.inspect(spec.container_name)
-        if info is None:
-            return
-        if self._foreign(info):
+        if info is not None and self._foreign(info):
             raise Conflict(
                 f"A container named {spec.container_name} exists that this agent does not manage; "
                 "remove or rename it first.", name=spec.name,
             )
-        _LOGGER.info("Removing untracked container %s before deploying", spec.container_name)
-        await self._engine.remove(info["Id"])
+        return info
 
     def _foreign(self, info: JSONObject) -> bool:
         """A container this agent instance did not create (or can't read back)."""
@@ -221,10 +223,7 @@ class LocalRuntime:
 
     async def place(self, spec: DeploySpec, replacing: Service | None) -> DryRunOutcome:
         if replacing is None:
-            info = await self._engine.inspect(spec.container_name)
-            if info is not None and self._foreign(info):
-                raise Conflict(f"A container named {spec.container_name} exists that this agent "
-                               "does not manage; remove or rename it first.", name=spec.name)
+            await self._existing_ours(spec)
         freeing = replacing.spec.name if replacing is not None else None
         gpu = None
         if spec.gpu:

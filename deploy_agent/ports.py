@@ -54,11 +54,7 @@ class PortAllocator:
                       skip: frozenset[int] = frozenset()) -> int:
         """Take the first candidate not reserved, not published by a container, not bound."""
         while True:
-            excluded = frozenset(self._reserved | published | skip)
-            port = await asyncio.to_thread(self._first_unbound, preferred, excluded)
-            if port is None:
-                raise NoPortAvailable(f"No free host port in {self._low}-{self._high}; "
-                                      "stop a service or widen --port-range.")
+            port = await self.first_free(preferred, published | skip, set())
             if port not in self._reserved:  # another deploy may have taken it during the probe
                 self._reserved.add(port)
                 return port
@@ -78,9 +74,6 @@ class PortAllocator:
 
     def release(self, port: int) -> None:
         self._reserved.discard(port)
-
-    def reserved(self) -> frozenset[int]:
-        return frozenset(self._reserved)
 
 
 class NodePorts:

@@ -19,7 +19,7 @@ from deploy_agent.engine import Engine
 from deploy_agent.errors import AgentError
 from deploy_agent.events import EventLog
 from deploy_agent.hostview import HostView, own_container_id
-from deploy_agent.models import CONTAINER_PREFIX, JSONObject, Service
+from deploy_agent.models import CONTAINER_PREFIX, LIVE_STATUSES, JSONObject, Service
 from deploy_agent.probe import HealthProbe
 from deploy_agent.state import (
     StateFile,
@@ -316,7 +316,7 @@ class Reconciler:
     async def _probe_all(self) -> None:
         """Probe every running service, several at a time, each with a short timeout."""
         running = [s for s in self._table.services()
-                   if s.status in ("starting", "healthy", "unhealthy")
+                   if s.status in LIVE_STATUSES
                    and not self._table.busy(s.spec.name)]
         results = await self._probe.healthy_all(
             [(s.node_addr, s.host_port, s.spec.health) for s in running], PROBE_TIMEOUT_S)
@@ -325,7 +325,7 @@ class Reconciler:
 
     def _record_probe(self, service: Service, healthy: bool) -> None:
         name = service.spec.name
-        if service.status not in ("starting", "healthy", "unhealthy"):
+        if service.status not in LIVE_STATUSES:
             return  # it exited while the probe was out
         if healthy:
             self._failures.pop(name, None)

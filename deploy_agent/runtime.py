@@ -13,6 +13,9 @@ import attrs
 
 from deploy_agent.models import DeploySpec, JSONObject, Lease, Service
 
+PORT_ATTEMPTS = 5  # host ports a launch tries when the engine refuses one that looked free
+LOG_TAIL_LINES = 20  # of a service that failed to start, in its error
+
 Progress = Callable[[JSONObject], None]
 """Receives deploy progress events ({"event": "pull" | "created" | "started" | "health", ...})."""
 

@@ -83,6 +83,20 @@ def lease_of(labels: JSONObject) -> tuple[str, float] | None:
         return None
 
 
+def recorded_in(converter: cattrs.Converter, labels: JSONObject, instance: str,
+                what: str) -> tuple[DeploySpec, int, int | None] | None:
+    """The spec, host port and GPU index that an agent instance's labels record on `what` (a
+    container or a Swarm service); None when it is not this instance's, or they are unusable."""
+    if labels.get(MANAGED_LABEL) != instance:
+        return None
+    try:
+        spec = converter.structure(json.loads(labels[SPEC_LABEL]), DeploySpec)
+        return spec, int(labels[HOST_PORT_LABEL]), int(labels[GPU_LABEL]) if GPU_LABEL in labels else None
+    except (KeyError, ValueError, cattrs.BaseValidationError) as err:
+        _LOGGER.warning("%s has unusable agent labels: %s", what, err)
+        return None
+
+
 def service_from_container(converter: cattrs.Converter, info: JSONObject,
                            instance: str) -> Service | None:
     """Rebuild a Service from a container's inspect document.
@@ -90,15 +104,10 @@ def service_from_container(converter: cattrs.Converter, info: JSONObject,
     None when the container is not this agent instance's, or its labels are unusable.
     """
     labels = info.get("Config", {}).get("Labels") or {}
-    if labels.get(MANAGED_LABEL) != instance:
+    recorded = recorded_in(converter, labels, instance, f"Container {info.get('Name')}")
+    if recorded is None:
         return None
-    try:
-        spec = converter.structure(json.loads(labels[SPEC_LABEL]), DeploySpec)
-        host_port = int(labels[HOST_PORT_LABEL])
-        gpu = int(labels[GPU_LABEL]) if GPU_LABEL in labels else None
-    except (KeyError, ValueError, cattrs.BaseValidationError) as err:
-        _LOGGER.warning("Container %s has unusable agent labels: %s", info.get("Name"), err)
-        return None
+    spec, host_port, gpu = recorded
     state = info.get("State", {})
     service = Service(
         spec=spec,

@@ -22,7 +22,7 @@ import attrs
 import cattrs
 
 from deploy_agent.config import Config
-from deploy_agent.engine import Engine, _translated
+from deploy_agent.engine import MANAGED_LABEL, Engine, _translated
 from deploy_agent.errors import (
     AgentError,
     Conflict,
@@ -38,15 +38,8 @@ from deploy_agent.gpus import GIB, Assignment, GpuReading
 from deploy_agent.local import poll_interval
 from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, JSONObject, Lease, Service
 from deploy_agent.probe import HealthProbe
-from deploy_agent.runtime import DryRunOutcome, Progress
-from deploy_agent.state import (
-    GPU_LABEL,
-    HOST_PORT_LABEL,
-    SPEC_LABEL,
-    attempt_of,
-    labels_for,
-    lease_of,
-)
+from deploy_agent.runtime import LOG_TAIL_LINES, PORT_ATTEMPTS, DryRunOutcome, Progress
+from deploy_agent.state import attempt_of, labels_for, lease_of, recorded_in
 from deploy_agent.table import ServiceTable
 
 _LOGGER = logging.getLogger(__name__)
@@ -54,11 +47,7 @@ _LOGGER = logging.getLogger(__name__)
 GPU_ENGINE_LABEL = "deploy-agent.gpus"  # on each node's engine: [{"uuid", "name", "vram_gb"}]
 NODE_LABEL = "tidybot.node"  # the node id a service is pinned to
 LOCK_CONFIG = "deploy-agent.lock"  # exactly one --swarm agent per swarm
-PORT_ATTEMPTS = 5
-LOG_TAIL_LINES = 20
 TASK_POLL_S = 0.2
-RUNNING_TASK_STATES = ("new", "allocated", "pending", "assigned", "accepted", "preparing", "ready",
-                       "starting", "running")
 
 
 def gpu_label(readings: list[GpuReading]) -> str:
@@ -155,7 +144,7 @@ class SwarmEngine(Engine):
             found = dict(await self._bounded(f"inspect service {name_or_id}",
                                              self._docker.services.inspect(name_or_id)))
         except EngineError as err:
-            if getattr(err.__cause__, "status", None) == 404:
+            if err.engine_status == 404:
                 return None
             raise
         return found
@@ -163,28 +152,24 @@ class SwarmEngine(Engine):
     async def create_service(self, body: JSONObject) -> str:
         name = body["Name"]
         try:
-            with _translated(f"create service {name}"):
-                async with asyncio.timeout(self.timeout_s):
-                    created = await self._docker._query_json(  # aiodocker's create reshapes Env
-                        "services/create", method="POST", data=json.dumps(body))
+            created = await self._bounded(f"create service {name}", self._docker._query_json(
+                "services/create", method="POST", data=json.dumps(body)))  # aiodocker's create reshapes Env
         except EngineError as err:
-            if getattr(err.__cause__, "status", None) == 409:
+            if err.engine_status == 409:
                 raise Conflict(f"A service named {name} already exists.", service=name) from err
             raise
         return str(created["ID"])
 
     async def update_service(self, service_id: str, version: int, spec: JSONObject) -> None:
-        with _translated(f"update service {service_id}"):
-            async with asyncio.timeout(self.timeout_s):
-                await self._docker._query_json(  # aiodocker's update only changes the image
-                    f"services/{service_id}/update", method="POST", data=json.dumps(spec),
-                    params={"version": version})
+        await self._bounded(f"update service {service_id}", self._docker._query_json(
+            f"services/{service_id}/update", method="POST", data=json.dumps(spec),
+            params={"version": version}))  # aiodocker's update only changes the image
 
     async def remove_service(self, service_id: str) -> None:
         try:
             await self._bounded(f"remove service {service_id}", self._docker.services.delete(service_id))
         except EngineError as err:
-            if getattr(err.__cause__, "status", None) != 404:
+            if err.engine_status != 404:
                 raise
 
     async def tasks(self, service_ids: list[str]) -> list[JSONObject]:
@@ -263,6 +248,11 @@ class SwarmRuntime:
         self._events = events
         self.nodes: dict[str, SwarmNode] = {}  # by id, as of the last look
 
+    def saw(self, nodes: list[SwarmNode]) -> None:
+        """The swarm's nodes as the reconciler just found them: where to place, and their GPUs."""
+        self.nodes = {node.id: node for node in nodes}
+        self._gpus.update(nodes)
+
     # -- placement -----------------------------------------------------------------------
 
     def node_named(self, hostname: str | None) -> SwarmNode | None:
@@ -291,11 +281,8 @@ class SwarmRuntime:
         return min(ready, key=lambda n: (counts[n.hostname], n.hostname)), None
 
     async def place(self, spec: DeploySpec, replacing: Service | None) -> DryRunOutcome:
-        if replacing is None and await self._engine.service(spec.container_name) is not None:
-            existing = await self._engine.service(spec.container_name)
-            if existing is not None and not self._ours(existing):
-                raise Conflict(f"A Swarm service named {spec.container_name} exists that this agent "
-                               "does not manage; remove or rename it first.", name=spec.name)
+        if replacing is None:
+            await self._existing_ours(spec)
         node, assignment = self._choose(spec, reserve=False,
                                         freeing=replacing.spec.name if replacing else None)
         same_node = replacing is not None and replacing.node_name == node.hostname
@@ -306,18 +293,22 @@ class SwarmRuntime:
 
     def _ours(self, service: JSONObject) -> bool:
         labels = (service.get("Spec") or {}).get("Labels") or {}
-        return labels.get("tidybot.deploy-agent") == self._config.instance
+        return labels.get(MANAGED_LABEL) == self._config.instance
 
     # -- launch --------------------------------------------------------------------------
 
     async def remove_stray(self, spec: DeploySpec) -> None:
+        found = await self._existing_ours(spec)
+        if found is not None:
+            await self._engine.remove_service(found["ID"])
+
+    async def _existing_ours(self, spec: DeploySpec) -> JSONObject | None:
+        """The Swarm service of this name, if any; Conflict when it isn't this agent's."""
         found = await self._engine.service(spec.container_name)
-        if found is None:
-            return
-        if not self._ours(found):
+        if found is not None and not self._ours(found):
             raise Conflict(f"A Swarm service named {spec.container_name} exists that this agent "
                            "does not manage; remove or rename it first.", name=spec.name)
-        await self._engine.remove_service(found["ID"])
+        return found
 
     async def launch(self, spec: DeploySpec, progress: Progress, lease: Lease | None) -> Service:
         node, assignment = self._choose(spec, reserve=True)
@@ -352,7 +343,7 @@ class SwarmRuntime:
         container: JSONObject = {
             "Image": spec.image,
             "Env": [f"{k}={v}" for k, v in env.items()],
-            "Labels": {"tidybot.deploy-agent": self._config.instance},
+            "Labels": {MANAGED_LABEL: self._config.instance},
             "Init": True,
             "StopGracePeriod": self._config.stop_timeout * 1_000_000_000,
             "Mounts": [_mount(volume) for volume in spec.volumes],
@@ -530,16 +521,15 @@ def service_from_swarm(converter: cattrs.Converter, found: JSONObject, instance:
                        nodes: dict[str, SwarmNode]) -> Service | None:
     """Rebuild a Service from a Swarm service's labels; None when it is not this agent's."""
     labels = (found.get("Spec") or {}).get("Labels") or {}
-    if labels.get("tidybot.deploy-agent") != instance:
+    what = f"Swarm service {found.get('ID')}"
+    recorded = recorded_in(converter, labels, instance, what)
+    if recorded is None:
         return None
-    try:
-        spec = converter.structure(json.loads(labels[SPEC_LABEL]), DeploySpec)
-        port = int(labels[HOST_PORT_LABEL])
-        gpu = int(labels[GPU_LABEL]) if GPU_LABEL in labels else None
-        node = nodes.get(labels[NODE_LABEL])
-    except (KeyError, ValueError, cattrs.BaseValidationError) as err:
-        _LOGGER.warning("Swarm service %s has unusable agent labels: %s", found.get("ID"), err)
+    if NODE_LABEL not in labels:
+        _LOGGER.warning("%s has unusable agent labels: no %s", what, NODE_LABEL)
         return None
+    spec, port, gpu = recorded
+    node = nodes.get(labels[NODE_LABEL])
     return Service(spec=spec, container_id=found["ID"], host_port=port, gpu=gpu,
                    pinned=lease_of(labels) is None,
                    node_name=node.hostname if node else labels[NODE_LABEL],

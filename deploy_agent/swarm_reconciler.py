@@ -16,12 +16,11 @@ import time
 from typing import Any
 
 from deploy_agent.errors import AgentError
-from deploy_agent.models import LIVE_STATUSES, JSONObject, Service
+from deploy_agent.models import CONTAINER_PREFIX, LIVE_STATUSES, JSONObject, Service
 from deploy_agent.reconciler import Reconciler
 from deploy_agent.state import attempt_of, parse_docker_time
 from deploy_agent.swarm import (
     SwarmEngine,
-    SwarmGpus,
     SwarmNode,
     SwarmRuntime,
     _exit_code,
@@ -39,19 +38,17 @@ CRASHED_TASK_STATES = ("failed", "complete", "rejected")  # "shutdown": the agen
 class SwarmReconciler(Reconciler):
     """The one-node reconciler's loops (engine liveness, resync, probes), fed from Swarm."""
 
-    def __init__(self, *args: Any, swarm: SwarmEngine, runtime: SwarmRuntime, gpus: SwarmGpus,
+    def __init__(self, *args: Any, swarm: SwarmEngine, runtime: SwarmRuntime,
                  node_grace_s: float, describe: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._swarm = swarm
         self._runtime = runtime
-        self._gpus = gpus
         self._node_grace_s = node_grace_s
         self._describe = describe  # who this agent is, for the swarm's lock
         self._down_since: dict[str, float] = {}  # node id -> when it was first seen down
         self._running_task: dict[str, str] = {}  # service id -> the task last seen running
         self._reported_crashes: set[str] = set()  # tasks already reported as crashed
         self._crashed_since: set[str] = set()  # services that crashed and have not run since
-        self._updated_at: dict[str, float] = {}  # service id -> when its spec last changed
 
     async def start_up(self) -> None:
         """Be the swarm's one agent, then rebuild the table from the Swarm services."""
@@ -80,8 +77,7 @@ class SwarmReconciler(Reconciler):
 
     async def _look_at_nodes(self) -> list[SwarmNode]:
         nodes = await self._swarm.nodes()
-        self._runtime.nodes = {node.id: node for node in nodes}
-        self._gpus.update(nodes)
+        self._runtime.saw(nodes)
         now = time.monotonic()
         for node in nodes:
             if node.ready:
@@ -109,14 +105,14 @@ class SwarmReconciler(Reconciler):
         with self._table.observe() as seen:
             await self._look_at_nodes()
             found = {s["ID"]: s for s in await self._swarm.managed_services()}
-            self._updated_at = {sid: parse_docker_time(s.get("UpdatedAt")) or 0.0 for sid, s in found.items()}
+            updated_at = {sid: parse_docker_time(s.get("UpdatedAt")) or 0.0 for sid, s in found.items()}
             self._engine_is(reachable=True)
             for service in self._table.services():
                 in_swarm = found.pop(service.container_id, None)
                 if seen.current(service.spec.name) and in_swarm is None:
                     self._remove(service, "service_gone")
             for untracked in found.values():
-                name = str((untracked.get("Spec") or {}).get("Name") or "").removeprefix("tidybot-")
+                name = str((untracked.get("Spec") or {}).get("Name") or "").removeprefix(CONTAINER_PREFIX)
                 if seen.current(name):
                     await self._adopt_or_remove_service(untracked, "resync")
         services = self._table.services()
@@ -125,7 +121,7 @@ class SwarmReconciler(Reconciler):
             if not self._table.busy(service.spec.name):
                 await self._follow_tasks(service, [t for t in tasks
                                                    if t.get("ServiceID") == service.container_id],
-                                         self._updated_at.get(service.container_id, 0.0))
+                                         updated_at.get(service.container_id, 0.0))
         tracked = {s.container_id for s in services}
         self._running_task = {k: v for k, v in self._running_task.items() if k in tracked}
         self._crashed_since &= tracked
@@ -175,8 +171,3 @@ class SwarmReconciler(Reconciler):
         elif service.status not in LIVE_STATUSES and service.status != "rescheduling":
             self._table.set_status(service, "starting")
 
-    async def _check_pids(self) -> None:
-        """Remote services' processes are not on this node: nothing to compare."""
-
-    def _report_overuse(self) -> None:
-        """Remote GPUs' use is not seen from the manager: nothing to report."""

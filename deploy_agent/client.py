@@ -32,6 +32,7 @@ import aiohttp
 import yaml
 
 from deploy_agent import errors
+from deploy_agent.models import LIVE_STATUSES
 from deploy_agent.tokens import token_for
 
 T = TypeVar("T")
@@ -122,7 +123,7 @@ ERRORS_BY_CODE: dict[str, type[AgentRequestError]] = {"pull_stalled": PullStalle
                                                       "lease_not_found": LeaseNotFoundError}
 # Statuses of a service that is placed (or, in front of a swarm, being placed again): ensure()
 # never puts a second one elsewhere.
-LIVE = ("starting", "healthy", "unhealthy", "rescheduling", "pending")
+LIVE = (*LIVE_STATUSES, "rescheduling", "pending")
 
 
 def _status_by_code() -> dict[str, int]:
@@ -295,12 +296,15 @@ class AsyncAgentClient:
     async def _keep_renewed(self, manifest: Manifest, holder: _Holder) -> None:
         while True:
             await asyncio.sleep(holder.interval)
-            try:
-                await self.renew(holder.name, holder.lease_id, holder.lease_s)
-            except LeaseNotFoundError:  # lapsed (a long pause, a lost state file): take a new one
-                holder.answer = await self.deploy(manifest, lease_s=holder.lease_s)
-            except AgentRequestError:
-                continue  # the node is busy or away for a moment: try again soon
+            await self._renew_or_retake(manifest, holder)
+
+    async def _renew_or_retake(self, manifest: Manifest, holder: _Holder) -> None:
+        try:
+            await self.renew(holder.name, holder.lease_id, holder.lease_s)
+        except LeaseNotFoundError:  # lapsed (a long pause, a lost state file): take a new one
+            holder.answer = await self.deploy(manifest, lease_s=holder.lease_s)
+        except AgentRequestError:
+            pass  # the node is busy or away for a moment: try again next time
 
     async def events(self, since: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Recent events, oldest first: after `since` when given, else the latest `limit`."""
@@ -525,14 +529,12 @@ class AgentClient:
         done = threading.Event()
 
         def renew_until_done() -> None:
-            agent = AgentClient(self.url, self._async._token)
+            mine = self._async
+            agent = AsyncAgentClient(self.url, mine._token, mine._timeout.total or 300.0,
+                                     stall_timeout=mine._stall_timeout)
+            runner = _SyncRunner(agent.close)
             while not done.wait(holder.interval):
-                try:
-                    agent.renew(holder.name, holder.lease_id, holder.lease_s)
-                except LeaseNotFoundError:
-                    holder.answer = agent.deploy(manifest, lease_s=holder.lease_s)
-                except AgentRequestError:
-                    continue
+                runner.run(agent._renew_or_retake(manifest, holder))
 
         renewer = threading.Thread(target=renew_until_done, name=f"lease {holder.name}", daemon=True)
         renewer.start()

@@ -76,12 +76,13 @@ class Deployer:
             async with self._table.locked(spec.name):
                 service, already_running, launched_under = await self._deploy_locked(request, progress)
                 lease = self._hold(service, request, launched_under)
-            await self._table.persist_if_dirty()  # a new holder survives a crash right after
             return DeployOutcome(service, already_running, lease)
         except AgentError as err:
             self._events.emit("deploy_failed", spec.name, err.code, image=spec.image,
                               status=err.status)
             raise
+        finally:  # one write of what changed (launched, replaced, a new holder), before the answer
+            await self._table.persist_if_dirty()
 
     async def _deploy_locked(self, request: DeployRequest,
                              progress: Progress) -> tuple[Service, bool, str | None]:
@@ -192,6 +193,7 @@ class Deployer:
         await self._runtime.stop(service, self._config.stop_timeout)
         await self._discard(service)
         self._table.drop_leases(service.spec.name)
+        await self._table.persist()
         self._events.emit("stopped", service.spec.name, reason, **details)
         _LOGGER.info("Stopped %s (%s)", service.spec.name, reason)
 
@@ -199,7 +201,6 @@ class Deployer:
         """Remove what runs it and forget the service, releasing what it held."""
         await self._runtime.discard(service)
         self._table.forget(service)
-        await self._table.persist()
 
     # -- leases --------------------------------------------------------------------------
 
@@ -207,7 +208,7 @@ class Deployer:
         """A holder lets go; the service stops if that was its last lease. Whether it stopped."""
         self._table.release_lease(name, lease_id)  # 404 when not held
         stopped = await self._stop_if_lapsed(name, released=lease_id)
-        await self._table.persist()
+        await self._table.persist_if_dirty()  # the stop wrote it already
         return stopped
 
     async def enforce(self) -> None:

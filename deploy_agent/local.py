@@ -107,8 +107,7 @@ class LocalRuntime:
                     _LOGGER.info("Host port %s was taken under us; trying the next", host_port)
                     refused.add(host_port)
                     continue
-                await self._table.persist()
-                return service
+                return service  # tracked: the deployer writes services.json
             raise NoPortAvailable(
                 f"The engine refused {PORT_ATTEMPTS} host ports in a row for {spec.name}.")
         except BaseException:

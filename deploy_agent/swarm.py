@@ -323,8 +323,7 @@ class SwarmRuntime:
                     _LOGGER.info("Port %s is taken on %s; trying the next", port, node.hostname)
                     refused.add(port)
                     continue
-                await self._table.persist()
-                return service
+                return service  # tracked: the deployer writes services.json
             raise NoPortAvailable(f"{node.hostname} refused {PORT_ATTEMPTS} host ports in a row for "
                                   f"{spec.name}.")
         except BaseException:

@@ -24,7 +24,7 @@ from deploy_agent.gpus import FakeGpus, GpuPool
 from deploy_agent.local import LocalRuntime
 from deploy_agent.ports import NodePorts
 from deploy_agent.probe import HealthProbe
-from deploy_agent.state import StateFile
+from deploy_agent.state import SavedState, StateFile
 from deploy_agent.table import ServiceTable
 from tests.conftest import make_config
 
@@ -117,6 +117,29 @@ class TestRollback:
         outcome = await deployer.deploy(request())
         assert outcome.service.status == "healthy" and table.state_error is not None
         assert table.gpus.views()[0].vram_reserved_gb == 20  # still held: no over-commit
+
+
+class TestStateWrites:
+    """services.json is written once per change, holding everything that change made."""
+
+    async def test_one_write_per_leased_deploy_and_per_release(self, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+        deployer, _ = await deployer_with(stand_in_engine(stop=AsyncMock(return_value=None)), tmp_path)
+        saved: list[SavedState] = []
+        real_save = StateFile.save
+
+        async def recorded_save(state_file: StateFile, state: SavedState) -> None:
+            saved.append(state)
+            await real_save(state_file, state)
+
+        monkeypatch.setattr(StateFile, "save", recorded_save)
+        outcome = await deployer.deploy(request(lease_s=60))
+        assert outcome.lease is not None
+        assert len(saved) == 1  # the service and its holder's lease, together
+        assert [s.spec.name for s in saved[0].services] == ["svc"]
+        assert [lease.id for lease in saved[0].leases] == [outcome.lease.id]
+        assert await deployer.release("svc", outcome.lease.id)  # the last holder: it stops
+        assert len(saved) == 2 and saved[1].services == [] and saved[1].leases == []
 
 
 class TestOwnedDeploys:

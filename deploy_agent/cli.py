@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -215,30 +214,16 @@ class Ctl:
 
     async def events(self) -> None:
         """The recent events of every node, in time order; with -f, then as they come."""
-        clients = self.nodes.clients
         if not self.args.follow:
-            found = await asyncio.gather(*(c.events(limit=self.args.limit) for c in clients),
-                                         return_exceptions=True)
-            rows = sorted((({**e, "node": c.url} for c, events in zip(clients, found, strict=True)
-                            if isinstance(events, list) for e in events)), key=lambda e: e["time"])
-            for event in rows[-self.args.limit:]:
+            for event in await self.nodes.events(self.args.limit):
                 self.show_event(event)
             return
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
         async def follow(client: AsyncAgentClient) -> None:
             async for event in client.follow_events(since=None):
-                await queue.put({**event, "node": client.url})
+                self.show_event({**event, "node": client.url})
 
-        followers = [asyncio.create_task(follow(c)) for c in clients]
-        try:
-            while not all(f.done() for f in followers):
-                with contextlib.suppress(TimeoutError):
-                    self.show_event(await asyncio.wait_for(queue.get(), 1.0))
-        finally:
-            for follower in followers:
-                follower.cancel()
-            await asyncio.gather(*followers, return_exceptions=True)
+        await asyncio.gather(*(follow(c) for c in self.nodes.clients), return_exceptions=True)
 
     def show_event(self, event: dict[str, Any]) -> None:
         if self.args.json:

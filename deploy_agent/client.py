@@ -633,6 +633,14 @@ class AsyncComputeNodes:
             raise NodeUnreachable(0, "unreachable", f"No node answered ({', '.join(self.urls)}).")
         return answers
 
+    async def events(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The latest `limit` events of all nodes together, oldest first, each with its `node`.
+        Nodes that don't answer in time are left out; NodeUnreachable when none answers."""
+        async def of(client: AsyncAgentClient) -> list[dict[str, Any]]:
+            return [{**event, "node": client.url} for event in await client.events(limit=limit)]
+        answers = await self._ask_all(of)
+        return sorted((e for events in answers if events for e in events), key=lambda e: e["time"])[-limit:]
+
     async def status(self) -> list[dict[str, Any]]:
         """Each node's health, services and GPUs (`reachable: false` for dead ones)."""
         async def describe(client: AsyncAgentClient) -> dict[str, Any]:

@@ -268,3 +268,28 @@ class TestClientLeases:
         kinds_seen = [json.loads(line)["kind"] for line in listed.stdout.splitlines()]
         assert kinds_seen[-2:] == ["deployed", "stopped"]
         assert ctl("deploy", "--lease", "forever", str(manifest)).returncode == 2  # usage error
+
+    def test_deployctl_events_past_a_silent_node(self, agent: AgentProcess) -> None:
+        """A node that takes the connection and never answers is left out after the probe
+        time-out, not waited on; when no node answers, that is an error."""
+        deploy(agent, "t-ctl-events")
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+
+            def events(*nodes: str) -> subprocess.CompletedProcess[str]:
+                env = {k: v for k, v in os.environ.items() if k != "DEPLOY_AGENT_TOKEN"}
+                env["COMPUTE_NODES"] = ",".join(nodes)
+                return subprocess.run([installed("deployctl"), "events", "--json"], capture_output=True,
+                                      text=True, env=env, timeout=60)
+
+            started = time.monotonic()
+            listed = events(agent.url, silent_url)
+            assert listed.returncode == 0, listed.stderr
+            assert time.monotonic() - started < 30
+            rows = [json.loads(line) for line in listed.stdout.splitlines()]
+            assert ("deployed", "t-ctl-events") in [(r["kind"], r["service"]) for r in rows]
+            assert {r["node"] for r in rows} == {agent.url}
+            alone = events(silent_url)
+            assert alone.returncode == 1 and "No node answered" in alone.stderr

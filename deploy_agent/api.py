@@ -158,6 +158,12 @@ def health_warnings(app: web.Application) -> list[HealthWarning]:
         warnings.append(HealthWarning(
             "event_log_not_writable", f"events.jsonl cannot be written ({event_error}); events "
             "are kept in memory and retried."))
+    refusals = app[RECONCILER_KEY].refusals
+    if refusals:
+        listed = "; ".join(f"{subject}: {message}" for subject, message in sorted(refusals.items()))
+        warnings.append(HealthWarning(
+            "engine_refused", f"The engine refused {len(refusals)} thing(s) on the last resync, "
+            f"tried again on every pass: {listed}"))
     return warnings + app[RECONCILER_KEY].host_view.warnings()
 
 

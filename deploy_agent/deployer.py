@@ -170,7 +170,8 @@ class Deployer:
             if existing.status == "healthy" and not differing:
                 return DryRunOutcome(existing.host_port, existing.gpu, already_running=True,
                                      pull_needed=False, service=existing,
-                                     node_name=existing.node_name, node_addr=existing.node_addr)
+                                     node_name=existing.node_name, node_addr=existing.node_addr,
+                                     node_id=existing.node_id)
             if existing.status == "healthy" and not request.replace:
                 raise Conflict(f"{spec.name} is running with a different {', '.join(differing)}; "
                                'stop it first or send "replace": true.',

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import attrs
 
 from deploy_agent.errors import NoGpu, NoGpuCapacity
-from deploy_agent.models import JSONObject
+from deploy_agent.models import JSONObject, Owner
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -57,8 +57,9 @@ class GpuReading:
     utilization_pct: float | None = None
     processes: tuple[GpuProcess, ...] | None = None
     mig: bool = False
-    node: str | None = None  # the node it is on, in front of a swarm
+    node: str | None = None  # the ID of the node it is on, in front of a swarm
     node_index: int | None = None  # its index on that node
+    node_name: str | None = None  # that node's hostname, for people
     available: bool = True  # False while its node is down: nothing new is placed there
 
     @property
@@ -68,7 +69,7 @@ class GpuReading:
     @property
     def label(self) -> str:
         """How people and free_gb maps name it: `0`, or `node/0` in a swarm."""
-        return str(self.local_index) if self.node is None else f"{self.node}/{self.local_index}"
+        return str(self.local_index) if self.node is None else f"{self.node_name}/{self.local_index}"
 
 
 class GpuInventory(Protocol):
@@ -233,7 +234,7 @@ class Assignment:
     index: int
     uuid: str
     vram_gb: float
-    node: str | None = None
+    node: str | None = None  # the node's ID, in front of a swarm
     node_index: int | None = None
 
     @property
@@ -267,6 +268,7 @@ class GpuView:
     services: list[str]
     service_vram: list[ServiceVram]
     node_name: str | None
+    node_id: str | None
 
 
 def overuse_margin_gb(declared_gb: float) -> float:
@@ -275,17 +277,18 @@ def overuse_margin_gb(declared_gb: float) -> float:
 
 
 class GpuPool:
-    """Reservations per service and the latest reading; placement decides from both.
+    """Reservations by owner and the latest reading; placement decides from both.
 
     A service commits max(declared, observed) on its GPU: a declaration can't hide what a
     service really uses. reserve() and release() never await, so concurrent deploys on the
-    event loop see each other's reservations and can never over-commit a GPU.
+    event loop see each other's reservations and can never over-commit a GPU. A service
+    placed again holds its old and its new reservation (two owners) until it lets go of one.
     """
 
     def __init__(self, inventory: GpuInventory) -> None:
         self.inventory = inventory
         self._readings: list[GpuReading] = []
-        self._reservations: dict[str, Assignment] = {}
+        self._reservations: dict[Owner, Assignment] = {}
         self._containers: dict[str, str] = {}  # name -> container id, as of the last reading
         self._over_streak: dict[str, int] = {}
         self.over: frozenset[str] = frozenset()  # services above their declaration, persistently
@@ -317,11 +320,11 @@ class GpuPool:
         + margin flag a service. Only the periodic resync calls this, so readings a deploy or
         a dry run takes (any number, in quick succession) never make a spike look persistent."""
         streaks = {}
-        for name, assignment in self._reservations.items():
-            used = self.observed_gb(name, assignment.index)
+        for owner, assignment in self._reservations.items():
+            used = self.observed_gb(owner.name, assignment.index)
             above = used is not None and used > assignment.vram_gb + overuse_margin_gb(assignment.vram_gb)
             if above:
-                streaks[name] = self._over_streak.get(name, 0) + 1
+                streaks[owner.name] = self._over_streak.get(owner.name, 0) + 1
         self._over_streak = streaks
         self.over = frozenset(name for name, streak in streaks.items() if streak >= OVERUSE_READINGS)
 
@@ -355,13 +358,18 @@ class GpuPool:
         return sum(a.vram_gb for a in self._reservations.values() if a.index == index)
 
     def services_on(self, index: int) -> list[str]:
-        return sorted(name for name, a in self._reservations.items() if a.index == index)
+        return sorted({owner.name for owner, a in self._reservations.items() if a.index == index})
+
+    def declared_gb(self, name: str, index: int) -> float:
+        """What `name` declared on this GPU (both reservations, while it is placed again)."""
+        return sum(a.vram_gb for owner, a in self._reservations.items()
+                   if owner.name == name and a.index == index)
 
     def _mine_on(self, index: int) -> set[str]:
         """Container ids of the services reserved on this GPU."""
         return {self._containers[name] for name in self.services_on(index) if name in self._containers}
 
-    def foreign_gb(self, reading: GpuReading, freeing: str | None = None) -> float:
+    def foreign_gb(self, reading: GpuReading, freeing: Owner | None = None) -> float:
         """Memory used by anything but the services reserved on this GPU: per process when
         known (a process whose container is gone counts until the driver frees it), else
         used minus reserved. `freeing`: a service counted as gone, memory and all."""
@@ -370,29 +378,30 @@ class GpuPool:
                 return 0.0  # not known: placement counts declarations
             return max(0.0, reading.used_gb - self.reserved_gb(reading.index))
         mine = self._mine_on(reading.index)
-        if freeing in self._containers:
-            mine.add(self._containers[freeing])
+        if freeing is not None and freeing.name in self._containers:
+            mine.add(self._containers[freeing.name])
         ours = sum(self._used.get(container, {}).get(reading.index, 0.0) for container in mine)
         return max(0.0, self._process_total.get(reading.index, 0.0) - ours)
 
-    def committed_gb(self, reading: GpuReading, freeing: str | None = None) -> float:
-        """What placement counts as taken: each service's max(declared, observed), plus foreign."""
-        services = sum(max(a.vram_gb, self.observed_gb(name, reading.index) or 0.0)
-                       for name, a in self._reservations.items()
-                       if a.index == reading.index and name != freeing)
+    def committed_gb(self, reading: GpuReading, freeing: Owner | None = None) -> float:
+        """What placement counts as taken: each reservation's max(declared, observed), plus foreign."""
+        services = sum(max(a.vram_gb, self.observed_gb(owner.name, reading.index) or 0.0)
+                       for owner, a in self._reservations.items()
+                       if a.index == reading.index and owner != freeing)
         return services + self.foreign_gb(reading, freeing)
 
-    def free_gb(self, reading: GpuReading, freeing: str | None = None) -> float:
+    def free_gb(self, reading: GpuReading, freeing: Owner | None = None) -> float:
         return reading.total_gb - self.committed_gb(reading, freeing)
 
-    def place(self, vram_gb: float, freeing: str | None = None) -> Assignment:
+    def place(self, vram_gb: float, freeing: Owner | None = None) -> Assignment:
         """Where a service of vram_gb would go now, reserving nothing (a dry run, or the
-        first half of reserve()). `freeing`: a service whose reservation and memory would be
-        released first (a replacement). NoGpu/NoGpuCapacity when nothing fits."""
+        first half of reserve()). `freeing`: a reservation whose memory would be released
+        first (a replacement). NoGpu/NoGpuCapacity when nothing fits."""
         if not self._readings:
             raise NoGpu("This node has no GPU; deploy it without gpu: true or on a GPU node.")
         free = {r.index: self.free_gb(r, freeing) for r in self._readings}
-        counts = {r.index: len(set(self.services_on(r.index)) - {freeing}) for r in self._readings}
+        counts = {r.index: len({o for o, a in self._reservations.items()
+                                if a.index == r.index and o != freeing}) for r in self._readings}
         fitting = [r for r in self._readings if r.available and free[r.index] >= vram_gb]
         if not fitting:
             listed = ", ".join(f"GPU {r.label} ({r.name}) has {max(0.0, free[r.index]):.1f} GB free"
@@ -406,26 +415,37 @@ class GpuPool:
         return Assignment(index=best.index, uuid=best.uuid, vram_gb=vram_gb, node=best.node,
                           node_index=best.node_index)
 
-    def reserve(self, name: str, vram_gb: float) -> Assignment:
-        """Place `name` on the least-committed GPU that fits, and hold it there."""
-        assignment = self.place(vram_gb)
-        self._reservations[name] = assignment
+    def reserve(self, owner: Owner, vram_gb: float, freeing: Owner | None = None) -> Assignment:
+        """Place on the least-committed GPU that fits, and hold it there for `owner`
+        (`freeing`: a reservation about to be released, counted as free already)."""
+        if owner in self._reservations:
+            raise ValueError(f"{owner} already holds a GPU reservation")
+        assignment = self.place(vram_gb, freeing)
+        self._reservations[owner] = assignment
         return assignment
 
-    def claim(self, name: str, local_index: int, vram_gb: float, node: str | None = None) -> None:
+    def claim(self, owner: Owner, local_index: int, vram_gb: float, node: str | None = None) -> None:
         """Record the reservation of a service adopted from its labels (GPU local_index on
-        `node`, or on this node)."""
+        the node with ID `node`, or on this node)."""
         reading = next((r for r in self._readings
                         if r.node == node and r.local_index == local_index), None)
         index = reading.index if reading is not None else local_index
-        self._reservations[name] = Assignment(index=index, uuid=reading.uuid if reading else "",
-                                              vram_gb=vram_gb, node=node,
-                                              node_index=local_index if node is not None else None)
+        self._reservations[owner] = Assignment(index=index, uuid=reading.uuid if reading else "",
+                                               vram_gb=vram_gb, node=node,
+                                               node_index=local_index if node is not None else None)
 
-    def release(self, name: str) -> None:
-        self._reservations.pop(name, None)
-        self._over_streak.pop(name, None)
-        self.over = self.over - {name}
+    def holds(self, owner: Owner) -> bool:
+        return owner in self._reservations
+
+    def release(self, owner: Owner) -> bool:
+        """Free what `owner` holds; whether it held anything. Other owners' reservations stay."""
+        if self._reservations.pop(owner, None) is None:
+            _LOGGER.info("Not releasing a GPU for %s: it holds none", owner)
+            return False
+        if not any(o.name == owner.name for o in self._reservations):
+            self._over_streak.pop(owner.name, None)
+            self.over = self.over - {owner.name}
+        return True
 
     def handoff(self, assignment: Assignment) -> tuple[dict[str, str], list[JSONObject]]:
         """Env and DeviceRequests that give the container this GPU (the inventory knows how)."""
@@ -444,10 +464,10 @@ class GpuPool:
                 vram_foreign_gb=None if used is None else _gb(self.foreign_gb(r)),
                 vram_free_gb=_gb(max(0.0, self.free_gb(r))),
                 utilization_pct=r.utilization_pct, services=services,
-                service_vram=[ServiceVram(name, self._reservations[name].vram_gb,
+                service_vram=[ServiceVram(name, self.declared_gb(name, r.index),
                                           _gb_or_none(self.observed_gb(name, r.index)))
                               for name in services],
-                node_name=r.node,
+                node_name=r.node_name, node_id=r.node,
             ))
         return views
 

@@ -21,7 +21,7 @@ from deploy_agent.errors import (
     PortTaken,
 )
 from deploy_agent.gpus import Assignment
-from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, JSONObject, Lease, Service
+from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, JSONObject, Lease, Owner, Service, new_attempt
 from deploy_agent.probe import HealthProbe
 from deploy_agent.runtime import LOG_TAIL_LINES, PORT_ATTEMPTS, DryRunOutcome, Progress
 from deploy_agent.state import labels_for, service_from_container
@@ -43,9 +43,10 @@ class _Attempt:
     """One try at creating a service's container, and what it holds so far."""
 
     spec: DeploySpec
+    owner: Owner  # of the launch's reservations (one for all its tries)
     host_port: int
     lease: Lease | None  # the lease the container is created under (in its labels)
-    id: str = attrs.field(factory=lambda: secrets.token_hex(8))
+    id: str = attrs.field(factory=lambda: secrets.token_hex(8))  # this try's container label
     service: Service | None = None  # set once the engine has created the container
     created_unknown: bool = False  # the create call failed in a way that may still create it
 
@@ -90,18 +91,19 @@ class LocalRuntime:
 
     async def launch(self, spec: DeploySpec, progress: Progress, lease: Lease | None) -> Service:
         """Reserve a GPU (before a long pull, so a full node answers at once), then a port."""
+        owner = Owner(spec.name, new_attempt())
         assignment = None
         if spec.gpu:
             await self._table.refresh_gpus()
-            assignment = self._table.reserve_gpu(spec.name, spec.vram_gb)
+            assignment = self._table.reserve_gpu(owner, spec.vram_gb)
         try:
             await self._ensure_image(spec.image, progress)
             published = await self._engine.published_ports()
             refused: set[int] = set()
             for _ in range(PORT_ATTEMPTS):
-                host_port = await self._table.reserve_port(spec.port, published, frozenset(refused))
+                host_port = await self._table.reserve_port(owner, spec.port, published, frozenset(refused))
                 try:
-                    service = await self._create_and_start(_Attempt(spec, host_port, lease),
+                    service = await self._create_and_start(_Attempt(spec, owner, host_port, lease),
                                                            assignment, progress)
                 except PortTaken:
                     _LOGGER.info("Host port %s was taken under us; trying the next", host_port)
@@ -111,7 +113,8 @@ class LocalRuntime:
             raise NoPortAvailable(
                 f"The engine refused {PORT_ATTEMPTS} host ports in a row for {spec.name}.")
         except BaseException:
-            self._table.release_gpu(spec.name)
+            if assignment is not None:
+                self._table.release_gpu(owner)
             raise
 
     async def _create_and_start(self, attempt: _Attempt, assignment: Assignment | None,
@@ -133,7 +136,8 @@ class LocalRuntime:
                 attempt.created_unknown = True  # the engine may still act on the request
                 raise
             attempt.service = Service(spec=spec, container_id=container_id, host_port=host_port,
-                                      gpu=gpu, pinned=attempt.lease is None)
+                                      gpu=gpu, pinned=attempt.lease is None,
+                                      attempt=attempt.owner.attempt)
             self._table.track(attempt.service)
             progress({"event": "created", "container": container_id[:12], "port": host_port,
                       "gpu": gpu})
@@ -173,7 +177,7 @@ class LocalRuntime:
                             getattr(err, "message", err))
             self._table.abandon(attempt.id, spec.name)
         finally:
-            self._table.release_port(attempt.host_port)
+            self._table.release_port(attempt.owner, attempt.host_port)
         if self._table.is_abandoned(attempt.id):
             await self._table.persist()  # so a restart still knows to remove it
 
@@ -223,7 +227,7 @@ class LocalRuntime:
     async def place(self, spec: DeploySpec, replacing: Service | None) -> DryRunOutcome:
         if replacing is None:
             await self._existing_ours(spec)
-        freeing = replacing.spec.name if replacing is not None else None
+        freeing = replacing.owner if replacing is not None else None
         gpu = None
         if spec.gpu:
             await self._table.refresh_gpus()

@@ -121,6 +121,11 @@ class _StateCollector(Collector):
         resyncs = CounterMetricFamily("deploy_agent_resyncs", "Completed resyncs (list, adopt, probe all).")
         resyncs.add_metric([], self._reconciler.resyncs)
         yield resyncs
+        refusals = CounterMetricFamily("deploy_agent_resync_refusals",
+                                       "Things the engine refused during resyncs (one container, "
+                                       "one re-placement), each retried on the next pass.")
+        refusals.add_metric([], self._reconciler.refusals_total)
+        yield refusals
         seconds = CounterMetricFamily("deploy_agent_resync_seconds", "Wall time spent in resyncs.")
         seconds.add_metric([], self._reconciler.resync_seconds)
         yield seconds

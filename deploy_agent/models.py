@@ -6,6 +6,7 @@ so every rule is enforced in one place and reported with the field's path.
 
 from __future__ import annotations
 
+import secrets
 import time
 from datetime import UTC, datetime
 from typing import Any, Literal, NewType
@@ -86,6 +87,22 @@ class Lease:
     expires_at: float
 
 
+@attrs.frozen
+class Owner:
+    """Who holds a reservation: a service name and one deploy (or placement) of it, so that
+    a service placed again can hold its old and its new reservation at once."""
+
+    name: str
+    attempt: str
+
+    def __str__(self) -> str:
+        return f"{self.name}#{self.attempt[:8]}"
+
+
+def new_attempt() -> str:
+    return secrets.token_hex(8)
+
+
 @attrs.define
 class Service:
     """A deployment the agent tracks, from reservation until stop."""
@@ -99,9 +116,16 @@ class Service:
     exit_code: int | None = None
     restarts: int = 0
     pinned: bool = True  # deployed without a lease by someone: runs until stopped
-    node_name: str | None = None  # in front of a swarm: the node it runs on
-    node_addr: str | None = None  # ... and the address its port is published on
+    node_name: str | None = None  # in front of a swarm: the node it runs on, for people
+    node_addr: str | None = None  # ... the address its port is published on
+    node_id: str | None = None  # ... and the node's swarm ID, its identity
     reason: str | None = None  # why it is pending
+    attempt: str = attrs.field(factory=new_attempt)  # the deploy that holds its reservations
+
+    @property
+    def owner(self) -> Owner:
+        """Whose name its port and GPU reservations are held in."""
+        return Owner(self.spec.name, self.attempt)
 
 
 @attrs.frozen
@@ -124,6 +148,7 @@ class ServiceView:
     vram_used_gb: float | None
     vram_over: bool
     node_name: str
+    node_id: str | None
     reason: str | None
 
     @classmethod
@@ -147,6 +172,7 @@ class ServiceView:
             vram_used_gb=None if vram_used_gb is None else round(vram_used_gb, 2),
             vram_over=vram_over,
             node_name=service.node_name or node_name,
+            node_id=service.node_id,
             reason=service.reason,
         )
 

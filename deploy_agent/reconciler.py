@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import cattrs
 
 from deploy_agent.engine import Engine
-from deploy_agent.errors import AgentError
+from deploy_agent.errors import AgentError, EngineUnavailable
 from deploy_agent.events import EventLog
 from deploy_agent.hostview import HostView, own_container_id
 from deploy_agent.models import CONTAINER_PREFIX, LIVE_STATUSES, JSONObject, Service
@@ -30,7 +31,7 @@ from deploy_agent.state import (
     summary_name,
     summary_state,
 )
-from deploy_agent.table import ServiceTable
+from deploy_agent.table import Observation, ServiceTable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ class Reconciler:
         self.engine_reachable = False
         self.resyncs = 0  # completed, for /metrics
         self.resync_seconds = 0.0
+        # What the engine refused in the last pass, by what it was about (a service, a
+        # container): retried on the next pass, shown in /health; never "engine lost".
+        self.refusals: dict[str, str] = {}
+        self._refused_now: dict[str, str] = {}
+        self.refusals_total = 0
 
     async def start_up(self) -> None:
         """Adopt every container the agent created; drop records whose container is gone."""
@@ -81,11 +87,13 @@ class Reconciler:
                 self._table.adopt(service)
             return
         self._engine_is(reachable=True)
-        for summary in infos:
-            with contextlib.suppress(AgentError):  # what can't be read now, the resync reads
-                await self._adopt_or_remove(summary, "start_up")
+        with self._table.observe() as seen:
+            for summary in infos:
+                with contextlib.suppress(AgentError):  # what can't be read now, the resync reads
+                    await self._adopt_or_remove(summary, "start_up", seen)
         with contextlib.suppress(AgentError):
             await self._check_host_paths()
+        with contextlib.suppress(AgentError):
             await self._check_pids()
         adopted = {s.spec.name for s in self._table.services()}
         for lost in {s.spec.name for s in recorded} - adopted:
@@ -94,7 +102,8 @@ class Reconciler:
         await self._probe_all()
         await self._table.persist()
 
-    async def _adopt_or_remove(self, summary: JSONObject, reason: str) -> str | None:
+    async def _adopt_or_remove(self, summary: JSONObject, reason: str,
+                               seen: Observation) -> str | None:
         """Adopt a container the table lacks, or remove it if its deploy was abandoned;
         the abandoned attempt it removed, if any."""
         attempt = attempt_of(summary["Labels"])
@@ -106,7 +115,8 @@ class Reconciler:
         if info is None:
             return None
         found = service_from_container(self._converter, info, self._instance)
-        if found is None or self._table.busy(found.spec.name):
+        # Re-checked after the await: a deploy or stop of the name may have come and gone.
+        if found is None or not seen.current(found.spec.name):
             return None
         self._restore_holders(found, info["Config"].get("Labels") or {})
         self._table.adopt(found)
@@ -227,16 +237,42 @@ class Reconciler:
             await self.resync_logged()
 
     async def resync_logged(self) -> None:
+        """One pass. Only an engine that doesn't answer is "engine lost"; an engine that
+        refused the pass itself (a listing) is logged and counted, and tried again."""
         started = time.monotonic()
+        self._refused_now = {}
         try:
             await self.resync()
-        except AgentError as err:
+        except EngineUnavailable as err:
             if self.engine_reachable:
                 _LOGGER.warning("Resync failed: %s", err.message)
             self._engine_is(reachable=False)
             return
+        except AgentError as err:
+            self._refused("resync", err)
+        finally:
+            self.refusals = self._refused_now
         self.resyncs += 1
         self.resync_seconds += time.monotonic() - started
+
+    def _refused(self, subject: str, err: AgentError) -> None:
+        """The engine refused one thing about `subject`: log (once while it lasts), count,
+        and try again on the next pass."""
+        if self.refusals.get(subject) != err.message:
+            _LOGGER.warning("Resync: the engine refused %s: %s", subject, err.message)
+        self._refused_now[subject] = err.message
+        self.refusals_total += 1
+
+    @contextlib.asynccontextmanager
+    async def _each(self, subject: str) -> AsyncIterator[None]:
+        """One item of a pass: an engine refusal stays with it; an engine that is gone ends
+        the pass (EngineUnavailable goes on up)."""
+        try:
+            yield
+        except EngineUnavailable:
+            raise
+        except AgentError as err:
+            self._refused(subject, err)
 
     async def resync(self) -> None:
         """Compare the table with the containers, adopt or drop, then probe every service.
@@ -260,15 +296,20 @@ class Reconciler:
                 was_down = service.status == "exited"
                 apply_container_state(service, summary_state(info["State"]))
                 if service.status == "exited" and not was_down:  # its die event was missed
-                    await self._refresh_from_inspect(service)
+                    async with self._each(service.spec.name):
+                        await self._refresh_from_inspect(service)
                     self._crashed(service)
             removed = set()
             for summary in by_id.values():
                 name = summary_name(summary)
-                if name and seen.current(name) and (gone := await self._adopt_or_remove(summary, "resync")):
-                    removed.add(gone)
+                if not name or not seen.current(name):
+                    continue
+                async with self._each(f"container {summary['Id'][:12]} ({name})"):
+                    if gone := await self._adopt_or_remove(summary, "resync", seen):
+                        removed.add(gone)
         self._table.settle(attempts, removed)
-        await self._check_pids()
+        async with self._each("the PID namespace check"):
+            await self._check_pids()
         for name in [n for n in self._failures if self._table.get(n) is None]:
             del self._failures[name]
         self._died &= {s.container_id for s in self._table.services()}

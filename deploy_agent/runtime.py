@@ -36,6 +36,7 @@ class DryRunOutcome:
     service: Service | None = None  # the running one, when already_running
     node_name: str | None = None
     node_addr: str | None = None
+    node_id: str | None = None
 
 
 class Runtime(Protocol):
@@ -52,10 +53,13 @@ class Runtime(Protocol):
         """Where launch() would put it now, reserving nothing; the errors launch() would raise."""
 
     async def stop(self, service: Service, grace_s: int) -> None:
-        """Stop it (grace, then kill); it is removed by discard()."""
+        """Stop it (grace, then kill) and return only once nothing of it runs: its VRAM and
+        port are free on the node (a node that doesn't answer bounds the wait). It is
+        removed by discard()."""
 
     async def discard(self, service: Service) -> None:
-        """Remove what runs the service; a service already gone is fine."""
+        """Remove what runs the service, returning only once nothing of it runs (so a
+        replacement never runs beside it); a service already gone is fine."""
 
     async def remove_untracked(self, name: str) -> bool:
         """Remove a leftover of ours under this name the table lacks; whether there was one."""

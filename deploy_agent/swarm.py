@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -28,7 +27,9 @@ from deploy_agent.errors import (
     Conflict,
     ContainerExited,
     EngineError,
+    EngineUnavailable,
     HealthTimeout,
+    NoGpu,
     NoGpuCapacity,
     NoPortAvailable,
     PortTaken,
@@ -36,7 +37,7 @@ from deploy_agent.errors import (
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import GIB, Assignment, GpuReading
 from deploy_agent.local import poll_interval
-from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, JSONObject, Lease, Service
+from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, JSONObject, Lease, Owner, Service, new_attempt
 from deploy_agent.probe import HealthProbe
 from deploy_agent.runtime import LOG_TAIL_LINES, PORT_ATTEMPTS, DryRunOutcome, Progress
 from deploy_agent.state import attempt_of, labels_for, lease_of, recorded_in
@@ -48,6 +49,10 @@ GPU_ENGINE_LABEL = "deploy-agent.gpus"  # on each node's engine: [{"uuid", "name
 NODE_LABEL = "tidybot.node"  # the node id a service is pinned to
 LOCK_CONFIG = "deploy-agent.lock"  # exactly one --swarm agent per swarm
 TASK_POLL_S = 0.2
+TASK_GONE_MARGIN_S = 10.0  # past the stop grace, for the node to report its task stopped
+# Task states in which a task may hold a container, with its port and VRAM.
+LIVE_TASK_STATES = ("new", "pending", "assigned", "accepted", "ready", "preparing", "starting",
+                    "running")
 
 
 def gpu_label(readings: list[GpuReading]) -> str:
@@ -100,17 +105,18 @@ class SwarmGpus:
 
     def __init__(self) -> None:
         self._readings: list[GpuReading] = []
-        self._indexes: dict[tuple[str, int], int] = {}  # (node, index there) -> a stable index
+        self._indexes: dict[tuple[str, int], int] = {}  # (node ID, index there) -> a stable index
 
     def update(self, nodes: list[SwarmNode]) -> None:
         readings = []
-        for node in sorted(nodes, key=lambda n: n.hostname):
+        for node in sorted(nodes, key=lambda n: (n.hostname, n.id)):
             for local, gpu in enumerate(node.gpus):
-                key = (node.hostname, local)
+                key = (node.id, local)  # a node that re-joined under its hostname is a new node
                 index = self._indexes.setdefault(key, len(self._indexes))
                 readings.append(GpuReading(index=index, uuid=gpu["uuid"], name=gpu["name"],
-                                           total_gb=gpu["vram_gb"], used_gb=None, node=node.hostname,
-                                           node_index=local, available=node.ready))
+                                           total_gb=gpu["vram_gb"], used_gb=None, node=node.id,
+                                           node_index=local, node_name=node.hostname,
+                                           available=node.ready))
         self._readings = readings
 
     def read(self) -> list[GpuReading]:
@@ -215,16 +221,17 @@ class SwarmTaken(Exception):
     """Another --swarm agent already serves this swarm."""
 
 
-def _task_error(task: JSONObject) -> str:
+def task_error(task: JSONObject) -> str:
     return str((task.get("Status") or {}).get("Err") or "")
 
 
-def _port_error(task: JSONObject) -> bool:
-    text = _task_error(task).lower()
+def port_error(task: JSONObject) -> bool:
+    """Whether the task failed because its host port is taken on its node."""
+    text = task_error(task).lower()
     return "port" in text and ("allocated" in text or "in use" in text)
 
 
-def _exit_code(task: JSONObject) -> int | None:
+def exit_code(task: JSONObject) -> int | None:
     code = ((task.get("Status") or {}).get("ContainerStatus") or {}).get("ExitCode")
     return int(code) if isinstance(code, int) else None
 
@@ -232,6 +239,17 @@ def _exit_code(task: JSONObject) -> int | None:
 def latest_task(tasks: list[JSONObject]) -> JSONObject | None:
     return max(tasks, key=lambda t: (t.get("Version", {}).get("Index", 0), t.get("CreatedAt", "")),
                default=None)
+
+
+@attrs.frozen
+class _Launch:
+    """One launch of a service: who holds its reservations, and where they are."""
+
+    spec: DeploySpec
+    owner: Owner
+    node: SwarmNode
+    assignment: Assignment | None
+    lease: Lease | None
 
 
 class SwarmRuntime:
@@ -247,6 +265,7 @@ class SwarmRuntime:
         self._gpus = gpus
         self._events = events
         self.nodes: dict[str, SwarmNode] = {}  # by id, as of the last look
+        self._rollbacks: set[asyncio.Task[None]] = set()
 
     def saw(self, nodes: list[SwarmNode]) -> None:
         """The swarm's nodes as the reconciler just found them: where to place, and their GPUs."""
@@ -255,41 +274,39 @@ class SwarmRuntime:
 
     # -- placement -----------------------------------------------------------------------
 
-    def node_named(self, hostname: str | None) -> SwarmNode | None:
-        return next((n for n in self.nodes.values() if n.hostname == hostname), None)
-
-    def _choose(self, spec: DeploySpec, reserve: bool,
-                freeing: str | None = None) -> tuple[SwarmNode, Assignment | None]:
+    def _choose(self, spec: DeploySpec, owner: Owner | None,
+                freeing: Owner | None = None) -> tuple[SwarmNode, Assignment | None]:
         """A node (and GPU) for the spec now, by the same rules as on one node and with no
-        await: reserved there when `reserve`, else only looked at (a dry run)."""
+        await: the GPU reserved for `owner`, or (None) only looked at, for a dry run.
+        `freeing`: a reservation about to be let go of, counted as free."""
         if spec.gpu:
-            assignment = (self._table.reserve_gpu(spec.name, spec.vram_gb) if reserve
+            assignment = (self._table.reserve_gpu(owner, spec.vram_gb, freeing) if owner is not None
                           else self._table.gpus.place(spec.vram_gb, freeing=freeing))
-            node = self.node_named(assignment.node)
+            node = self.nodes.get(assignment.node or "")
             if node is None:
-                if reserve:
-                    self._table.release_gpu(spec.name)
+                if owner is not None:
+                    self._table.release_gpu(owner)
                 raise NoGpuCapacity("The GPU's node is gone.", free_gb={})
             return node, assignment
         ready = [n for n in self.nodes.values() if n.ready]
         if not ready:
             raise NoGpuCapacity("No swarm node is ready.", free_gb={})
-        counts = {n.hostname: 0 for n in ready}
+        counts = {n.id: 0 for n in ready}
         for service in self._table.services():
-            if service.node_name in counts and service.spec.name != freeing:
-                counts[service.node_name] += 1
-        return min(ready, key=lambda n: (counts[n.hostname], n.hostname)), None
+            if service.node_id in counts and service.owner != freeing and service.status != "pending":
+                counts[service.node_id] += 1
+        return min(ready, key=lambda n: (counts[n.id], n.hostname, n.id)), None
 
     async def place(self, spec: DeploySpec, replacing: Service | None) -> DryRunOutcome:
         if replacing is None:
             await self._existing_ours(spec)
-        node, assignment = self._choose(spec, reserve=False,
-                                        freeing=replacing.spec.name if replacing else None)
-        same_node = replacing is not None and replacing.node_name == node.hostname
+        node, assignment = self._choose(spec, None, freeing=replacing.owner if replacing else None)
+        same_node = replacing is not None and replacing.node_id == node.id
         freed = {replacing.host_port} if replacing is not None and same_node else set()
-        port = await self._table.free_port(spec.port, set(), freed, node=node.hostname)
+        port = await self._table.free_port(spec.port, set(), freed, node=node.id)
         return DryRunOutcome(port, assignment.local_index if assignment else None, already_running=False,
-                             pull_needed=None, node_name=node.hostname, node_addr=node.addr)
+                             pull_needed=None, node_name=node.hostname, node_addr=node.addr,
+                             node_id=node.id)
 
     def _ours(self, service: JSONObject) -> bool:
         labels = (service.get("Spec") or {}).get("Labels") or {}
@@ -300,7 +317,7 @@ class SwarmRuntime:
     async def remove_stray(self, spec: DeploySpec) -> None:
         found = await self._existing_ours(spec)
         if found is not None:
-            await self._engine.remove_service(found["ID"])
+            await self._end(found["ID"])
 
     async def _existing_ours(self, spec: DeploySpec) -> JSONObject | None:
         """The Swarm service of this name, if any; Conflict when it isn't this agent's."""
@@ -311,23 +328,27 @@ class SwarmRuntime:
         return found
 
     async def launch(self, spec: DeploySpec, progress: Progress, lease: Lease | None) -> Service:
-        node, assignment = self._choose(spec, reserve=True)
+        owner = Owner(spec.name, new_attempt())
+        node, assignment = self._choose(spec, owner)
+        launch = _Launch(spec, owner, node, assignment, lease)
         try:
             refused: set[int] = set()
             for _ in range(PORT_ATTEMPTS):
-                port = await self._table.reserve_port(spec.port, set(), frozenset(refused),
-                                                      node=node.hostname)
+                port = await self._table.reserve_port(owner, spec.port, set(), frozenset(refused),
+                                                      node=node.id)
                 try:
-                    service = await self._create_and_wait(spec, node, assignment, port, lease, progress)
+                    service = await self._create_and_wait(launch, port, progress)
                 except PortTaken:
                     _LOGGER.info("Port %s is taken on %s; trying the next", port, node.hostname)
                     refused.add(port)
+                    self._table.refuse_port(port, node.id)
                     continue
                 return service  # tracked: the deployer writes services.json
             raise NoPortAvailable(f"{node.hostname} refused {PORT_ATTEMPTS} host ports in a row for "
                                   f"{spec.name}.")
         except BaseException:
-            self._table.release_gpu(spec.name)
+            if assignment is not None:
+                self._table.release_gpu(owner)
             raise
 
     def service_body(self, spec: DeploySpec, node: SwarmNode, assignment: Assignment | None,
@@ -366,42 +387,65 @@ class SwarmRuntime:
                 {"Protocol": "tcp", "TargetPort": spec.port, "PublishedPort": port, "PublishMode": "host"}]},
         }
 
-    async def _create_and_wait(self, spec: DeploySpec, node: SwarmNode, assignment: Assignment | None,
-                               port: int, lease: Lease | None, progress: Progress) -> Service:
-        attempt = secrets.token_hex(8)
+    async def _create_and_wait(self, launch: _Launch, port: int, progress: Progress) -> Service:
+        """Create the Swarm service on the launch's node and port, wait until it is healthy.
+        On any failure it is removed (or, when that can't be known, abandoned)."""
+        spec, node = launch.spec, launch.node
+        attempt = new_attempt()  # this try's label: what an abandoned create is known by
         service: Service | None = None
+        created_unknown = False
         try:
-            service_id = await self._engine.create_service(
-                self.service_body(spec, node, assignment, port, attempt, lease))
+            try:
+                service_id = await self._engine.create_service(
+                    self.service_body(spec, node, launch.assignment, port, attempt, launch.lease))
+            except EngineUnavailable:
+                created_unknown = True  # a create that timed out may still happen
+                raise
             service = Service(spec=spec, container_id=service_id, host_port=port,
-                              gpu=assignment.local_index if assignment else None, pinned=lease is None,
-                              node_name=node.hostname, node_addr=node.addr)
+                              gpu=launch.assignment.local_index if launch.assignment else None,
+                              pinned=launch.lease is None, node_name=node.hostname,
+                              node_addr=node.addr, node_id=node.id, attempt=launch.owner.attempt)
             self._table.track(service)
             progress({"event": "created", "container": service_id[:12], "port": port,
-                      "gpu": service.gpu, "node": node.hostname})
+                      "gpu": service.gpu, "node": node.hostname, "node_id": node.id})
             await self._wait_healthy(service, progress)
-        except BaseException:
-            await asyncio.shield(self._roll_back(spec, service, port, node.hostname, attempt))
+        except BaseException as err:
+            # Shielded and tracked: a deploy cancelled at shutdown still rolls back, and
+            # close() waits for that before the process exits.
+            rollback = asyncio.ensure_future(
+                self._roll_back(launch, service, port, attempt, created_unknown, err))
+            self._rollbacks.add(rollback)
+            rollback.add_done_callback(self._rollbacks.discard)
+            await asyncio.shield(rollback)
             raise
         service.status = "healthy"
         _LOGGER.info("Deployed %s on %s:%s%s", spec.name, node.hostname, port,
                      f", GPU {service.gpu}" if service.gpu is not None else "")
         return service
 
-    async def _roll_back(self, spec: DeploySpec, service: Service | None, port: int, node: str,
-                         attempt: str) -> None:
-        """Remove the Swarm service and release the port, whatever fails; never raises."""
+    async def _roll_back(self, launch: _Launch, service: Service | None, port: int, attempt: str,
+                         created_unknown: bool, cause: BaseException) -> None:
+        """Remove the Swarm service (once its task is gone) and release the port, whatever
+        fails; never raises. A create whose outcome is unknown is abandoned: the resync
+        removes it if it shows up, and never adopts it."""
+        name = launch.spec.name
+        _LOGGER.info("Deploy of %s failed or was cancelled (%s); removing its Swarm service",
+                     name, type(cause).__name__)
         try:
             if service is not None:
                 self._table.untrack(service)
-                await self._engine.remove_service(service.container_id)
+            if created_unknown or (service is not None and isinstance(cause, EngineUnavailable)):
+                self._table.abandon(attempt, name)
+            elif service is not None:
+                await self._end(service.container_id)
         except Exception as err:
             _LOGGER.warning("Could not remove the service of the failed deploy of %s (%s); it will "
-                            "be removed when the manager answers", spec.name, err)
-            self._table.abandon(attempt, spec.name)
-            await self._table.persist()
+                            "be removed when the manager answers", name, getattr(err, "message", err))
+            self._table.abandon(attempt, name)
         finally:
-            self._table.release_port(port, node)
+            self._table.release_port(launch.owner, port, launch.node.id)
+        if self._table.is_abandoned(attempt):
+            await self._table.persist()  # so a restart still knows to remove it
 
     async def _wait_healthy(self, service: Service, progress: Progress) -> None:
         """Wait for its task to run, then for its health path on the node's address."""
@@ -416,15 +460,15 @@ class SwarmRuntime:
                                     f"2xx within {timeout:g} s.", name=service.spec.name,
                                     logs=await self._logs_tail(service))
             tasks = await self._engine.tasks([service.container_id])
-            taken = next((t for t in tasks if _port_error(t)), None)
+            taken = next((t for t in tasks if port_error(t)), None)
             if taken is not None:  # Swarm retries, each try failing the same way
-                raise PortTaken(_task_error(taken))
+                raise PortTaken(task_error(taken))
             failed = next((t for t in tasks if (t.get("Status") or {}).get("State") in
                            ("failed", "rejected", "complete")), None)
             if failed is not None:
                 raise ContainerExited(
-                    f"{service.spec.name} exited before it became healthy: {_task_error(failed)}",
-                    name=service.spec.name, exit_code=_exit_code(failed),
+                    f"{service.spec.name} exited before it became healthy: {task_error(failed)}",
+                    name=service.spec.name, exit_code=exit_code(failed),
                     logs=await self._logs_tail(service))
             task = latest_task(tasks)
             state = (task or {}).get("Status", {}).get("State", "new")
@@ -444,19 +488,56 @@ class SwarmRuntime:
         except AgentError:
             return []
 
-    # -- the rest of the Runtime ---------------------------------------------------------
+    # -- stopping: only once the task is gone ----------------------------------------------
+
+    async def _scale(self, service_id: str, replicas: int) -> JSONObject | None:
+        """Run `replicas` copies (0 or 1); the service as it was, None when it is gone."""
+        found = await self._engine.service(service_id)
+        if found is None:
+            return None
+        spec = found["Spec"]
+        if (spec.get("Mode") or {}).get("Replicated", {}).get("Replicas") != replicas:
+            spec = {**spec, "Mode": {"Replicated": {"Replicas": replicas}}}
+            await self._engine.update_service(found["ID"], found["Version"]["Index"], spec)
+        return found
+
+    async def _wait_tasks_gone(self, service_id: str, within_s: float) -> None:
+        """Until no task of the service may still hold a container (its VRAM and port), or
+        `within_s` passed: a task on a node that is down never reports, and stays stale."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while True:
+            live = [t for t in await self._engine.tasks([service_id])
+                    if (t.get("Status") or {}).get("State") in LIVE_TASK_STATES]
+            if not live:
+                return
+            if loop.time() >= deadline:
+                _LOGGER.warning("The task of Swarm service %s has not stopped within %.0f s (its "
+                                "node may be down); going on", service_id[:12], within_s)
+                return
+            await asyncio.sleep(TASK_POLL_S)
+
+    async def _end(self, service_id: str, grace_s: int | None = None) -> None:
+        """Scale to nothing, wait for the task to be gone, remove the service."""
+        grace = self._config.stop_timeout if grace_s is None else grace_s
+        if await self._scale(service_id, 0) is not None:
+            await self._wait_tasks_gone(service_id, grace + TASK_GONE_MARGIN_S)
+        await self._engine.remove_service(service_id)
 
     async def stop(self, service: Service, grace_s: int) -> None:
-        """Removing a Swarm service stops its task with the stop grace period."""
+        """Scale to nothing and return once its task is gone (grace, then kill, on the node)."""
+        if await self._scale(service.container_id, 0) is not None:
+            await self._wait_tasks_gone(service.container_id, grace_s + TASK_GONE_MARGIN_S)
 
     async def discard(self, service: Service) -> None:
-        await self._engine.remove_service(service.container_id)
+        """Remove it once its task is gone (a replacement never runs beside it)."""
+        await self._end(service.container_id)
 
     async def remove_untracked(self, name: str) -> bool:
         found = await self._engine.service(CONTAINER_PREFIX + name)
         if found is None or not self._ours(found):
             return False
-        await self._engine.remove_service(found["ID"])
+        await self._end(found["ID"])
         return True
 
     async def logs(self, service: Service, tail: int) -> str:
@@ -466,45 +547,64 @@ class SwarmRuntime:
         return self._engine.follow_service_logs(service.container_id, tail)
 
     async def close(self) -> None:
-        pass
+        """Wait for rollbacks still running."""
+        await asyncio.gather(*self._rollbacks, return_exceptions=True)
 
     # -- placing again -------------------------------------------------------------------
 
     async def place_again(self, service: Service, why: str) -> None:
-        """Its node is lost (or a port there refused): release what it held there, and put it
-        where there is room; pending, with the reason, when nowhere has any."""
+        """Its node is lost (or a port there refused, or it waits for room): hold a new place
+        first, move it there, then let go of the old one. With no room anywhere it is scaled
+        to nothing and lets go (pending). EngineError when the manager refuses the move: what
+        it held stays held, and the reconciler tries again."""
         spec, name = service.spec, service.spec.name
-        self._table.release_gpu(name)
-        self._table.release_port(service.host_port, service.node_name)
+        if why == "port_taken" and service.status != "pending":
+            self._table.refuse_port(service.host_port, service.node_id)
+        owner = Owner(name, new_attempt())
+        assignment = None
         try:
-            node, assignment = self._choose(spec, reserve=True)
-        except AgentError as err:
-            if service.status != "pending":
-                self._events.emit("pending", name, why, message=err.message)
-            self._table.set_status(service, "pending", reason=err.message)
+            node, assignment = self._choose(spec, owner, freeing=service.owner)
+            port = await self._table.reserve_port(owner, spec.port, set(), node=node.id)
+        except (NoGpu, NoGpuCapacity, NoPortAvailable) as err:
+            if assignment is not None:
+                self._table.release_gpu(owner)
+            await self._park(service, why, err.message)
             return
-        port = await self._table.reserve_port(spec.port, set(), frozenset(), node=node.hostname)
         try:
             found = await self._engine.service(service.container_id)
             if found is None:
                 raise EngineError(f"The Swarm service of {name} is gone.")
-            lease_label = lease_of(found["Spec"].get("Labels") or {})
+            labels = found["Spec"].get("Labels") or {}
+            lease_label = lease_of(labels)
             lease = Lease(lease_label[0], name, lease_label[1], 0.0) if lease_label else None
-            attempt = attempt_of(found["Spec"].get("Labels") or {}) or secrets.token_hex(8)
-            body = self.service_body(spec, node, assignment, port, attempt, lease)
+            body = self.service_body(spec, node, assignment, port,
+                                     attempt_of(labels) or new_attempt(), lease)
             await self._engine.update_service(found["ID"], found["Version"]["Index"], body)
-        except AgentError as err:
-            self._table.release_gpu(name)
-            self._table.release_port(port, node.hostname)
-            self._table.set_status(service, "pending", reason=f"could not update the service: {err.message}")
-            return
-        moved_from = service.node_name
-        self._table.relocate(service, node_name=node.hostname, node_addr=node.addr, host_port=port,
+        except BaseException:
+            self._table.release_port(owner, port, node.id)
+            if assignment is not None:
+                self._table.release_gpu(owner)
+            raise
+        moved_from, moved_from_id = service.node_name, service.node_id
+        self._table.relocate(service, owner, node_id=node.id, node_name=node.hostname,
+                             node_addr=node.addr, host_port=port,
                              gpu=assignment.local_index if assignment else None)
         self._table.set_status(service, "rescheduling")
         self._events.emit("rescheduled", name, why, from_node=moved_from, to_node=node.hostname,
-                          port=port, gpu=service.gpu)
+                          from_node_id=moved_from_id, to_node_id=node.id, port=port, gpu=service.gpu)
         _LOGGER.info("Placed %s again on %s:%s (%s)", name, node.hostname, port, why)
+        await self._table.persist()
+
+    async def _park(self, service: Service, why: str, message: str) -> None:
+        """No room anywhere: it runs nowhere (0 replicas, so a node that comes back doesn't
+        start it outside the agent's books) and holds nothing until there is room."""
+        if service.status == "pending":
+            if service.reason != message:
+                self._table.set_status(service, "pending", reason=message)
+            return
+        await self._scale(service.container_id, 0)  # EngineError: it keeps what it holds, tried again
+        self._table.park(service, message)
+        self._events.emit("pending", service.spec.name, why, message=message)
         await self._table.persist()
 
 
@@ -518,8 +618,10 @@ def _mount(volume: str) -> JSONObject:
 
 def service_from_swarm(converter: cattrs.Converter, found: JSONObject, instance: str,
                        nodes: dict[str, SwarmNode]) -> Service | None:
-    """Rebuild a Service from a Swarm service's labels; None when it is not this agent's."""
-    labels = (found.get("Spec") or {}).get("Labels") or {}
+    """Rebuild a Service from a Swarm service's labels; None when it is not this agent's.
+    One scaled to nothing is pending: it waits for room and holds none."""
+    spec_doc = found.get("Spec") or {}
+    labels = spec_doc.get("Labels") or {}
     what = f"Swarm service {found.get('ID')}"
     recorded = recorded_in(converter, labels, instance, what)
     if recorded is None:
@@ -528,9 +630,13 @@ def service_from_swarm(converter: cattrs.Converter, found: JSONObject, instance:
         _LOGGER.warning("%s has unusable agent labels: no %s", what, NODE_LABEL)
         return None
     spec, port, gpu = recorded
-    node = nodes.get(labels[NODE_LABEL])
-    return Service(spec=spec, container_id=found["ID"], host_port=port, gpu=gpu,
-                   pinned=lease_of(labels) is None,
-                   node_name=node.hostname if node else labels[NODE_LABEL],
-                   node_addr=node.addr if node else None)
-
+    node_id = labels[NODE_LABEL]
+    node = nodes.get(node_id)
+    service = Service(spec=spec, container_id=found["ID"], host_port=port, gpu=gpu,
+                      pinned=lease_of(labels) is None,
+                      node_name=node.hostname if node else node_id,
+                      node_addr=node.addr if node else None, node_id=node_id,
+                      attempt=attempt_of(labels) or new_attempt())
+    if (spec_doc.get("Mode") or {}).get("Replicated", {}).get("Replicas") == 0:
+        service.status, service.reason = "pending", "waiting for room (scaled to 0 replicas)"
+    return service

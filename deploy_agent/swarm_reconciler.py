@@ -23,11 +23,12 @@ from deploy_agent.swarm import (
     SwarmEngine,
     SwarmNode,
     SwarmRuntime,
-    _exit_code,
-    _port_error,
+    exit_code,
     latest_task,
+    port_error,
     service_from_swarm,
 )
+from deploy_agent.table import Observation
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -61,9 +62,10 @@ class SwarmReconciler(Reconciler):
         self._recorded = {service.container_id: service for service in recorded}
         await self._look_at_nodes()
         self._engine_is(reachable=True)
-        for found in await self._swarm.managed_services():
-            with contextlib.suppress(AgentError):
-                await self._adopt_or_remove_service(found, "start_up")
+        with self._table.observe() as seen:
+            for found in await self._swarm.managed_services():
+                with contextlib.suppress(AgentError):
+                    await self._adopt_or_remove_service(found, "start_up", seen)
         with contextlib.suppress(AgentError):  # crashes from before this start are history
             tasks = await self._swarm.tasks([s.container_id for s in self._table.services()])
             self._reported_crashes = {t["ID"] for t in tasks
@@ -87,19 +89,24 @@ class SwarmReconciler(Reconciler):
         await self._table.refresh_gpus()
         return nodes
 
-    async def _adopt_or_remove_service(self, found: JSONObject, reason: str) -> None:
+    async def _adopt_or_remove_service(self, found: JSONObject, reason: str,
+                                       seen: Observation) -> str | None:
+        """Adopt a Swarm service the table lacks, or remove it if its create was abandoned
+        (it may hold a port and GPU given to someone since); the attempt it removed."""
         labels = (found.get("Spec") or {}).get("Labels") or {}
-        if self._table.is_abandoned(attempt_of(labels)):
+        attempt = attempt_of(labels)
+        if self._table.is_abandoned(attempt):
             _LOGGER.info("Removing the Swarm service %s of an abandoned deploy", found["ID"][:12])
             await self._swarm.remove_service(found["ID"])
-            return
+            return attempt
         service = service_from_swarm(self._converter, found, self._instance, self._runtime.nodes)
-        if service is None or self._table.busy(service.spec.name):
-            return
+        if service is None or not seen.current(service.spec.name):
+            return None
         self._restore_holders(service, labels)
         self._table.adopt(service)
         self._events.emit("adopted", service.spec.name, reason, image=service.spec.image,
-                          node=service.node_name)
+                          node=service.node_name, node_id=service.node_id)
+        return None
 
     async def resync(self) -> None:
         with self._table.observe() as seen:
@@ -111,17 +118,25 @@ class SwarmReconciler(Reconciler):
                 in_swarm = found.pop(service.container_id, None)
                 if seen.current(service.spec.name) and in_swarm is None:
                     self._remove(service, "service_gone")
+            attempts = {a for s in found.values()
+                        if (a := attempt_of((s.get("Spec") or {}).get("Labels") or {})) is not None}
+            removed = set()
             for untracked in found.values():
                 name = str((untracked.get("Spec") or {}).get("Name") or "").removeprefix(CONTAINER_PREFIX)
-                if seen.current(name):
-                    await self._adopt_or_remove_service(untracked, "resync")
+                if not seen.current(name):
+                    continue
+                async with self._each(f"Swarm service {untracked['ID'][:12]} ({name})"):
+                    if gone := await self._adopt_or_remove_service(untracked, "resync", seen):
+                        removed.add(gone)
+        self._table.settle(attempts, removed)
         services = self._table.services()
         tasks = await self._swarm.tasks([s.container_id for s in services])
         for service in services:
             if not self._table.busy(service.spec.name):
-                await self._follow_tasks(service, [t for t in tasks
-                                                   if t.get("ServiceID") == service.container_id],
-                                         updated_at.get(service.container_id, 0.0))
+                async with self._each(service.spec.name):
+                    await self._follow_tasks(service, [t for t in tasks
+                                                       if t.get("ServiceID") == service.container_id],
+                                             updated_at.get(service.container_id, 0.0))
         tracked = {s.container_id for s in services}
         self._running_task = {k: v for k, v in self._running_task.items() if k in tracked}
         self._crashed_since &= tracked
@@ -133,25 +148,28 @@ class SwarmReconciler(Reconciler):
         """Status, crashes and restarts from its tasks; placed again when its node is lost,
         or when its port is taken there (by tasks of its current spec: since `updated_at`)."""
         name, service_id = service.spec.name, service.container_id
-        node = self._runtime.node_named(service.node_name)
+        node = self._runtime.nodes.get(service.node_id or "")
         now = time.monotonic()
         down_for = now - self._down_since.get(node.id, now) if node is not None else float("inf")
         latest = latest_task(tasks)
-        port_taken = any(_port_error(t) for t in tasks
+        port_taken = any(port_error(t) for t in tasks
                          if (parse_docker_time(t.get("CreatedAt")) or 0.0) >= updated_at)
         if service.status == "pending" or down_for > self._node_grace_s or port_taken:
             why = "pending" if service.status == "pending" else "port_taken" if port_taken else "node_down"
             async with self._table.locked(name):
-                await self._runtime.place_again(service, why)
+                # The record may have been stopped and deployed anew while the lock was awaited.
+                if self._table.get(name) is service and service.container_id == service_id:
+                    await self._runtime.place_again(service, why)
             return
         for task in tasks:  # the task that failed may already have a successor: look at all
             state = (task.get("Status") or {}).get("State")
             if state in CRASHED_TASK_STATES and task["ID"] not in self._reported_crashes \
-                    and not _port_error(task):
+                    and not port_error(task):
                 self._reported_crashes.add(task["ID"])
                 self._crashed_since.add(service_id)
-                service.exit_code = _exit_code(task)
-                self._events.emit("crashed", name, exit_code=service.exit_code, node=service.node_name)
+                service.exit_code = exit_code(task)
+                self._events.emit("crashed", name, exit_code=service.exit_code, node=service.node_name,
+                                  node_id=service.node_id)
         if latest is None:
             return
         state = (latest.get("Status") or {}).get("State")
@@ -161,7 +179,7 @@ class SwarmReconciler(Reconciler):
                 service.restarts += 1
                 service.started_at = time.time()
                 self._events.emit("restarted", name, "engine", restarts=service.restarts,
-                                  node=service.node_name)
+                                  node=service.node_name, node_id=service.node_id)
             self._running_task[service_id] = latest["ID"]
             if service.status not in LIVE_STATUSES:
                 self._table.set_status(service, "starting")

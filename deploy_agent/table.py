@@ -18,7 +18,7 @@ import attrs
 
 from deploy_agent.errors import LeaseNotFound, ServiceNotFound
 from deploy_agent.gpus import Assignment, GpuPool
-from deploy_agent.models import Lease, Service, Status
+from deploy_agent.models import Lease, Owner, Service, Status
 from deploy_agent.ports import NodePorts
 from deploy_agent.state import Abandoned, SavedState, StateFile
 
@@ -144,22 +144,36 @@ class ServiceTable:
         return True
 
     def adopt(self, service: Service) -> None:
-        """Track a service found running at start-up or by a resync, with its reservations."""
+        """Track a service found running at start-up or by a resync, with its reservations
+        (none for a pending one: it runs nowhere). A record it replaces lets go of its own."""
+        previous = self._services.get(service.spec.name)
+        if previous is not None and previous is not service:
+            self.release(previous)
         self.track(service)
-        self._ports.on(service.node_name).claim(service.host_port)
+        if service.status == "pending":
+            return
+        self._ports.on(service.node_id).claim(service.owner, service.host_port)
         if service.gpu is not None:
-            self._gpus.claim(service.spec.name, service.gpu, service.spec.vram_gb, service.node_name)
+            self._gpus.claim(service.owner, service.gpu, service.spec.vram_gb, service.node_id)
 
     def set_status(self, service: Service, status: Status, reason: str | None = None) -> None:
         """What a background pass saw of it (and why it waits, when pending)."""
         service.status = status
         service.reason = reason
 
-    def relocate(self, service: Service, *, node_name: str, node_addr: str, host_port: int,
-                 gpu: int | None) -> None:
-        """It was placed again (its node was lost); the new port and GPU are reserved already."""
-        service.node_name, service.node_addr = node_name, node_addr
-        service.host_port, service.gpu = host_port, gpu
+    def relocate(self, service: Service, owner: Owner, *, node_id: str, node_name: str,
+                 node_addr: str, host_port: int, gpu: int | None) -> None:
+        """It was placed again: `owner` holds the new port and GPU already; the old
+        reservations are released here, after the new ones are held."""
+        self.release(service)
+        service.node_id, service.node_name, service.node_addr = node_id, node_name, node_addr
+        service.host_port, service.gpu, service.attempt = host_port, gpu, owner.attempt
+        self._bump(service.spec.name)
+
+    def park(self, service: Service, reason: str) -> None:
+        """It runs nowhere now (pending, scaled to nothing): it lets go of its port and GPU."""
+        self.release(service)
+        self.set_status(service, "pending", reason)
         self._bump(service.spec.name)
 
     def pin(self, service: Service) -> None:
@@ -172,30 +186,47 @@ class ServiceTable:
         """Drop a record whose container is gone, releasing what it held."""
         if not self.untrack(service):
             return False
-        self.release_gpu(service.spec.name)
-        self.release_port(service.host_port, service.node_name)
+        self.release(service)
         return True
 
     # -- reservations --------------------------------------------------------------------
+    # Each is held by an Owner (a name and one deploy of it); a release names its owner and
+    # frees only what that owner holds.
 
-    def reserve_gpu(self, name: str, vram_gb: float) -> Assignment:
+    def reserve_gpu(self, owner: Owner, vram_gb: float, freeing: Owner | None = None) -> Assignment:
         """Place on a GPU now, with no await: NoGpu / NoGpuCapacity when nothing fits."""
-        return self._gpus.reserve(name, vram_gb)
+        return self._gpus.reserve(owner, vram_gb, freeing)
 
-    async def reserve_port(self, preferred: int, published: set[int],
+    async def reserve_port(self, owner: Owner, preferred: int, published: set[int],
                            refused: frozenset[int] = frozenset(), node: str | None = None) -> int:
-        return await self._ports.on(node).reserve(preferred, published, refused)
+        """A host port on `node` (an ID; None: this node) for `owner`: NoPortAvailable when none."""
+        return await self._ports.on(node).reserve(owner, preferred, published, refused)
 
     async def free_port(self, preferred: int, published: set[int], freed: set[int],
                         node: str | None = None) -> int:
         """The host port a deploy would get now; nothing is reserved."""
         return await self._ports.on(node).first_free(preferred, published, freed)
 
-    def release_gpu(self, name: str) -> None:
-        self._gpus.release(name)
+    def release_gpu(self, owner: Owner) -> None:
+        self._gpus.release(owner)
 
-    def release_port(self, host_port: int, node: str | None = None) -> None:
-        self._ports.on(node).release(host_port)
+    def release_port(self, owner: Owner, host_port: int, node: str | None = None) -> None:
+        self._ports.on(node).release(owner, host_port)
+
+    def release(self, service: Service) -> None:
+        """Let go of the port and GPU the service's current owner holds (none when pending)."""
+        if service.status == "pending":
+            return
+        self._ports.on(service.node_id).release(service.owner, service.host_port)
+        if service.gpu is not None:
+            self._gpus.release(service.owner)
+
+    def refuse_port(self, host_port: int, node: str | None = None) -> None:
+        """The engine refused this port on `node`: it isn't offered there again for a while."""
+        self._ports.on(node).refuse(host_port)
+
+    def port_holder(self, host_port: int, node: str | None = None) -> Owner | None:
+        return self._ports.on(node).holder(host_port)
 
     async def refresh_gpus(self) -> None:
         """Re-read the GPUs, telling the pool which containers are the agent's own."""

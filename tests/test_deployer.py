@@ -22,6 +22,7 @@ from deploy_agent.errors import AgentError, EngineError, EngineUnavailable
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import FakeGpus, GpuPool
 from deploy_agent.local import LocalRuntime
+from deploy_agent.models import Owner
 from deploy_agent.ports import NodePorts
 from deploy_agent.probe import HealthProbe
 from deploy_agent.state import SavedState, StateFile
@@ -71,8 +72,8 @@ def request(name: str = "svc", **body: Any) -> Any:
 
 async def assert_everything_released(table: ServiceTable) -> None:
     assert table.services() == []
-    assert await table.reserve_port(PORTS[0], set()) == PORTS[0]
-    assert table.reserve_gpu("probe", 24).index == 0
+    assert await table.reserve_port(Owner("probe", "t"), PORTS[0], set()) == PORTS[0]
+    assert table.reserve_gpu(Owner("probe", "t"), 24).index == 0
 
 
 class TestRollback:

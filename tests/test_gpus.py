@@ -26,6 +26,7 @@ from deploy_agent.gpus import (
     overuse_margin_gb,
     parse_fake_gpus,
 )
+from deploy_agent.models import Owner
 
 
 class StaticGpus:
@@ -64,29 +65,29 @@ class TestPlacement:
 
     async def test_lowest_committed_fraction_wins(self) -> None:
         pool = await pool_of(reading(0), reading(1))
-        assert [pool.reserve(f"s{i}", 8).index for i in range(4)] == [0, 1, 0, 1]
+        assert [pool.reserve(Owner(f"s{i}", "t"), 8).index for i in range(4)] == [0, 1, 0, 1]
 
     async def test_fraction_not_absolute_free(self) -> None:
         pool = await pool_of(reading(0, total=80), reading(1, total=24))
-        pool.reserve("big", 40)  # GPU 0: 50% committed, 40 GB free
-        assert pool.reserve("next", 8).index == 1  # 0% committed beats 40 GB free
+        pool.reserve(Owner("big", "t"), 40)  # GPU 0: 50% committed, 40 GB free
+        assert pool.reserve(Owner("next", "t"), 8).index == 1  # 0% committed beats 40 GB free
 
     async def test_tie_goes_to_fewer_services(self) -> None:
         pool = await pool_of(reading(0, total=24), reading(1, total=48))
-        pool.claim("a", 0, 6)
-        pool.claim("b", 0, 6)  # GPU 0: 50%, 2 services
-        pool.claim("c", 1, 24)  # GPU 1: 50%, 1 service
-        assert pool.reserve("d", 1).index == 1
+        pool.claim(Owner("a", "t"), 0, 6)
+        pool.claim(Owner("b", "t"), 0, 6)  # GPU 0: 50%, 2 services
+        pool.claim(Owner("c", "t"), 1, 24)  # GPU 1: 50%, 1 service
+        assert pool.reserve(Owner("d", "t"), 1).index == 1
 
     async def test_tie_goes_to_lower_index(self) -> None:
         pool = await pool_of(reading(0), reading(1))
-        assert pool.reserve("a", 0).index == 0
+        assert pool.reserve(Owner("a", "t"), 0).index == 0
 
     async def test_no_fit_is_503_listing_free_per_gpu(self) -> None:
         pool = await pool_of(reading(0), reading(1))
-        pool.reserve("a", 20)
+        pool.reserve(Owner("a", "t"), 20)
         with pytest.raises(NoGpuCapacity) as caught:
-            pool.reserve("b", 30)
+            pool.reserve(Owner("b", "t"), 30)
         assert caught.value.status == 503
         assert "GPU 0 (RTX 4090) has 4.0 GB free" in caught.value.message
         assert "GPU 1 (RTX 4090) has 24.0 GB free" in caught.value.message
@@ -98,14 +99,14 @@ class TestPlacement:
 
     async def test_release_frees_the_reservation(self) -> None:
         pool = await pool_of(reading(0))
-        pool.reserve("a", 24)
-        pool.release("a")
-        assert pool.reserve("b", 24).index == 0
+        pool.reserve(Owner("a", "t"), 24)
+        pool.release(Owner("a", "t"))
+        assert pool.reserve(Owner("b", "t"), 24).index == 0
 
     async def test_claimed_reservation_counts(self) -> None:
         pool = await pool_of(reading(0), reading(1))
-        pool.claim("adopted", 0, 20)
-        assert pool.reserve("new", 8).index == 1
+        pool.claim(Owner("adopted", "t"), 0, 20)
+        assert pool.reserve(Owner("new", "t"), 8).index == 1
         assert pool.views()[0].services == ["adopted"]
 
 
@@ -116,28 +117,28 @@ class TestAccounting:
         mine, theirs = "a" * 64, "b" * 64
         processes = (GpuProcess(1, 6, mine), GpuProcess(2, 10, theirs), GpuProcess(3, 2, None))
         pool = await pool_of(reading(0, used=18, processes=processes), agent={"svc": mine})
-        pool.claim("svc", 0, 8)
+        pool.claim(Owner("svc", "t"), 0, 8)
         view = pool.views()[0]
         assert (view.vram_foreign_gb, view.vram_committed_gb) == (12, 8 + 12)
         assert view.vram_free_gb == 24 - 8 - 12
 
     async def test_without_process_info_foreign_is_used_minus_reserved(self) -> None:
         pool = await pool_of(reading(0, used=10, processes=None))
-        pool.claim("svc", 0, 8)
+        pool.claim(Owner("svc", "t"), 0, 8)
         assert pool.views()[0].vram_foreign_gb == 2
-        pool.claim("svc", 0, 16)
+        pool.claim(Owner("svc", "t"), 0, 16)
         assert pool.views()[0].vram_foreign_gb == 0  # never below zero
         assert pool.views()[0].service_vram[0].used_gb is None  # unknown, not 0
 
     async def test_foreign_use_steers_placement(self) -> None:
         pool = await pool_of(reading(0, used=20, processes=(GpuProcess(9, 20, None),)), reading(1))
-        assert pool.reserve("a", 2).index == 1
+        assert pool.reserve(Owner("a", "t"), 2).index == 1
         with pytest.raises(NoGpuCapacity):
-            pool.reserve("b", 23)
+            pool.reserve(Owner("b", "t"), 23)
 
     async def test_views(self) -> None:
         pool = await pool_of(reading(0, used=3, processes=(GpuProcess(9, 3, None),)))
-        pool.reserve("svc", 8)
+        pool.reserve(Owner("svc", "t"), 8)
         view = pool.views()[0]
         assert (view.id, view.vram_total_gb, view.vram_used_gb) == (0, 24, 3)
         assert (view.vram_reserved_gb, view.vram_free_gb, view.services) == (8, 13, ["svc"])
@@ -150,17 +151,17 @@ class TestObservedMemory:
         big, small = "b" * 64, "s" * 64
         pool = await pool_of(reading(0, used=18, processes=(GpuProcess(1, 18, big),)), reading(1),
                              agent={"big": big, "small": small})
-        pool.claim("big", 0, 6)  # declared 6, uses 18: GPU 0 has 6 GB really free
+        pool.claim(Owner("big", "t"), 0, 6)  # declared 6, uses 18: GPU 0 has 6 GB really free
         view = pool.views()[0]
         assert (view.vram_reserved_gb, view.vram_committed_gb, view.vram_free_gb) == (6, 18, 6)
         assert view.service_vram[0] == ServiceVram("big", 6, 18)
         assert pool.observed_gb("big") == 18 and pool.observed_gb("small") == 0
-        assert pool.reserve("next", 7).index == 1  # where there really is room
+        assert pool.reserve(Owner("next", "t"), 7).index == 1  # where there really is room
 
     async def test_service_below_its_declaration_commits_the_declaration(self) -> None:
         mine = "m" * 64
         pool = await pool_of(reading(0, used=2, processes=(GpuProcess(1, 2, mine),)), agent={"a": mine})
-        pool.claim("a", 0, 10)
+        pool.claim(Owner("a", "t"), 0, 10)
         assert pool.views()[0].vram_committed_gb == 10
 
     async def test_memory_of_a_gone_container_counts_until_released(self) -> None:
@@ -168,22 +169,22 @@ class TestObservedMemory:
         pool = await pool_of(reading(0, used=18, processes=(GpuProcess(1, 18, gone),)))
         assert pool.views()[0].vram_foreign_gb == 18
         with pytest.raises(NoGpuCapacity):
-            pool.reserve("next", 7)
+            pool.reserve(Owner("next", "t"), 7)
 
     async def test_fake_gpus_observe_nothing(self) -> None:
         pool = GpuPool(FakeGpus("RTX 4090:24"))
         await pool.refresh({"a": "a" * 64})
-        pool.claim("a", 0, 8)
+        pool.claim(Owner("a", "t"), 0, 8)
         assert pool.observed_gb("a") is None and pool.views()[0].service_vram[0].used_gb is None
 
     async def test_dry_placement_reserves_nothing_and_frees_a_replaced_service(self) -> None:
         old = "o" * 64
         pool = await pool_of(reading(0, used=20, processes=(GpuProcess(1, 20, old),)),
                              agent={"svc": old})
-        pool.claim("svc", 0, 16)
+        pool.claim(Owner("svc", "t"), 0, 16)
         with pytest.raises(NoGpuCapacity):
             pool.place(10)
-        assert pool.place(10, freeing="svc").index == 0  # its reservation and memory go first
+        assert pool.place(10, freeing=Owner("svc", "t")).index == 0  # its reservation and memory go first
         assert pool.views()[0].services == ["svc"] and pool.views()[0].vram_committed_gb == 20
 
 
@@ -195,7 +196,7 @@ class TestOveruse:
         gpus = StaticGpus([reading(0, processes=(GpuProcess(1, 9, mine),))])
         pool = GpuPool(gpus)
         await pool.refresh({"a": mine})
-        pool.claim("a", 0, 8)  # 8 + max(0.5, 0.8) = 8.8 allowed; 9 is over
+        pool.claim(Owner("a", "t"), 0, 8)  # 8 + max(0.5, 0.8) = 8.8 allowed; 9 is over
         for expected in (set(), set(), {"a"}):
             await pool.refresh({"a": mine})
             pool.tally_overuse()
@@ -209,7 +210,7 @@ class TestOveruse:
         mine = "m" * 64
         gpus = StaticGpus([reading(0, processes=(GpuProcess(1, 20, mine),))])
         pool = GpuPool(gpus)
-        pool.claim("a", 0, 4)
+        pool.claim(Owner("a", "t"), 0, 4)
         for used in (20, 20, 3, 20, 20):
             gpus.readings = [reading(0, processes=(GpuProcess(1, used, mine),))]
             await pool.refresh({"a": mine})
@@ -220,7 +221,7 @@ class TestOveruse:
         """Deploys and dry runs read the GPUs too: however many, they are not periodic readings."""
         mine = "m" * 64
         pool = GpuPool(StaticGpus([reading(0, processes=(GpuProcess(1, 20, mine),))]))
-        pool.claim("a", 0, 4)
+        pool.claim(Owner("a", "t"), 0, 4)
         for _ in range(OVERUSE_READINGS + 2):
             await pool.refresh({"a": mine})
         assert pool.over == set()
@@ -252,15 +253,15 @@ class TestNeverOverCommits:
         for action, name, vram in ops:
             if action in ("deploy", "fail") and name not in running:
                 try:
-                    pool.reserve(name, vram)
+                    pool.reserve(Owner(name, "t"), vram)
                 except NoGpuCapacity:
                     continue
                 if action == "fail":
-                    pool.release(name)
+                    pool.release(Owner(name, "t"))
                 else:
                     running.add(name)
             elif action == "stop":
-                pool.release(name)
+                pool.release(Owner(name, "t"))
                 running.discard(name)
             for r in pool._readings:
                 assert pool.reserved_gb(r.index) <= r.total_gb + 1e-9
@@ -282,15 +283,15 @@ class TestFakeGpus:
     async def test_fake_handoff_is_env_only(self) -> None:
         pool = GpuPool(FakeGpus("RTX 4090:24,RTX 4090:24"))
         await pool.refresh({})
-        pool.reserve("a", 20)
-        env, requests = pool.handoff(pool.reserve("b", 8))
+        pool.reserve(Owner("a", "t"), 20)
+        env, requests = pool.handoff(pool.reserve(Owner("b", "t"), 8))
         assert (env, requests) == ({"NVIDIA_VISIBLE_DEVICES": "1"}, [])
         assert pool.views()[1].vram_used_gb == 8  # simulated use is what was declared
 
     async def test_nvml_handoff_is_a_device_request_by_uuid(self) -> None:
         pool = await pool_of(reading(0), reading(1))
-        pool.reserve("a", 20)
-        env, requests = pool.handoff(pool.reserve("b", 8))
+        pool.reserve(Owner("a", "t"), 20)
+        env, requests = pool.handoff(pool.reserve(Owner("b", "t"), 8))
         assert env == {}
         assert requests == [{"Driver": "", "Count": 0, "DeviceIDs": ["GPU-1"],
                              "Capabilities": [["gpu"]], "Options": {}}]

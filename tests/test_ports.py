@@ -8,6 +8,9 @@ import pytest
 
 from deploy_agent.errors import NoPortAvailable
 from deploy_agent.ports import PortAllocator, bound_on_host
+from deploy_agent.models import Owner
+
+OWNER = Owner("svc", "attempt")
 
 
 @pytest.fixture
@@ -29,45 +32,45 @@ class TestPortAllocator:
     """Reservations never collide with each other, published ports, or bound sockets."""
 
     async def test_preferred_port_when_free(self) -> None:
-        assert await PortAllocator((29200, 29210)).reserve(29205, set()) == 29205
+        assert await PortAllocator((29200, 29210)).reserve(OWNER, 29205, set()) == 29205
 
     async def test_reserved_port_goes_to_the_next(self) -> None:
         ports = PortAllocator((29200, 29210))
-        assert [await ports.reserve(29205, set()) for _ in range(3)] == [29205, 29206, 29207]
+        assert [await ports.reserve(OWNER, 29205, set()) for _ in range(3)] == [29205, 29206, 29207]
 
     async def test_published_port_is_skipped(self) -> None:
-        assert await PortAllocator((29200, 29210)).reserve(29205, {29205, 29206}) == 29207
+        assert await PortAllocator((29200, 29210)).reserve(OWNER, 29205, {29205, 29206}) == 29207
 
     async def test_port_bound_on_host_is_skipped(self, listener: socket.socket) -> None:
         port = listener.getsockname()[1]
         with listener:
             assert bound_on_host(port)
-            assert await PortAllocator((port, port + 5)).reserve(port, set()) == port + 1
+            assert await PortAllocator((port, port + 5)).reserve(OWNER, port, set()) == port + 1
         assert not bound_on_host(port)
 
     async def test_wraps_to_the_start_of_the_range(self) -> None:
         ports = PortAllocator((29200, 29202))
-        assert [await ports.reserve(29202, set()) for _ in range(3)] == [29202, 29200, 29201]
+        assert [await ports.reserve(OWNER, 29202, set()) for _ in range(3)] == [29202, 29200, 29201]
 
     async def test_preferred_outside_range_starts_at_range_low(self) -> None:
-        assert await PortAllocator((29200, 29210)).reserve(80, set()) == 29200
+        assert await PortAllocator((29200, 29210)).reserve(OWNER, 80, set()) == 29200
 
     async def test_refused_ports_are_skipped(self) -> None:
-        assert await PortAllocator((29200, 29210)).reserve(29200, set(), frozenset({29200})) == 29201
+        assert await PortAllocator((29200, 29210)).reserve(OWNER, 29200, set(), frozenset({29200})) == 29201
 
     async def test_exhausted_range_is_503(self) -> None:
         ports = PortAllocator((29200, 29201))
-        await ports.reserve(29200, set())
-        await ports.reserve(29200, set())
+        await ports.reserve(OWNER, 29200, set())
+        await ports.reserve(OWNER, 29200, set())
         with pytest.raises(NoPortAvailable) as caught:
-            await ports.reserve(29200, set())
+            await ports.reserve(OWNER, 29200, set())
         assert caught.value.status == 503
 
     async def test_release_frees_the_port(self) -> None:
         ports = PortAllocator((29200, 29210))
-        port = await ports.reserve(29200, set())
-        ports.release(port)
-        assert await ports.reserve(29200, set()) == port
+        port = await ports.reserve(OWNER, 29200, set())
+        ports.release(OWNER, port)
+        assert await ports.reserve(OWNER, 29200, set()) == port
 
 
 class TestOffTheLoop:
@@ -91,7 +94,7 @@ class TestOffTheLoop:
                 gaps.append(loop.time() - before)
 
         ticker = asyncio.create_task(tick())
-        port = await PortAllocator((29200, 29210), probe=slow_probe).reserve(29200, set())
+        port = await PortAllocator((29200, 29210), probe=slow_probe).reserve(OWNER, 29200, set())
         ticker.cancel()
         assert port == 29205
         assert max(gaps) < 0.08, max(gaps)  # on the loop, each probe would stall it 0.1 s
@@ -106,8 +109,8 @@ class TestNodePorts:
         port = listener.getsockname()[1]
         with listener:
             remote = NodePorts((port, port + 5), remote=True)
-            assert await remote.on("node-a").reserve(port, set()) == port  # bound here, not there
-            assert await remote.on("node-b").reserve(port, set()) == port
-            assert await remote.on("node-a").reserve(port, set()) == port + 1
+            assert await remote.on("node-a").reserve(OWNER, port, set()) == port  # bound here, not there
+            assert await remote.on("node-b").reserve(OWNER, port, set()) == port
+            assert await remote.on("node-a").reserve(OWNER, port, set()) == port + 1
             local = NodePorts((port, port + 5))
-            assert await local.on(None).reserve(port, set()) == port + 1
+            assert await local.on(None).reserve(OWNER, port, set()) == port + 1

@@ -141,6 +141,58 @@ class TestOnTheNodes:
             for node, container in zip(NODES, squatters, strict=True):
                 lab.docker(node, "rm", "-f", container)
 
+    def test_a_port_taken_on_restart_moves_once(self, lab: SwarmLab, agents: Any) -> None:
+        """A squatter takes the port while the task restarts: placed again on another port of
+        that node, once; the refused port is not offered there again at once."""
+        agent = agents()
+        status, answer = deploy(agent, "t-squat")
+        assert status == 200, answer
+        taken = answer["port"]
+        node = next(n for n in NODES if answer["host"].startswith(f"http://{lab.addr(n)}:"))
+        node_id = get_json(agent.url + "/services/t-squat")["node_id"]
+        container = lab.docker(node, "ps", "-q", "--filter",
+                               "label=com.docker.swarm.service.name=tidybot-t-squat").stdout.split()[0]
+        lab.docker(node, "kill", container)  # Swarm starts it again after its 1 s restart delay
+        squatter = lab.docker(node, "run", "-d", "-p", f"{taken}:8000", TEST_IMAGE).stdout.strip()
+        try:
+            def moved() -> bool:
+                found = get_json(agent.url + "/services/t-squat")
+                return found["port"] != taken and found["status"] == "healthy"
+
+            wait_until(moved, timeout=60)
+            time.sleep(2)  # a few resyncs more: it must stay where it is
+            found = get_json(agent.url + "/services/t-squat")
+            assert found["node_id"] == node_id and answers(found["host"]), found
+            moves = [e for e in get_json(agent.url + "/events")
+                     if e["service"] == "t-squat" and e["kind"] == "rescheduled"]
+            assert [(e["reason"], e["details"]["port"]) for e in moves] == [("port_taken", found["port"])]
+        finally:
+            lab.docker(node, "rm", "-f", squatter)
+
+    def test_a_replace_never_runs_old_and_new_at_once(self, lab: SwarmLab, agents: Any) -> None:
+        """A GPU service filling its GPU, replaced: its task is gone before the new one starts."""
+        agent = agents("--stop-timeout", "3")
+        stubborn = ["sh", "-c", "trap '' TERM; exec httpd -f -p 8000 -h /www"]  # killed after the grace
+        since = str(int(time.time()) - 1)
+        status, first = deploy(agent, "t-swap", gpu=True, vram_gb=24, env={"V": "1"}, command=stubborn)
+        assert status == 200, first
+        status, second = deploy(agent, "t-swap", gpu=True, vram_gb=24, env={"V": "2"}, replace=True,
+                                command=stubborn)
+        assert status == 200, second
+        label = "label=com.docker.swarm.service.name=tidybot-t-swap"
+        running = [c for n in NODES for c in lab.docker(n, "ps", "-q", "--filter", label).stdout.split()]
+        assert len(running) == 1, running  # the new one only: the old one is gone already
+        until = str(int(time.time()) + 1)
+        actions = sorted((int(stamp), action) for n in NODES for stamp, action in (
+            line.split() for line in lab.docker(
+                n, "events", "--since", since, "--until", until, "--filter", "type=container",
+                "--filter", label, "--format", "{{.TimeNano}} {{.Action}}").stdout.splitlines()
+            if line.strip()))
+        died = [stamp for stamp, action in actions if action == "die"]
+        created = [stamp for stamp, action in actions if action == "create"]
+        assert died and len(created) >= 2, actions
+        assert died[0] < created[-1], actions  # the old one died before the new one was created
+
     def test_a_crash_on_a_node_is_an_event(self, lab: SwarmLab, agents: Any) -> None:
         agent = agents()
         status, answer = deploy(agent, "t-crash")
@@ -256,6 +308,26 @@ class TestNodeLoss:
                        .get(waiting) == "healthy", timeout=30)
             kinds = [(e["kind"], e["service"]) for e in get_json(agent.url + "/events")]
             assert ("pending", waiting) in kinds and ("rescheduled", waiting) in kinds
+            assert kinds.count(("pending", waiting)) == 1  # not once per resync
+
+    def test_pending_runs_nowhere(self, tmp_path: Path, test_image: str) -> None:
+        """Pending, it is scaled to 0 replicas: a node that comes back doesn't start it
+        outside the agent's books, and it holds no port or GPU meanwhile."""
+        with self.losing_a_node(tmp_path, test_image, gpus_per_node=1) as (lab, agent):
+            for i in range(2):
+                assert deploy(agent, f"t-park-{i}", gpu=True, vram_gb=20)[0] == 200
+            lab.kill("worker")
+
+            def pending() -> list[str]:
+                return [s["name"] for s in get_json(agent.url + "/services") if s["status"] == "pending"]
+
+            [waiting] = wait_until_value(pending, timeout=60)
+            replicas = lab.docker("manager", "service", "inspect", f"tidybot-{waiting}", "--format",
+                                  "{{.Spec.Mode.Replicated.Replicas}}").stdout.strip()
+            assert replicas == "0"
+            gpus = get_json(agent.url + "/gpus")
+            assert sum(g["vram_reserved_gb"] for g in gpus) == 20  # only the one that runs
+            assert all(g["node_id"] for g in gpus)
 
 
 def wait_until_value(check: Callable[[], list[str]], timeout: float) -> list[str]:

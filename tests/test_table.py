@@ -11,7 +11,7 @@ import pytest
 from deploy_agent.convert import make_converter
 from deploy_agent.errors import NoGpuCapacity
 from deploy_agent.gpus import FakeGpus, GpuPool
-from deploy_agent.models import DeploySpec, Service
+from deploy_agent.models import DeploySpec, Owner, Service
 from deploy_agent.ports import NodePorts
 from deploy_agent.state import StateFile
 from deploy_agent.table import ServiceTable
@@ -113,20 +113,20 @@ class TestReservations:
 
     async def test_adopt_claims_port_and_gpu(self, table: ServiceTable) -> None:
         table.adopt(service("a", 29300, gpu=0, vram_gb=20))
-        assert await table.reserve_port(29300, set()) == 29301
+        assert await table.reserve_port(Owner("probe", "t"), 29300, set()) == 29301
         with pytest.raises(NoGpuCapacity):
-            table.reserve_gpu("b", 8)
+            table.reserve_gpu(Owner("b", "t"), 8)
 
     async def test_forget_releases_both(self, table: ServiceTable) -> None:
         record = service("a", 29300, gpu=0, vram_gb=20)
         table.adopt(record)
         assert table.forget(record)
         assert not table.forget(record)  # already gone: nothing released twice
-        assert await table.reserve_port(29300, set()) == 29300
-        assert table.reserve_gpu("b", 24).index == 0
+        assert await table.reserve_port(Owner("probe", "t"), 29300, set()) == 29300
+        assert table.reserve_gpu(Owner("b", "t"), 24).index == 0
 
     async def test_concurrent_port_reservations_never_collide(self, table: ServiceTable) -> None:
-        ports = await asyncio.gather(*(table.reserve_port(29300, set()) for _ in range(11)))
+        ports = await asyncio.gather(*(table.reserve_port(Owner("probe", "t"), 29300, set()) for _ in range(11)))
         assert sorted(ports) == list(range(29300, 29311))
 
 
@@ -145,7 +145,7 @@ class TestStateFile:
         assert table.state_error is not None and table.state_write_failures == 1
         assert table.get("a") is not None
         with pytest.raises(NoGpuCapacity):
-            table.reserve_gpu("b", 8)
+            table.reserve_gpu(Owner("b", "t"), 8)
         (state_dir / ".services.json.tmp").rmdir()
         await table.persist_if_dirty()
         assert table.state_error is None

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.agent_process import AgentProcess, post_json
+from tests.agent_process import AgentProcess, get_json, post_json
 from tests.conftest import TEST_IMAGE, remove_test_containers
 from tests.test_api_docker import test_containers
 
@@ -180,3 +181,51 @@ class TestGracefulShutdown:
     def test_sigint_exits_0(self, agent: AgentProcess) -> None:
         assert agent.stop(signal.SIGINT) == 0
         assert (agent.state_dir / "services.json").exists()
+
+
+class TestEngineRefusals:
+    """One container the engine can't remove is that container's problem, not "engine lost"."""
+
+    def test_an_unremovable_container_never_flaps_engine_lost(self, agent: AgentProcess) -> None:
+        deploy(agent, "t-fine")
+        agent.stop()
+        attempt = "stuck-attempt"
+        document = state_document(agent)
+        document["abandoned"].append({"attempt": attempt, "name": "t-stuck", "since": time.time()})
+        (agent.state_dir / "services.json").write_text(json.dumps(document))
+        spec = json.dumps({"name": "t-stuck", "image": TEST_IMAGE})
+        container = subprocess.run(
+            ["docker", "create", "--name", "tidybot-t-stuck", "--label",
+             f"tidybot.deploy-agent=test-{agent.port}", "--label", f"tidybot.attempt={attempt}",
+             "--label", f"tidybot.spec={spec}", "--label", "tidybot.host-port=28599", TEST_IMAGE],
+            capture_output=True, text=True, check=True).stdout.strip()
+        upper = Path(subprocess.run(["docker", "inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", container],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        stuck = upper / "stuck"
+        stuck.touch()
+        subprocess.run(["chattr", "+i", str(stuck)], check=True)  # the engine can't remove it now
+        try:
+            agent.start()
+            resyncs = metric(agent, "deploy_agent_resyncs_total")
+            wait_until(lambda: metric(agent, "deploy_agent_resyncs_total") >= resyncs + 4, timeout=15)
+            kinds = {e["kind"] for e in get_json(agent.url + "/events")}
+            assert not {"engine_lost", "engine_back"} & kinds
+            health = get_json(agent.url + "/health")
+            [refused] = [w for w in health["warnings"] if w["code"] == "engine_refused"]
+            assert container[:12] in refused["message"] and health["engine"] == "reachable"
+            assert metric(agent, "deploy_agent_resync_refusals_total") >= 4  # retried every pass
+            assert get_json(agent.url + "/services/t-fine")["status"] == "healthy"  # still probed
+            assert deploy(agent, "t-after")["status"] == "healthy"
+        finally:
+            subprocess.run(["chattr", "-i", str(stuck)], check=True)
+        wait_until(lambda: not subprocess.run(["docker", "ps", "-aq", "--filter", f"id={container}"],
+                                              capture_output=True, text=True).stdout.strip(), timeout=15)
+        wait_until(lambda: not [w for w in get_json(agent.url + "/health")["warnings"]
+                                if w["code"] == "engine_refused"], timeout=10)
+
+
+def metric(agent: AgentProcess, name: str) -> float:
+    """One unlabelled sample of the agent's /metrics."""
+    with urllib.request.urlopen(urllib.request.Request(agent.url + "/metrics"), timeout=5) as response:
+        text = response.read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))

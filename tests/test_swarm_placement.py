@@ -235,7 +235,7 @@ class TestPlacingAgain:
         assert waiting.status == "pending"
         lab.table.forget(blocker)
         await lab.runtime.place_again(waiting, "pending")
-        assert waiting.status == "rescheduling" and waiting.node_id == "n1"
+        assert (waiting.status, waiting.node_id) == ("rescheduling", "n1")
         assert lab.manager.replicas(waiting.container_id) == 1
         assert lab.manager.node_of(waiting.container_id) == "node.id==n1"
         assert ("rescheduled", "pending") in kinds(lab, "waiting")

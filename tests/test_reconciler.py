@@ -1,0 +1,90 @@
+"""The resync as logic: a pass that awaited the engine re-checks what it saw before it acts.
+
+The engine is a spec'd fake whose inspect() the test holds open, so a stop and a new
+deploy of the same name land exactly in the window between the listing and the adoption.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+from unittest.mock import AsyncMock, MagicMock
+
+from deploy_agent.convert import make_converter
+from deploy_agent.engine import Engine
+from deploy_agent.events import EventLog
+from deploy_agent.gpus import FakeGpus, GpuPool
+from deploy_agent.hostview import HostView
+from deploy_agent.models import DeploySpec, Owner, Service
+from deploy_agent.ports import NodePorts
+from deploy_agent.probe import HealthProbe
+from deploy_agent.reconciler import Reconciler
+from deploy_agent.state import StateFile, labels_for
+from deploy_agent.table import ServiceTable
+
+CONVERTER = make_converter()
+INSTANCE = "default"
+
+
+def spec() -> DeploySpec:
+    return CONVERTER.structure({"name": "a", "image": "img:1", "gpu": True, "vram_gb": 16}, DeploySpec)
+
+
+def container(container_id: str) -> dict[str, Any]:
+    labels = labels_for(CONVERTER, spec(), 29300, 0, INSTANCE, "old-attempt")
+    return {"Id": container_id, "Name": "/tidybot-a", "State": {"Running": True, "StartedAt": ""},
+            "Config": {"Labels": labels}, "Labels": labels}
+
+
+class TestIdentityRechecks:
+    """A stop and a redeploy during the pass's await: the new record and its GPU stay."""
+
+    async def test_adoption_after_a_redeploy_in_the_window_is_skipped(self, tmp_path: Path) -> None:
+        gpus = GpuPool(FakeGpus("RTX 4090:24"))
+        await gpus.refresh({})
+        table = ServiceTable(NodePorts((29300, 29310)), gpus, StateFile(tmp_path, CONVERTER))
+        engine = MagicMock(spec=Engine)
+        old = "1" * 64
+        summary = {"Id": old, "State": "running", "Labels": container(old)["Labels"]}
+        engine.list_managed = AsyncMock(return_value=[summary])
+        inspecting, go_on = asyncio.Event(), asyncio.Event()
+
+        async def inspect(name_or_id: str) -> dict[str, Any]:
+            inspecting.set()
+            await go_on.wait()
+            return container(name_or_id)
+
+        engine.inspect = AsyncMock(side_effect=inspect)
+        probe = MagicMock(spec=HealthProbe)
+        probe.healthy_all = AsyncMock(side_effect=lambda targets, timeout: [True] * len(targets))
+        reconciler = Reconciler(table, engine, probe, StateFile(tmp_path, CONVERTER), CONVERTER,
+                                EventLog(tmp_path), 5.0, INSTANCE, HostView())
+        reconciler._check_pids = AsyncMock()  # type: ignore[method-assign]  # no PID look here
+        resync = asyncio.create_task(reconciler.resync())
+        await inspecting.wait()
+        async with table.locked("a"):  # a deploy of "a" comes and goes while the pass waits
+            owner = Owner("a", "new-attempt")
+            table.reserve_gpu(owner, 16)
+            port = await table.reserve_port(owner, 29300, set())
+            table.track(Service(spec=spec(), container_id="2" * 64, host_port=port, gpu=0,
+                                attempt=owner.attempt, status="healthy"))
+        go_on.set()
+        await resync
+        record = table.service("a")
+        assert record.container_id == "2" * 64  # the pass did not adopt what it saw before
+        [view] = gpus.views()
+        assert view.vram_reserved_gb == 16 and view.services == ["a"]
+        assert table.port_holder(port) == owner
+
+    async def test_adopt_over_a_record_releases_what_it_held(self, tmp_path: Path) -> None:
+        gpus = GpuPool(FakeGpus("RTX 4090:24"))
+        await gpus.refresh({})
+        table = ServiceTable(NodePorts((29300, 29310)), gpus, StateFile(tmp_path, CONVERTER))
+        first = Service(spec=spec(), container_id="1" * 64, host_port=29300, gpu=0, attempt="one")
+        second = Service(spec=spec(), container_id="2" * 64, host_port=29301, gpu=0, attempt="two")
+        table.adopt(first)
+        table.adopt(second)
+        [view] = gpus.views()
+        assert view.vram_reserved_gb == 16  # not 32: the first let go when it was replaced
+        assert table.port_holder(29300) is None and table.port_holder(29301) == second.owner

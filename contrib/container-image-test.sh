@@ -68,7 +68,7 @@ docker logs "$AGENT" 2>&1 | grep -qF "$token" && { echo "the token is in the log
 auth=(-H "Authorization: Bearer $token")
 
 step "deploying a service through it"
-answer=$(curl -s "${auth[@]}" "$URL/deploy" -d '{"name": "t-container", "image": "deploy-agent-test/httpd:1"}')
+answer=$(curl -s "${auth[@]}" "$URL/deploy" -H 'Content-Type: application/json' -d '{"name": "t-container", "image": "deploy-agent-test/httpd:1"}')
 echo "$answer" | grep -Eq '"status": ?"healthy"' || { echo "$answer"; docker logs "$AGENT"; exit 1; }
 host=$(echo "$answer" | sed 's/.*"host": *"\([^"]*\)".*/\1/')
 curl -sf "$host/health" >/dev/null
@@ -78,6 +78,6 @@ curl -sf "$URL/health" | grep -Eq '"warnings": ?\[\]' \
   || { curl -s "$URL/health"; echo "warnings with --pid host"; exit 1; }
 
 step "stopping it"
-curl -sf "${auth[@]}" "$URL/stop" -d '{"name": "t-container"}' | grep -Eq '"ok": ?true'
+curl -sf "${auth[@]}" "$URL/stop" -H 'Content-Type: application/json' -d '{"name": "t-container"}' | grep -Eq '"ok": ?true'
 [ -z "$(docker ps -aq --filter name=^/tidybot-t-container$)" ] || { echo "service container left"; exit 1; }
 step "OK"

@@ -17,10 +17,11 @@ from aiohttp import ClientConnectionResetError, web
 from aiohttp.typedefs import Handler
 
 from deploy_agent import __version__
+from deploy_agent.browsers import JSON
 from deploy_agent.config import Config
 from deploy_agent.convert import parse_deploy_request, parse_renew_request, parse_stop_request
 from deploy_agent.deployer import Deployer, DeployOutcome
-from deploy_agent.errors import AgentError, InvalidRequest
+from deploy_agent.errors import AgentError, InvalidRequest, UnsupportedMediaType
 from deploy_agent.events import MEMORY_EVENTS, EventLog
 from deploy_agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from deploy_agent.metrics import AgentMetrics
@@ -116,7 +117,13 @@ def _allow_header(err: web.HTTPException) -> dict[str, str]:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The decoded body; 400 when it is not JSON, 413 (from aiohttp) when it is too large."""
+    """The decoded body; 415 unless it is declared JSON (a web page can send a "simple"
+    cross-site POST as text/plain, never as application/json), 400 when it is not JSON,
+    413 (from aiohttp) when it is too large."""
+    if request.content_type != JSON:
+        raise UnsupportedMediaType(
+            f"Send the body as 'Content-Type: {JSON}' (this request said "
+            f"{request.headers.get('Content-Type', 'nothing')!r}); nothing was done.")
     raw = await request.read()
     try:
         return json.loads(raw)

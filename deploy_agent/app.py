@@ -27,6 +27,7 @@ from deploy_agent.api import (
     error_middleware,
 )
 from deploy_agent.auth import auth_middleware
+from deploy_agent.browsers import host_middleware, own_host_names
 from deploy_agent.config import Config
 from deploy_agent.convert import make_converter
 from deploy_agent.deployer import Deployer
@@ -59,7 +60,7 @@ CONTROL_CONNECTIONS = 100
 def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
                gpus: GpuInventory | None = None) -> web.Application:
     """The aiohttp app; `docker` and `gpus` let tests hand in their own engine client and GPUs."""
-    middlewares: list[Middleware] = [error_middleware]
+    middlewares: list[Middleware] = [error_middleware, host_middleware(own_host_names(config))]
     if config.token is not None:
         middlewares.append(auth_middleware(config.token))
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)

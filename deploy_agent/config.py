@@ -81,6 +81,7 @@ class Config:
     swarm: bool = False
     node_grace_s: float = 30.0
     publish_host: str = ""  # all addresses
+    allow_host_headers: tuple[str, ...] = ()  # names besides the agent's own a Host may carry
 
     @property
     def auth(self) -> Literal["token", "off"]:
@@ -142,6 +143,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--publish-host", default=_env(environ, "publish_host", ""), metavar="ADDRESS",
         help="address service ports are published on (default: all); pinned to one, it is "
         "also the default --health-host and --advertise-host")
+    add("--allow-host-header", action="append", default=None, metavar="NAME",
+        help="a host name callers reach this agent by, besides localhost, the node's hostname "
+        "and --advertise-host; a request whose Host is any other name is refused, so a web "
+        "page can't reach the agent through DNS rebinding (repeatable; env: comma-separated)")
     add("--service-pids-limit", type=int, default=_env(environ, "service_pids_limit", "4096"),
         metavar="N", help="processes each service container may run (default: %(default)s)")
     add("--allow-image", action="append", default=None, metavar="PATTERN",
@@ -250,6 +255,9 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     images = args.allow_image
     if images is None:
         images = [p.strip() for p in (_env(environ, "allow_image") or "").split(",") if p.strip()]
+    host_headers = args.allow_host_header
+    if host_headers is None:
+        host_headers = [n.strip() for n in (_env(environ, "allow_host_header") or "").split(",") if n.strip()]
     pinned = args.publish_host if args.publish_host not in ("", "0.0.0.0", "::") else None
     token = read_token(args.token_file, _env(environ, "token"))
     if token is not None and args.no_auth:
@@ -283,6 +291,7 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         swarm=args.swarm,
         node_grace_s=args.node_grace,
         publish_host=args.publish_host,
+        allow_host_headers=tuple(host_headers),
         token=token,
     )
 

@@ -34,6 +34,20 @@ class Unauthorized(AgentError):
     code = "unauthorized"
 
 
+class HostNotAllowed(AgentError):
+    """The request's Host names a host that is not this agent's (DNS rebinding, say)."""
+
+    status = 403
+    code = "host_not_allowed"
+
+
+class UnsupportedMediaType(AgentError):
+    """A request body that is not declared `Content-Type: application/json`."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
 class ImageNotAllowed(AgentError):
     """The image does not match the node's --allow-image patterns."""
 

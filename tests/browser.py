@@ -29,12 +29,14 @@ def browser_available() -> bool:
     return Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()
 
 
-def chromium(profile: Path, width: int = 1280, height: int = 900) -> webdriver.Chrome:
-    """A headless Chromium with its console log kept, in a profile of its own."""
+def chromium(profile: Path, width: int = 1280, height: int = 900,
+             flags: tuple[str, ...] = ()) -> webdriver.Chrome:
+    """A headless Chromium with its console log kept, in a profile of its own (`flags`:
+    more command-line switches, e.g. a --host-resolver-rules that maps a name to 127.0.0.1)."""
     os.environ["SE_OFFLINE"] = "true"  # never let selenium's manager go online
     options = Options()
     options.binary_location = CHROMIUM
-    for flag in (*QUIET_FLAGS, f"--user-data-dir={profile}"):
+    for flag in (*QUIET_FLAGS, f"--user-data-dir={profile}", *flags):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))

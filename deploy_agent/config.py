@@ -259,6 +259,10 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     if host_headers is None:
         host_headers = [n.strip() for n in (_env(environ, "allow_host_header") or "").split(",") if n.strip()]
     pinned = args.publish_host if args.publish_host not in ("", "0.0.0.0", "::") else None
+    if pinned and args.swarm:
+        raise SystemExit("deploy-agent: --publish-host can't be used with --swarm: a Swarm service "
+                         "publishes its port on every address of its node (Swarm has no host "
+                         "address for a port); drop --publish-host, or firewall the range")
     token = read_token(args.token_file, _env(environ, "token"))
     if token is not None and args.no_auth:
         raise SystemExit("deploy-agent: --no-auth and a token (--token-file or DEPLOY_AGENT_TOKEN) "

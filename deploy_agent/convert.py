@@ -45,6 +45,7 @@ IMAGE_RE = re.compile(
 )
 VOLUME_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 ENV_KEY_RE = re.compile(r"^[^=\x00]+$")
+TOOLKIT_ENV_PREFIX = "NVIDIA_"
 LEASE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 # The nested service.yaml form: where each manifest key lands in the flat body.
@@ -293,10 +294,21 @@ def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployReques
     except cattrs.BaseValidationError as err:
         messages = cattrs.transform_error(err, format_exception=_format_exception)
         details.extend(_detail(message, origin) for message in messages)
+    if spec is not None:
+        details.extend({"field": origin.get("env", "env"),
+                        "message": f"{key!r} steers the NVIDIA container toolkit, which hands out "
+                                   "GPUs: the agent sets it alone (deploy with gpu: true and vram_gb)"}
+                       for key in spec.env if is_toolkit_key(key))
     if details or spec is None:
         fields = ", ".join(sorted({d["field"] for d in details}))
         raise InvalidRequest(f"The deploy request is invalid ({fields}); see details.", details=details)
     return DeployRequest(spec=spec, replace=replace, lease_s=lease_s, lease_id=lease_id)
+
+
+def is_toolkit_key(key: str) -> bool:
+    """An env key the NVIDIA container toolkit reads (NVIDIA_VISIBLE_DEVICES, ..._CAPABILITIES,
+    any case): one a caller could use to get GPUs the agent never accounted for."""
+    return key.upper().startswith(TOOLKIT_ENV_PREFIX)
 
 
 def _lease_seconds(value: Any) -> float:

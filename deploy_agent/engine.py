@@ -29,6 +29,7 @@ from deploy_agent.errors import (
     PullStalled,
 )
 from deploy_agent.models import DeploySpec, JSONObject
+from deploy_agent.runtime import DROPPED_CAPABILITIES
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -308,6 +309,7 @@ def container_config(spec: DeploySpec, *, host_port: int, env: dict[str, str],
         # setuid gains, a bounded number of processes.
         "Privileged": False,
         "CapAdd": [],
+        "CapDrop": list(DROPPED_CAPABILITIES),
         "PidMode": "",
         "IpcMode": "private",
         "SecurityOpt": ["no-new-privileges"],

@@ -23,7 +23,7 @@ from deploy_agent.errors import (
 from deploy_agent.gpus import Assignment
 from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, JSONObject, Lease, Owner, Service, new_attempt
 from deploy_agent.probe import HealthProbe
-from deploy_agent.runtime import LOG_TAIL_LINES, PORT_ATTEMPTS, DryRunOutcome, Progress
+from deploy_agent.runtime import LOG_TAIL_LINES, NO_GPU_ENV, PORT_ATTEMPTS, DryRunOutcome, Progress
 from deploy_agent.state import labels_for, service_from_container
 from deploy_agent.table import ServiceTable
 
@@ -123,7 +123,8 @@ class LocalRuntime:
         spec, host_port = attempt.spec, attempt.host_port
         try:
             gpu = assignment.index if assignment else None
-            gpu_env, device_requests = self._table.gpus.handoff(assignment) if assignment else ({}, [])
+            gpu_env, device_requests = (self._table.gpus.handoff(assignment) if assignment
+                                        else (dict(NO_GPU_ENV), []))
             labels = labels_for(self._converter, spec, host_port, gpu, self._config.instance,
                                 attempt.id, attempt.lease)
             config = container_config(spec, host_port=host_port, env={**spec.env, **gpu_env},

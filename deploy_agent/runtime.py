@@ -13,6 +13,15 @@ import attrs
 
 from deploy_agent.models import DeploySpec, JSONObject, Lease, Service
 
+# Capabilities every service container goes without, in both backends (`CapDrop` on one
+# engine, `CapabilityDrop` in a Swarm spec): raw sockets (spoofing), device nodes, file
+# capabilities, chroot, audit writes. What ML servers do (bind ports, chown their files,
+# drop to a user) keeps working.
+DROPPED_CAPABILITIES = ("CAP_AUDIT_WRITE", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETFCAP", "CAP_SETPCAP",
+                        "CAP_SYS_CHROOT")
+# The container toolkit's "no GPU" setting, for services that asked for none: without it, a
+# node whose default runtime is nvidia gives whatever an image's own ENV asks (often "all").
+NO_GPU_ENV = {"NVIDIA_VISIBLE_DEVICES": "void"}
 PORT_ATTEMPTS = 5  # host ports a launch tries when the engine refuses one that looked free
 LOG_TAIL_LINES = 20  # of a service that failed to start, in its error
 

@@ -39,7 +39,14 @@ from deploy_agent.gpus import GIB, Assignment, GpuReading
 from deploy_agent.local import poll_interval
 from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, JSONObject, Lease, Owner, Service, new_attempt
 from deploy_agent.probe import HealthProbe
-from deploy_agent.runtime import LOG_TAIL_LINES, PORT_ATTEMPTS, DryRunOutcome, Progress
+from deploy_agent.runtime import (
+    DROPPED_CAPABILITIES,
+    LOG_TAIL_LINES,
+    NO_GPU_ENV,
+    PORT_ATTEMPTS,
+    DryRunOutcome,
+    Progress,
+)
 from deploy_agent.state import attempt_of, labels_for, lease_of, recorded_in
 from deploy_agent.table import ServiceTable
 
@@ -355,8 +362,7 @@ class SwarmRuntime:
                      port: int, attempt: str, lease: Lease | None) -> JSONObject:
         """The Swarm service spec: one replica on `node`, its GPU by UUID, its port in host mode."""
         env = dict(spec.env)
-        if assignment is not None:
-            env.update(self._gpus.handoff(assignment)[0])
+        env.update(self._gpus.handoff(assignment)[0] if assignment is not None else NO_GPU_ENV)
         labels = labels_for(self._converter, spec, port, assignment.local_index if assignment else None,
                             self._config.instance, attempt, lease)
         labels[NODE_LABEL] = node.id
@@ -365,6 +371,7 @@ class SwarmRuntime:
             "Env": [f"{k}={v}" for k, v in env.items()],
             "Labels": {MANAGED_LABEL: self._config.instance},
             "Init": True,
+            "CapabilityDrop": list(DROPPED_CAPABILITIES),
             "StopGracePeriod": self._config.stop_timeout * 1_000_000_000,
             "Mounts": [_mount(volume) for volume in spec.volumes],
         }

@@ -44,6 +44,18 @@ class TestParseConfig:
             parse_config([], {"DEPLOY_AGENT_PORT": "nine"})
 
 
+    def test_publish_host_with_swarm_is_refused(self) -> None:
+        with pytest.raises(SystemExit, match="--publish-host can't be used with --swarm"):
+            parse_config(["--swarm", "--publish-host", "10.0.0.5"], environ={})
+        assert parse_config(["--swarm"], environ={}).swarm  # on all addresses, it is fine
+
+    def test_allow_host_header_from_flags_or_env(self) -> None:
+        assert parse_config(["--allow-host-header", "a.lab", "--allow-host-header", "b.lab"],
+                            environ={}).allow_host_headers == ("a.lab", "b.lab")
+        assert parse_config([], environ={"DEPLOY_AGENT_ALLOW_HOST_HEADER": "a.lab, b.lab"}
+                            ).allow_host_headers == ("a.lab", "b.lab")
+
+
 class TestSecurityConfig:
     """The token comes from --token-file or DEPLOY_AGENT_TOKEN; image patterns repeat."""
 

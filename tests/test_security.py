@@ -184,6 +184,36 @@ class TestDeployPolicy:
         assert host_config["NetworkMode"] == "bridge"
         assert host_config["PidMode"] == "" and host_config["IpcMode"] == "private"
 
+    @pytest.mark.parametrize("key", ["NVIDIA_VISIBLE_DEVICES", "nvidia_visible_devices",
+                                     "NVIDIA_DRIVER_CAPABILITIES", "Nvidia_Require_Cuda"])
+    async def test_toolkit_env_is_refused_in_both_forms(self, guarded: Client, key: str) -> None:
+        status, answer = await deploy(guarded, name="t-gpu-env", env={key: "all"})
+        assert (status, answer["error"]) == (400, "invalid_request"), answer
+        assert answer["details"][0]["field"] == "env" and key in answer["details"][0]["message"]
+        response = await guarded.post("/deploy", json={
+            "name": "t-gpu-env", "deploy": {"image": TEST_IMAGE, "env": {key: "all"}}})
+        answer = await response.json()
+        assert response.status == 400 and answer["details"][0]["field"] == "deploy.env", answer
+        assert test_containers() == []
+
+    async def test_a_service_without_gpu_gets_the_no_gpu_setting(self, guarded: Client,
+                                                                 docker: aiodocker.Docker) -> None:
+        status, answer = await deploy(guarded, name="t-no-gpu", env={"MODEL": "x"})
+        assert status == 200, answer
+        env = (await docker.containers.container("tidybot-t-no-gpu").show())["Config"]["Env"]
+        assert "NVIDIA_VISIBLE_DEVICES=void" in env and "MODEL=x" in env
+        assert not [e for e in env if e.startswith("NVIDIA_") and e != "NVIDIA_VISIBLE_DEVICES=void"]
+
+    async def test_capabilities_are_dropped(self, guarded: Client, docker: aiodocker.Docker) -> None:
+        await deploy(guarded, name="t-caps")
+        container = docker.containers.container("tidybot-t-caps")
+        assert set((await container.show())["HostConfig"]["CapDrop"]) >= {"CAP_NET_RAW", "CAP_MKNOD"}
+        status = subprocess.run(["docker", "exec", "tidybot-t-caps", "cat", "/proc/1/status"],
+                                capture_output=True, text=True, check=True).stdout
+        bounding = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapBnd")), 16)
+        assert not bounding & (1 << 13) and not bounding & (1 << 27)  # CAP_NET_RAW, CAP_MKNOD
+        assert bounding & (1 << 10)  # CAP_NET_BIND_SERVICE stays: a server may bind port 80
+
     async def test_ready_timeout_is_capped(self, guarded: Client) -> None:
         status, answer = await deploy(guarded, name="t-cap", health="/missing", ready_timeout=300)
         assert (status, answer["error"]) == (504, "health_timeout")

@@ -193,6 +193,18 @@ class TestOnTheNodes:
         assert died and len(created) >= 2, actions
         assert died[0] < created[-1], actions  # the old one died before the new one was created
 
+    def test_task_containers_are_hardened(self, lab: SwarmLab, agents: Any) -> None:
+        """Capabilities dropped and no GPU for a service that asked for none, on the node."""
+        agent = agents()
+        status, answer = deploy(agent, "t-hard")
+        assert status == 200, answer
+        node = next(n for n in NODES if answer["host"].startswith(f"http://{lab.addr(n)}:"))
+        container = lab.docker(node, "ps", "-q", "--filter",
+                               "label=com.docker.swarm.service.name=tidybot-t-hard").stdout.split()[0]
+        info = json.loads(lab.docker(node, "inspect", container).stdout)[0]
+        assert {"CAP_NET_RAW", "CAP_MKNOD"} <= set(info["HostConfig"]["CapDrop"] or [])
+        assert "NVIDIA_VISIBLE_DEVICES=void" in info["Config"]["Env"]
+
     def test_a_crash_on_a_node_is_an_event(self, lab: SwarmLab, agents: Any) -> None:
         agent = agents()
         status, answer = deploy(agent, "t-crash")

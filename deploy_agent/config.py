@@ -82,6 +82,7 @@ class Config:
     node_grace_s: float = 30.0
     publish_host: str = ""  # all addresses
     allow_host_headers: tuple[str, ...] = ()  # names besides the agent's own a Host may carry
+    allow_volumes: tuple[str, ...] = ()  # other applications' volumes services may mount as named
 
     @property
     def auth(self) -> Literal["token", "off"]:
@@ -147,6 +148,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="a host name callers reach this agent by, besides localhost, the node's hostname "
         "and --advertise-host; a request whose Host is any other name is refused, so a web "
         "page can't reach the agent through DNS rebinding (repeatable; env: comma-separated)")
+    add("--allow-volume", action="append", default=None, metavar="NAME",
+        help="an existing volume (another application's) services may mount under its own name; "
+        "any other volume name in a deploy is the agent's own, made on first use "
+        "(repeatable; env: comma-separated)")
     add("--service-pids-limit", type=int, default=_env(environ, "service_pids_limit", "4096"),
         metavar="N", help="processes each service container may run (default: %(default)s)")
     add("--allow-image", action="append", default=None, metavar="PATTERN",
@@ -258,6 +263,9 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     host_headers = args.allow_host_header
     if host_headers is None:
         host_headers = [n.strip() for n in (_env(environ, "allow_host_header") or "").split(",") if n.strip()]
+    volumes = args.allow_volume
+    if volumes is None:
+        volumes = [n.strip() for n in (_env(environ, "allow_volume") or "").split(",") if n.strip()]
     pinned = args.publish_host if args.publish_host not in ("", "0.0.0.0", "::") else None
     if pinned and args.swarm:
         raise SystemExit("deploy-agent: --publish-host can't be used with --swarm: a Swarm service "
@@ -296,6 +304,7 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         node_grace_s=args.node_grace,
         publish_host=args.publish_host,
         allow_host_headers=tuple(host_headers),
+        allow_volumes=tuple(volumes),
         token=token,
     )
 

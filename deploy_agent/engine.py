@@ -179,6 +179,24 @@ class Engine:
             if "PublicPort" in port
         }
 
+    async def volume_labels(self, name: str) -> dict[str, str] | None:
+        """The labels of the named volume; None when there is no such volume."""
+        try:
+            volume = await self._bounded(f"inspect volume {name}", self._docker.volumes.get(name))
+            found = await self._bounded(f"inspect volume {name}", volume.show())
+        except EngineError as err:
+            if err.engine_status == 404:
+                return None
+            raise
+        return dict(found.get("Labels") or {})
+
+    async def ensure_volume(self, name: str, labels: dict[str, str]) -> dict[str, str]:
+        """Create the named volume with these labels unless it exists; the labels it has."""
+        volume = await self._bounded(f"create volume {name}",
+                                     self._docker.volumes.create({"Name": name, "Labels": labels}))
+        found = await self._bounded(f"inspect volume {name}", volume.show())
+        return dict(found.get("Labels") or {})
+
     async def create(self, name: str, config: JSONObject) -> str:
         """Create the container; Conflict when the name is taken."""
         try:
@@ -296,14 +314,14 @@ class Engine:
 
 
 def container_config(spec: DeploySpec, *, host_port: int, env: dict[str, str],
-                     labels: dict[str, str], device_requests: list[JSONObject],
+                     labels: dict[str, str], device_requests: list[JSONObject], binds: list[str],
                      publish_host: str = "", pids_limit: int = 4096) -> JSONObject:
     """The Engine API create body: one published port, restart unless stopped, hardened."""
     port_key = f"{spec.port}/tcp"
     host_config: JSONObject = {
         "PortBindings": {port_key: [{"HostIp": publish_host, "HostPort": str(host_port)}]},
         "RestartPolicy": {"Name": "unless-stopped"},
-        "Binds": list(spec.volumes),
+        "Binds": binds,
         # Never more than a plain `docker run`, and less where it costs a service nothing:
         # no privileges, no added capabilities, no host network, pid or ipc namespace, no
         # setuid gains, a bounded number of processes.

@@ -17,6 +17,7 @@ from deploy_agent.errors import (
     ContainerExited,
     EngineUnavailable,
     HealthTimeout,
+    MountNotAllowed,
     NoPortAvailable,
     PortTaken,
 )
@@ -26,6 +27,7 @@ from deploy_agent.probe import HealthProbe
 from deploy_agent.runtime import LOG_TAIL_LINES, NO_GPU_ENV, PORT_ATTEMPTS, DryRunOutcome, Progress
 from deploy_agent.state import labels_for, service_from_container
 from deploy_agent.table import ServiceTable
+from deploy_agent.volumes import is_ours, mounts_of, volume_labels
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -98,13 +100,14 @@ class LocalRuntime:
             assignment = self._table.reserve_gpu(owner, spec.vram_gb)
         try:
             await self._ensure_image(spec.image, progress)
+            binds = await self._binds(spec)
             published = await self._engine.published_ports()
             refused: set[int] = set()
             for _ in range(PORT_ATTEMPTS):
                 host_port = await self._table.reserve_port(owner, spec.port, published, frozenset(refused))
                 try:
                     service = await self._create_and_start(_Attempt(spec, owner, host_port, lease),
-                                                           assignment, progress)
+                                                           assignment, binds, progress)
                 except PortTaken:
                     _LOGGER.info("Host port %s was taken under us; trying the next", host_port)
                     refused.add(host_port)
@@ -117,8 +120,27 @@ class LocalRuntime:
                 self._table.release_gpu(owner)
             raise
 
+    async def _binds(self, spec: DeploySpec, create: bool = True) -> list[str]:
+        """The spec's mounts, with the agent's own volumes made (labelled) on first use;
+        MountNotAllowed when a volume of that name exists and is not this agent's. Without
+        `create` (a dry run), only looked at."""
+        mounts = mounts_of(spec, self._config)
+        for mount, entry in zip(mounts, spec.volumes, strict=True):
+            if not mount.owned:
+                continue
+            name = entry.split(":", 1)[0]
+            wanted = volume_labels(name, self._config.instance)
+            labels = (await self._engine.ensure_volume(mount.source, wanted) if create
+                      else await self._engine.volume_labels(mount.source))
+            if labels is not None and not is_ours(labels, name, self._config.instance):
+                raise MountNotAllowed(
+                    f"Volume {mount.source} exists on this node but is not this agent's; it is "
+                    f"never mounted for {entry!r}. Remove or rename it, or let services mount it "
+                    f"with --allow-volume {mount.source}.", volume=entry)
+        return [mount.bind for mount in mounts]
+
     async def _create_and_start(self, attempt: _Attempt, assignment: Assignment | None,
-                                progress: Progress) -> Service:
+                                binds: list[str], progress: Progress) -> Service:
         """Create, start, wait healthy. On any failure nothing is left: container, port, record."""
         spec, host_port = attempt.spec, attempt.host_port
         try:
@@ -127,7 +149,7 @@ class LocalRuntime:
                                         else (dict(NO_GPU_ENV), []))
             labels = labels_for(self._converter, spec, host_port, gpu, self._config.instance,
                                 attempt.id, attempt.lease)
-            config = container_config(spec, host_port=host_port, env={**spec.env, **gpu_env},
+            config = container_config(spec, host_port=host_port, env={**spec.env, **gpu_env}, binds=binds,
                                       labels=labels, device_requests=device_requests,
                                       publish_host=self._config.publish_host,
                                       pids_limit=self._config.service_pids_limit)
@@ -233,6 +255,7 @@ class LocalRuntime:
         if spec.gpu:
             await self._table.refresh_gpus()
             gpu = self._table.gpus.place(spec.vram_gb, freeing=freeing).local_index
+        await self._binds(spec, create=False)
         pull_needed = not await self._engine.has_image(spec.image)
         published = await self._engine.published_ports()
         freed = {replacing.host_port} if replacing is not None else set()

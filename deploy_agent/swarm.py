@@ -49,6 +49,7 @@ from deploy_agent.runtime import (
 )
 from deploy_agent.state import attempt_of, labels_for, lease_of, recorded_in
 from deploy_agent.table import ServiceTable
+from deploy_agent.volumes import Mount, mounts_of, volume_labels
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -373,7 +374,8 @@ class SwarmRuntime:
             "Init": True,
             "CapabilityDrop": list(DROPPED_CAPABILITIES),
             "StopGracePeriod": self._config.stop_timeout * 1_000_000_000,
-            "Mounts": [_mount(volume) for volume in spec.volumes],
+            "Mounts": [_mount(mount, entry.split(":", 1)[0], self._config.instance)
+                       for mount, entry in zip(mounts_of(spec, self._config), spec.volumes, strict=True)],
         }
         if spec.command is not None:
             container["Args"] = list(spec.command)
@@ -615,12 +617,13 @@ class SwarmRuntime:
         await self._table.persist()
 
 
-def _mount(volume: str) -> JSONObject:
-    parts = volume.split(":")
-    read_only = len(parts) == 3 and parts[2] == "ro"
-    source, target = parts[0], parts[1]
-    return {"Type": "bind" if source.startswith("/") else "volume", "Source": source, "Target": target,
-            "ReadOnly": read_only}
+def _mount(mount: Mount, name: str, instance: str) -> JSONObject:
+    """A Swarm mount; the agent's own volumes are made on the node with the agent's labels."""
+    found: JSONObject = {"Type": "bind" if mount.host_path else "volume", "Source": mount.source,
+                         "Target": mount.target, "ReadOnly": mount.read_only}
+    if mount.owned:
+        found["VolumeOptions"] = {"Labels": volume_labels(name, instance)}
+    return found
 
 
 def service_from_swarm(converter: cattrs.Converter, found: JSONObject, instance: str,

@@ -122,7 +122,8 @@ class TestDeployFlow:
             assert info["Config"]["Cmd"] == ["sh", "-c", "echo started; exec httpd -f -p 8000 -h /www"]
             assert info["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
             assert info["HostConfig"]["PortBindings"]["8000/tcp"][0]["HostPort"] == str(answer["port"])
-            assert info["Mounts"][0]["Name"] == volume and info["Mounts"][0]["RW"] is False
+            assert info["Mounts"][0]["Name"] == f"tidybot-default-{volume}"  # the agent's own
+            assert info["Mounts"][0]["RW"] is False
             labels = info["Config"]["Labels"]
             assert labels["tidybot.deploy-agent"] == "default"
             assert json.loads(labels["tidybot.spec"])["env"]["MODEL"] == "yolo.pt"
@@ -130,7 +131,8 @@ class TestDeployFlow:
             assert info["HostConfig"]["Privileged"] is False
         finally:
             await stop(agent, "t-flow")
-            subprocess.run(["docker", "volume", "rm", "-f", volume], capture_output=True)
+            subprocess.run(["docker", "volume", "rm", "-f", f"tidybot-default-{volume}"],
+                           capture_output=True)
 
     async def test_preferred_port_is_used_when_free(self, agent: Client) -> None:
         status, answer = await deploy(agent, name="t-pref", port=28050, env={"PORT": 28050})

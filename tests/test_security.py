@@ -166,7 +166,65 @@ class TestDeployPolicy:
             assert status == 200, answer
         finally:
             remove_test_containers()
-            subprocess.run(["docker", "volume", "rm", "-f", volume], capture_output=True)
+            subprocess.run(["docker", "volume", "rm", "-f", f"tidybot-default-{volume}"], capture_output=True)
+
+    async def test_another_applications_volume_is_never_mounted(
+        self, guarded: Client, docker: aiodocker.Docker
+    ) -> None:
+        """A database's volume named in a deploy: the service gets the agent's own, empty one,
+        labelled, shared by the services that name it and kept across stops."""
+        foreign, ours = "t-appdata", "tidybot-default-t-appdata"
+        subprocess.run(["docker", "volume", "create", foreign], capture_output=True, check=True)
+        marker = subprocess.run(["docker", "run", "--rm", "-v", f"{foreign}:/d", TEST_IMAGE, "touch",
+                                 "/d/secret"], capture_output=True, text=True)
+        assert marker.returncode == 0, marker.stderr
+        try:
+            for name in ("t-vol-a", "t-vol-b"):
+                status, answer = await deploy(guarded, name=name, volumes=[f"{foreign}:/data"])
+                assert status == 200, answer
+            mounts = [(await docker.containers.container(f"tidybot-{n}").show())["Mounts"][0]["Name"]
+                      for n in ("t-vol-a", "t-vol-b")]
+            assert mounts == [ours, ours]  # shared by the services that name it
+            seen = subprocess.run(["docker", "exec", "tidybot-t-vol-a", "ls", "/data"],
+                                  capture_output=True, text=True, check=True).stdout
+            assert "secret" not in seen
+            labels = (await (await docker.volumes.get(ours)).show())["Labels"]
+            assert labels == {"tidybot.deploy-agent": "default", "tidybot.volume": foreign}
+            assert (await guarded.post("/stop", json={"name": "t-vol-a"})).status == 200
+            assert ours in subprocess.run(["docker", "volume", "ls", "-q"], capture_output=True,
+                                          text=True).stdout.split()  # kept across stops
+        finally:
+            remove_test_containers()
+            for volume in (ours, foreign):
+                subprocess.run(["docker", "volume", "rm", "-f", volume], capture_output=True)
+
+    async def test_a_squatted_volume_name_is_refused(self, guarded: Client) -> None:
+        squatted = "tidybot-default-t-squat"  # made by someone else, perhaps o=bind,device=/
+        subprocess.run(["docker", "volume", "create", squatted], capture_output=True, check=True)
+        try:
+            dry = await guarded.post("/deploy?dry_run=1", json={"name": "t-squat", "image": TEST_IMAGE,
+                                                                 "volumes": ["t-squat:/data"]})
+            assert dry.status == 403  # a dry run says what the deploy would
+            status, answer = await deploy(guarded, name="t-squat", volumes=["t-squat:/data"])
+            assert (status, answer["error"]) == (403, "mount_not_allowed"), answer
+            assert test_containers() == []
+        finally:
+            subprocess.run(["docker", "volume", "rm", "-f", squatted], capture_output=True)
+
+    async def test_an_allowed_volume_is_mounted_by_its_name(self, aiohttp_client: Any, tmp_path: Path,
+                                                           docker: aiodocker.Docker) -> None:
+        config = make_config(tmp_path / "state", allow_volumes=("t-shared",))
+        config.state_dir.mkdir()
+        client = await aiohttp_client(create_app(config))
+        subprocess.run(["docker", "volume", "create", "t-shared"], capture_output=True, check=True)
+        try:
+            status, answer = await deploy(client, name="t-allowed", volumes=["t-shared:/data"])
+            assert status == 200, answer
+            info = await docker.containers.container("tidybot-t-allowed").show()
+            assert info["Mounts"][0]["Name"] == "t-shared"
+        finally:
+            remove_test_containers()
+            subprocess.run(["docker", "volume", "rm", "-f", "t-shared"], capture_output=True)
 
     async def test_image_outside_allowlist_refused_before_pull(
         self, guarded: Client, pushed_image: str, docker: aiodocker.Docker

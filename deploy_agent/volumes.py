@@ -1,0 +1,66 @@
+"""Volumes belong to the agent: a deploy's named volume is the agent's own, never another
+application's.
+
+A deploy says `models:/app/models`; the engine gets the volume `tidybot-<instance>-models`,
+labelled as this agent instance's, created on first use, shared by every service that
+names `models`, kept across stops. A volume some other application made (a database's, or
+a `local` volume with `o=bind,device=/`) is mounted only when the operator names it with
+`--allow-volume NAME`. Host paths (`/data/x:/w`) are the policy's (policy.py).
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from deploy_agent.config import Config
+from deploy_agent.engine import MANAGED_LABEL
+from deploy_agent.models import DeploySpec
+
+VOLUME_LABEL = "tidybot.volume"  # the name the deploys use, on the agent's own volumes
+
+
+@attrs.frozen
+class Mount:
+    """One entry of a deploy's `volumes`, as the engine mounts it."""
+
+    source: str  # a host path, or the engine's volume name
+    target: str
+    read_only: bool
+    host_path: bool
+    owned: bool  # a volume the agent makes and labels (not a host path, not an allowed one)
+
+    @property
+    def bind(self) -> str:
+        """The `Binds` form: source:target[:ro]."""
+        return f"{self.source}:{self.target}{':ro' if self.read_only else ''}"
+
+
+def engine_volume(name: str, instance: str) -> str:
+    """The engine's name for the agent's volume `name`."""
+    return f"tidybot-{instance}-{name}"
+
+
+def volume_labels(name: str, instance: str) -> dict[str, str]:
+    return {MANAGED_LABEL: instance, VOLUME_LABEL: name}
+
+
+def mounts_of(spec: DeploySpec, config: Config) -> list[Mount]:
+    """The engine's mounts for a spec's `volumes` (already validated by the converter)."""
+    mounts = []
+    for entry in spec.volumes:
+        parts = entry.split(":")
+        source, target = parts[0], parts[1]
+        read_only = len(parts) == 3 and parts[2] == "ro"
+        if source.startswith("/"):
+            mounts.append(Mount(source, target, read_only, host_path=True, owned=False))
+        elif source in config.allow_volumes:
+            mounts.append(Mount(source, target, read_only, host_path=False, owned=False))
+        else:
+            mounts.append(Mount(engine_volume(source, config.instance), target, read_only,
+                                host_path=False, owned=True))
+    return mounts
+
+
+def is_ours(labels: dict[str, str] | None, name: str, instance: str) -> bool:
+    """Whether a volume's labels say it is this instance's volume `name`."""
+    return (labels or {}) == {**(labels or {}), **volume_labels(name, instance)}

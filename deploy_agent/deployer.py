@@ -72,10 +72,12 @@ class Deployer:
         spec = request.spec
         self._check_request(request)
         try:
-            await asyncio.to_thread(check_deploy, spec, self._config)  # resolves host paths
-            async with self._table.locked(spec.name):
-                service, already_running, launched_under = await self._deploy_locked(request, progress)
-                lease = self._hold(service, request, launched_under)
+            others = self._table.volumes_beside(spec.name)
+            with self._table.mounting(spec):  # no await in between: racing deploys see each other
+                await asyncio.to_thread(check_deploy, spec, self._config, others)  # resolves host paths
+                async with self._table.locked(spec.name):
+                    service, already_running, launched_under = await self._deploy_locked(request, progress)
+                    lease = self._hold(service, request, launched_under)
             return DeployOutcome(service, already_running, lease)
         except AgentError as err:
             self._events.emit("deploy_failed", spec.name, err.code, image=spec.image,
@@ -163,7 +165,7 @@ class Deployer:
         """What a deploy would do now, creating and reserving nothing; the same 4xx/409/503."""
         spec = request.spec
         self._check_request(request)
-        await asyncio.to_thread(check_deploy, spec, self._config)
+        await asyncio.to_thread(check_deploy, spec, self._config, self._table.volumes_beside(spec.name))
         existing = self._table.get(spec.name)
         if existing is not None:
             differing = existing.spec.differing_fields(spec)

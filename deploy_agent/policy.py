@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import PurePosixPath
 
 from deploy_agent.config import Config
@@ -63,6 +63,40 @@ def check_mounts(spec: DeploySpec, config: Config) -> None:
             raise MountNotAllowed(f"Volume {volume!r} is not allowed: {reason}.", volume=volume)
 
 
+def _host_sources(volumes: tuple[str, ...], resolve: Callable[[str], str]) -> set[PurePosixPath]:
+    """The host paths of bind mounts, as written and as their symlinks lead."""
+    sources = (volume.split(":", 1)[0] for volume in volumes)
+    return {path for source in sources if source.startswith("/")
+            for path in (PurePosixPath(source), PurePosixPath(resolve(source)))}
+
+
+def _nested(a: PurePosixPath, b: PurePosixPath) -> bool:
+    return a != b and (a in b.parents or b in a.parents)
+
+
+def check_nesting(spec: DeploySpec, others: Mapping[str, tuple[str, ...]],
+                  resolve: Callable[[str], str] | None = None) -> None:
+    """Refuse host mounts where one source contains another, within the spec or across the
+    node's other services (`others`: name -> volumes). The engine resolves binds again when it
+    restarts a container, so a service holding /data/a could swap /data/a/sub, which another
+    mount uses, for a symlink to /."""
+    resolve = resolve or os.path.realpath
+    mine = _host_sources(spec.volumes, resolve)
+    clash = next(((a, b) for a in mine for b in mine if _nested(a, b)), None)
+    if clash is not None:
+        raise MountNotAllowed(f"Host paths {clash[0]} and {clash[1]} of {spec.name} contain one another: "
+                              "a service could swap the inner one for a symlink; mount one of them only.",
+                              volume=str(clash[1]))
+    for name, volumes in sorted(others.items()):
+        for theirs in _host_sources(volumes, resolve):
+            ours = next((path for path in mine if _nested(path, theirs)), None)
+            if ours is not None:
+                raise MountNotAllowed(
+                    f"Host path {ours} and {theirs}, mounted by {name}, contain one another: "
+                    f"a service could swap the inner one for a symlink; use a separate directory.",
+                    volume=str(ours), service=name)
+
+
 def check_image(spec: DeploySpec, config: Config) -> None:
     """With --allow-image patterns, the image reference must match one (shell-style glob)."""
     patterns = config.allow_images
@@ -73,7 +107,11 @@ def check_image(spec: DeploySpec, config: Config) -> None:
         )
 
 
-def check_deploy(spec: DeploySpec, config: Config) -> None:
-    """Every policy check; runs before the image is pulled or anything is created."""
+def check_deploy(spec: DeploySpec, config: Config,
+                 others: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    """Every policy check; runs before the image is pulled or anything is created (and off
+    the event loop: it resolves host paths). `others`: the volumes of the node's other
+    services and deploys in flight, by name."""
     check_image(spec, config)
     check_mounts(spec, config)
+    check_nesting(spec, others or {})

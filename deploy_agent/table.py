@@ -18,7 +18,7 @@ import attrs
 
 from deploy_agent.errors import LeaseNotFound, ServiceNotFound
 from deploy_agent.gpus import Assignment, GpuPool
-from deploy_agent.models import Lease, Owner, Service, Status
+from deploy_agent.models import DeploySpec, Lease, Owner, Service, Status
 from deploy_agent.ports import NodePorts
 from deploy_agent.state import Abandoned, SavedState, StateFile
 
@@ -61,6 +61,7 @@ class ServiceTable:
         self._changed: dict[str, int] = {}  # name -> generation of its last change
         self._observers = 0
         self._abandoned: dict[str, Abandoned] = {}
+        self._mounting: dict[str, tuple[str, tuple[str, ...]]] = {}  # deploys in flight: name, volumes
         self._leases: dict[str, Lease] = {}  # by id
         self.leases_changed = 0  # bumped on every lease change, for caches of what shows them
         self._dirty = False
@@ -231,6 +232,29 @@ class ServiceTable:
     async def refresh_gpus(self) -> None:
         """Re-read the GPUs, telling the pool which containers are the agent's own."""
         await self._gpus.refresh({name: s.container_id for name, s in self._services.items()})
+
+    # -- host mounts -----------------------------------------------------------------------
+
+    def volumes_beside(self, name: str) -> dict[str, tuple[str, ...]]:
+        """The volumes of every other service, and of every other deploy in flight, by name."""
+        found: dict[str, tuple[str, ...]] = {n: s.spec.volumes for n, s in self._services.items()
+                                             if n != name and s.spec.volumes}
+        for other, volumes in self._mounting.values():
+            if other != name:
+                found[other] = found.get(other, ()) + volumes
+        return found
+
+    @contextlib.contextmanager
+    def mounting(self, spec: DeploySpec) -> Iterator[None]:
+        """A deploy in flight: its volumes count for volumes_beside() until it is done (then
+        its record has them, or it failed). Taken with no await after volumes_beside(), so
+        two deploys racing never both miss each other."""
+        token = secrets.token_hex(8)
+        self._mounting[token] = (spec.name, spec.volumes)
+        try:
+            yield
+        finally:
+            del self._mounting[token]
 
     # -- abandoned deploy attempts -------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -301,3 +302,54 @@ class TestSecrecy:
         assert self.SECRET not in caplog.text
 
 
+
+
+@pytest.fixture
+async def host_paths(aiohttp_client: Any, tmp_path: Path, test_image: str) -> Any:
+    """An agent that allows host paths under tmp_path/data."""
+    data = tmp_path / "data"
+    (data / "a" / "sub").mkdir(parents=True)
+    (data / "b").mkdir()
+    config = make_config(tmp_path / "state", allow_host_paths=(data.resolve(),))
+    config.state_dir.mkdir()
+    remove_test_containers()
+    client = await aiohttp_client(create_app(config))
+    yield client, data.resolve()
+    remove_test_containers()
+
+
+@pytest.mark.docker
+class TestNestedHostPaths:
+    """No host mount contains another, within a service or across the node's services."""
+
+    async def test_nested_within_one_service_is_refused(self, host_paths: Any) -> None:
+        client, data = host_paths
+        status, answer = await deploy(client, name="t-nest", volumes=[f"{data}/a:/w", f"{data}/a/sub:/x:ro"])
+        assert (status, answer["error"]) == (403, "mount_not_allowed"), answer
+        assert test_containers() == []
+
+    async def test_nested_across_services_is_refused_and_the_swap_goes_nowhere(
+        self, host_paths: Any
+    ) -> None:
+        client, data = host_paths
+        status, answer = await deploy(client, name="t-outer", volumes=[f"{data}/a:/w"])
+        assert status == 200, answer
+        for volumes in ([f"{data}/a/sub:/x"], [f"{data}:/all:ro"]):  # inside it, or around it
+            status, answer = await deploy(client, name="t-inner", volumes=volumes)
+            assert (status, answer["error"], answer.get("service")) == (403, "mount_not_allowed", "t-outer")
+        assert (await deploy(client, name="t-beside", volumes=[f"{data}/b:/x"]))[0] == 200
+        # The attack: from inside t-outer, swap the inner directory for a symlink to the host's /.
+        swap = subprocess.run(["docker", "exec", "tidybot-t-outer", "sh", "-c",
+                               "rmdir /w/sub && ln -s / /w/sub"], capture_output=True, text=True)
+        assert swap.returncode == 0, swap.stderr
+        assert os.readlink(data / "a" / "sub") == "/"  # it really is the host's path now
+        status, answer = await deploy(client, name="t-inner", volumes=[f"{data}/a/sub:/x"])
+        assert (status, answer["error"]) == (403, "mount_not_allowed"), answer
+        assert sorted(test_containers()) == ["tidybot-t-beside", "tidybot-t-outer"]
+
+    async def test_racing_deploys_never_both_mount_nested_paths(self, host_paths: Any) -> None:
+        client, data = host_paths
+        results = await asyncio.gather(
+            deploy(client, name="t-race-a", volumes=[f"{data}/a:/w"]),
+            deploy(client, name="t-race-b", volumes=[f"{data}/a/sub:/x"]))
+        assert sorted(status for status, _ in results) == [200, 403], results

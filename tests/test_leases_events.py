@@ -109,7 +109,7 @@ class TestEventQueries:
 
     def test_follow_streams_new_events(self, agent: AgentProcess) -> None:
         sock = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
-        sock.sendall(b"GET /events?follow=1&limit=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /events?follow=1&limit=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         head = sock.recv(4096)
         assert b" 200 " in head.split(b"\r\n")[0] and b"application/x-ndjson" in head
         deploy(agent, "t-follow-ev")

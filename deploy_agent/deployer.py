@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -31,6 +31,7 @@ from deploy_agent.table import ServiceTable
 _LOGGER = logging.getLogger(__name__)
 
 ENFORCE_INTERVAL_S = 0.5
+MAX_ENFORCING = 8  # lease-expiry and VRAM-overuse stops in flight at once, one per name
 
 
 @attrs.frozen
@@ -53,6 +54,7 @@ class Deployer:
         self._table = table
         self._events = events
         self._inflight: set[asyncio.Task[DeployOutcome]] = set()
+        self._enforcing: dict[str, asyncio.Task[None]] = {}  # by name: the stops enforce() runs
 
     # -- deploy --------------------------------------------------------------------------
 
@@ -216,21 +218,34 @@ class Deployer:
 
     async def enforce(self) -> None:
         """Stop each leased service whose last lease ran out, and (--vram-overuse stop) each
-        service persistently above its VRAM declaration; runs until cancelled. What can't be
-        stopped now (the engine is away) is tried again on the next pass."""
+        service persistently above its VRAM declaration, each name in a stop of its own; runs
+        until cancelled. What can't be stopped now (the engine is away) is tried again on the
+        next pass."""
         while True:
             await asyncio.sleep(ENFORCE_INTERVAL_S)
             for name in self._table.lapsed():
-                try:
-                    await self._stop_if_lapsed(name)
-                except AgentError as err:
-                    _LOGGER.warning("Could not stop %s, whose lease ran out: %s", name, err.message)
+                self._enforce_stop(name, "whose lease ran out", self._stop_if_lapsed)
             if self._config.vram_overuse == "stop":
                 for name in sorted(self._table.gpus.over):
-                    try:
-                        await self._stop_if_overusing(name)
-                    except AgentError as err:
-                        _LOGGER.warning("Could not stop %s, above its VRAM: %s", name, err.message)
+                    self._enforce_stop(name, "above its VRAM", self._stop_if_overusing)
+
+    def _enforce_stop(self, name: str, why: str, stop: Callable[[str], Awaitable[object]]) -> None:
+        """Stop `name` in a task of its own, so that a slow stop or a lock held by a slow deploy
+        delays only that name. One per name, MAX_ENFORCING at once: the rest wait for a pass."""
+        if name in self._enforcing or len(self._enforcing) >= MAX_ENFORCING:
+            return
+        task = asyncio.create_task(self._run_enforced(name, why, stop), name=f"enforce {name}")
+        self._enforcing[name] = task
+        task.add_done_callback(lambda _: self._enforcing.pop(name, None))
+
+    async def _run_enforced(self, name: str, why: str, stop: Callable[[str], Awaitable[object]]) -> None:
+        """Log what goes wrong: the name is derived again on the next pass and tried again."""
+        try:
+            await stop(name)
+        except AgentError as err:
+            _LOGGER.warning("Could not stop %s, %s: %s", name, why, err.message)
+        except Exception:
+            _LOGGER.exception("Stopping %s, %s, failed", name, why)
 
     async def _stop_if_overusing(self, name: str) -> None:
         async with self._table.locked(name):
@@ -258,10 +273,11 @@ class Deployer:
         return self._runtime.follow_logs(self._table.service(name), tail)
 
     async def close(self) -> None:
-        """Roll back deploys still in flight (shutdown already gave them their time), wait
-        for every rollback, flush the state file."""
-        for task in self._inflight:
+        """Roll back deploys still in flight (shutdown already gave them their time), cancel
+        the stops enforce() started, wait for every rollback, flush the state file."""
+        tasks = [*self._inflight, *self._enforcing.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._inflight, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._runtime.close()
         await self._table.persist()

@@ -8,9 +8,12 @@ temp file, fsync, rename, fsync of the directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -176,16 +179,35 @@ class StateFile:
     def __init__(self, state_dir: Path, converter: cattrs.Converter) -> None:
         self.path = state_dir / "services.json"
         self._converter = converter
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # queues writers on the loop, at most one thread per write
+        # Held by the thread that writes: a save cancelled at shutdown lets go of the asyncio
+        # lock while its thread writes on, and the next one must not write beside it.
+        self._thread_lock = threading.Lock()
+        self._requested = 0  # sequence number of the last save called
+        self._written = 0  # sequence number of the state the file holds
 
     async def save(self, state: SavedState) -> None:
-        """Write the state off the event loop; one writer at a time. OSError when it can't."""
+        """Write the state off the event loop; one writer at a time, and never a state older
+        than one a later save already wrote. OSError when it can't."""
         document = {"version": FORMAT_VERSION, **self._converter.unstructure(state)}
+        self._requested += 1
+        sequence = self._requested
         async with self._lock:
-            await asyncio.to_thread(_write_atomically, self.path, document)
+            await asyncio.to_thread(self._write, sequence, document)
+
+    def _write(self, sequence: int, document: Any) -> None:
+        with self._thread_lock:
+            if sequence <= self._written:  # a later state is there already: it includes this one
+                return
+            _write_atomically(self.path, document)
+            self._written = sequence
 
     def load(self) -> SavedState | None:
         """The saved state; None when the file is missing or corrupt (kept aside)."""
+        with self._thread_lock:  # temp files left by a crash; none is being written now
+            for leftover in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
         try:
             document = json.loads(self.path.read_text())
             if document.get("version") != FORMAT_VERSION:
@@ -204,14 +226,19 @@ class StateFile:
 
 def _write_atomically(path: Path, document: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)  # heals a state dir deleted under us
-    tmp = path.with_name(f".{path.name}.tmp")
     data = json.dumps(document, indent=1, sort_keys=True).encode()
-    # 0600: specs carry env values, which often hold API keys.
-    with open(tmp, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    tmp.replace(path)
+    # A temp file of its own (mkstemp makes it 0600: specs carry env values, often API keys).
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -63,6 +63,8 @@ class ServiceTable:
         self._abandoned: dict[str, Abandoned] = {}
         self._mounting: dict[str, tuple[str, tuple[str, ...]]] = {}  # deploys in flight: name, volumes
         self._leases: dict[str, Lease] = {}  # by id
+        # Lease id -> time.monotonic() when it runs out: a wall-clock step never expires a lease.
+        self._deadlines: dict[str, float] = {}
         self.leases_changed = 0  # bumped on every lease change, for caches of what shows them
         self._dirty = False
         self.state_error: str | None = None  # why the last write of services.json failed
@@ -283,9 +285,9 @@ class ServiceTable:
     def add_lease(self, name: str, lease_s: float, lease_id: str | None = None) -> Lease:
         """A new holder's lease on `name`, for lease_s seconds from now."""
         lease = Lease(id=lease_id or secrets.token_urlsafe(12), service=name, lease_s=lease_s,
-                      expires_at=time.time() + lease_s)
+                      expires_at=0.0)
         self._leases[lease.id] = lease
-        self._lease_changed()
+        self._run_for(lease, lease_s)
         return lease
 
     def renew_lease(self, name: str, lease_id: str, lease_s: float | None = None) -> Lease:
@@ -293,20 +295,30 @@ class ServiceTable:
         lease = self.lease(name, lease_id)
         if lease_s is not None:
             lease.lease_s = lease_s
-        lease.expires_at = time.time() + lease.lease_s
-        self._lease_changed()
+        self._run_for(lease, lease.lease_s)
         return lease
+
+    def _run_for(self, lease: Lease, seconds: float) -> None:
+        """It runs out `seconds` from now on the monotonic clock; expires_at says when in
+        wall-clock time, for answers."""
+        self._deadlines[lease.id] = time.monotonic() + seconds
+        lease.expires_at = time.time() + seconds
+        self._lease_changed()
 
     def release_lease(self, name: str, lease_id: str) -> Lease:
         lease = self.lease(name, lease_id)
-        del self._leases[lease.id]
-        self._lease_changed()
+        self._drop_lease(lease)
         return lease
+
+    def _drop_lease(self, lease: Lease) -> None:
+        del self._leases[lease.id]
+        self._deadlines.pop(lease.id, None)
+        self._lease_changed()
 
     def lease(self, name: str, lease_id: str) -> Lease:
         """A live lease of `name`; LeaseNotFound (404) otherwise."""
         lease = self._leases.get(lease_id)
-        if lease is None or lease.service != name or lease.expires_at <= time.time():
+        if lease is None or lease.service != name or self._deadlines[lease_id] <= time.monotonic():
             raise LeaseNotFound(f"{name} has no lease {lease_id!r}: it lapsed, was released, or "
                                 "never was. Deploy again with lease_s for a new one.",
                                 name=name, lease_id=lease_id)
@@ -319,21 +331,25 @@ class ServiceTable:
     def drop_leases(self, name: str) -> None:
         """The service is gone: so are its holders' claims."""
         for lease in self.leases_of(name):
-            del self._leases[lease.id]
-            self._lease_changed()
+            self._drop_lease(lease)
 
     def lapsed(self) -> list[str]:
         """Drop leases that ran out; the services to stop: leased, none left, and idle.
 
         Derived on each call, so a stop that failed (engine away) is simply tried again.
         """
-        now = time.time()
-        for lease in [lease for lease in self._leases.values() if lease.expires_at <= now]:
-            del self._leases[lease.id]
-            self._lease_changed()
+        now = time.monotonic()
+        for lease in [lease for lease in self._leases.values() if self._deadlines[lease.id] <= now]:
+            self._drop_lease(lease)
         held = {lease.service for lease in self._leases.values()}
         return [name for name, service in sorted(self._services.items())
                 if not service.pinned and name not in held and not self.busy(name)]
+
+    def _saved_leases(self) -> list[Lease]:
+        """The leases as services.json holds them: wall-clock ends, from the time each has left."""
+        now, clock = time.time(), time.monotonic()
+        return [attrs.evolve(lease, expires_at=now + self._deadlines[lease.id] - clock)
+                for lease in self._leases.values()]
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -344,10 +360,11 @@ class ServiceTable:
         if saved is None:
             return []
         self._abandoned = {entry.attempt: entry for entry in saved.abandoned}
+        self._leases, self._deadlines = {}, {}
         now = time.time()
-        self._leases = {lease.id: attrs.evolve(lease, expires_at=max(lease.expires_at,
-                                                                      now + lease.lease_s))
-                        for lease in saved.leases}
+        for lease in saved.leases:  # from here on, the monotonic clock counts its time
+            self._leases[lease.id] = restored = attrs.evolve(lease)
+            self._run_for(restored, max(lease.expires_at - now, lease.lease_s))
         return list(saved.services)
 
     async def persist(self) -> None:
@@ -356,7 +373,7 @@ class ServiceTable:
         self._dirty = False
         try:
             await self._state_file.save(SavedState(self.services(), list(self._abandoned.values()),
-                                                   list(self._leases.values())))
+                                                   self._saved_leases()))
         except OSError as err:
             self._dirty = True
             self.state_write_failures += 1

@@ -140,8 +140,9 @@ class TestStateFileFailure:
 
     def test_deploy_succeeds_reservation_holds_write_retried(self, agent_factory: Any) -> None:
         agent = agent_factory("--fake-gpus", "RTX 4090:24")
-        blocker = agent.state_dir / ".services.json.tmp"
-        blocker.mkdir()  # every write of services.json now fails, as on a full disk
+        blocker = agent.state_dir / "services.json"
+        blocker.unlink(missing_ok=True)  # written at start; nothing changes while the agent idles
+        blocker.mkdir()  # every write of services.json now fails (it can't be replaced), as on a full disk
         status, answer = post_json(agent.url + "/deploy", {"name": "t-disk", "image": TEST_IMAGE,
                                                             "gpu": True, "vram_gb": 20})
         assert status == 200, answer
@@ -169,7 +170,7 @@ class TestStreamedDeployAtShutdown:
         def stream() -> None:
             body = json.dumps({"name": "t-stream-stop", "image": TEST_IMAGE, "env": {"DELAY": "20"}})
             with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as sock:
-                sock.sendall(f"POST /deploy HTTP/1.1\r\nHost: x\r\nAccept: application/x-ndjson\r\n"
+                sock.sendall(f"POST /deploy HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/x-ndjson\r\n"
                              f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
                              f"{body}".encode())
                 while chunk := sock.recv(65536):

@@ -114,7 +114,7 @@ class TestRollback:
 
     async def test_state_write_failure_keeps_the_deploy_and_its_gpu(self, tmp_path: Path) -> None:
         deployer, table = await deployer_with(stand_in_engine(), tmp_path)
-        (tmp_path / ".services.json.tmp").mkdir()  # services.json can't be written
+        (tmp_path / "services.json").mkdir()  # services.json can't be written
         outcome = await deployer.deploy(request())
         assert outcome.service.status == "healthy" and table.state_error is not None
         assert table.gpus.views()[0].vram_reserved_gb == 20  # still held: no over-commit
@@ -172,6 +172,37 @@ class TestOwnedDeploys:
         await assert_everything_released(table)
         with pytest.raises(asyncio.CancelledError):
             await caller
+
+
+class TestEnforcement:
+    """Stops that enforce leases run per name: one that hangs delays no other, and close() ends it."""
+
+    async def test_a_stuck_stop_does_not_delay_another_expiry(self, tmp_path: Path) -> None:
+        stuck = "a" * 64
+
+        async def stop(container_id: str, grace_s: int) -> None:
+            if container_id == stuck:
+                await asyncio.sleep(3600)  # the engine hangs on this one; its name stays locked
+
+        ids = iter([stuck, "b" * 64])
+        engine = stand_in_engine(create=AsyncMock(side_effect=lambda *args: next(ids)),
+                                 stop=AsyncMock(side_effect=stop))
+        deployer, table = await deployer_with(engine, tmp_path)
+        for name in ("a", "b"):  # both lapse by the first pass; "a" comes first
+            await deployer.deploy(request(name, gpu=False, vram_gb=0, lease_s=0.05))
+        enforcing = asyncio.create_task(deployer.enforce())
+        try:
+            for _ in range(300):
+                if table.get("b") is None:
+                    break
+                await asyncio.sleep(0.01)
+            assert table.get("b") is None  # stopped while the stop of "a" hangs
+            assert table.get("a") is not None and table.busy("a")
+        finally:
+            enforcing.cancel()
+            await asyncio.gather(enforcing, return_exceptions=True)
+        await asyncio.wait_for(deployer.close(), 5)  # the stuck stop is cancelled, not waited on
+        assert not table.busy("a")
 
 
 class TestOffTheLoop:

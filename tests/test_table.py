@@ -6,14 +6,15 @@ import asyncio
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 
 from deploy_agent.convert import make_converter
 from deploy_agent.errors import NoGpuCapacity
 from deploy_agent.gpus import FakeGpus, GpuPool
-from deploy_agent.models import DeploySpec, Owner, Service
+from deploy_agent.models import DeploySpec, Lease, Owner, Service
 from deploy_agent.ports import NodePorts
-from deploy_agent.state import StateFile
+from deploy_agent.state import SavedState, StateFile
 from deploy_agent.table import ServiceTable
 
 CONVERTER = make_converter()
@@ -139,14 +140,14 @@ class TestStateFile:
         state_dir = tmp_path / "state"
         table = ServiceTable(NodePorts((29300, 29310)), gpus, StateFile(state_dir, CONVERTER))
         state_dir.mkdir()
-        (state_dir / ".services.json.tmp").mkdir()  # the temp file can't be written: like a full disk
+        (state_dir / "services.json").mkdir()  # it can't be replaced: writes fail, as on a full disk
         table.adopt(service("a", 29300, gpu=0, vram_gb=20))
         await table.persist()  # must not raise
         assert table.state_error is not None and table.state_write_failures == 1
         assert table.get("a") is not None
         with pytest.raises(NoGpuCapacity):
             table.reserve_gpu(Owner("b", "t"), 8)
-        (state_dir / ".services.json.tmp").rmdir()
+        (state_dir / "services.json").rmdir()
         await table.persist_if_dirty()
         assert table.state_error is None
         saved = json.loads((state_dir / "services.json").read_text())
@@ -166,6 +167,20 @@ class TestStateFile:
         table.abandon("attempt-1", "a")
         table.settle(attempts_seen=set(), removed=set())  # the engine may still create it
         assert table.is_abandoned("attempt-1")
+
+
+@attrs.define
+class Clocks:
+    """Stands in for the time module: a wall clock and a monotonic one, moved by the test."""
+
+    wall: float = 1_000_000.0
+    monotonic_s: float = 50.0
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.monotonic_s
 
 
 class TestLeases:
@@ -211,12 +226,30 @@ class TestLeases:
                                                          tmp_path: Path) -> None:
         import time
 
-        self.unpinned(table, "a", 29300)
-        lease = table.add_lease("a", 30)
-        lease.expires_at = time.time() - 100  # saved long ago, the agent down since
-        await table.persist()
+        lease = Lease(id="l1", service="a", lease_s=30, expires_at=time.time() - 100)
+        await StateFile(tmp_path, CONVERTER).save(SavedState([], leases=[lease]))  # the agent down since
         fresh = ServiceTable(NodePorts((29300, 29310)), table.gpus, StateFile(tmp_path, CONVERTER))
         fresh.restore(StateFile(tmp_path, CONVERTER).load())
         restored = fresh.lease("a", lease.id)
         assert time.time() + 29 < restored.expires_at <= time.time() + 30
+
+    async def test_wall_clock_step_never_expires_a_lease(self, table: ServiceTable, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        from deploy_agent import table as table_module
+        from deploy_agent.errors import LeaseNotFound
+
+        clocks = Clocks()
+        monkeypatch.setattr(table_module, "time", clocks)
+        self.unpinned(table, "a", 29300)
+        lease = table.add_lease("a", 60)
+        clocks.wall += 3600  # the clock is stepped an hour forward
+        clocks.monotonic_s += 1
+        assert table.lapsed() == [] and table.lease("a", lease.id) is lease
+        await table.persist()  # the file says when in wall-clock time: from the time left
+        saved = StateFile(tmp_path, CONVERTER).load()
+        assert saved is not None and saved.leases[0].expires_at == pytest.approx(clocks.wall + 59)
+        clocks.monotonic_s += 59  # its time is up
+        assert table.lapsed() == ["a"]
+        with pytest.raises(LeaseNotFound):
+            table.lease("a", lease.id)
 

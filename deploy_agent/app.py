@@ -22,6 +22,7 @@ from deploy_agent.api import (
     METRICS_KEY,
     RECONCILER_KEY,
     STREAMS_KEY,
+    SWARM_LOCK_KEY,
     TABLE_KEY,
     add_routes,
     error_middleware,
@@ -46,6 +47,7 @@ from deploy_agent.state import StateFile
 from deploy_agent.streams import Streams
 from deploy_agent.supervise import Supervisor
 from deploy_agent.swarm import SwarmEngine, SwarmGpus, SwarmRuntime
+from deploy_agent.swarm_lock import SwarmLock
 from deploy_agent.swarm_reconciler import SwarmReconciler
 from deploy_agent.table import ServiceTable
 
@@ -113,13 +115,16 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
                   config.instance, HostView(), config.allow_host_paths)
         runtime: Runtime
         reconciler: Reconciler
+        lock: SwarmLock | None = None
         if isinstance(engine, SwarmEngine):
             inventory = app[GPUS_KEY].inventory
             assert isinstance(inventory, SwarmGpus)
             runtime = swarm = SwarmRuntime(config, engine, probe, table, converter, inventory, events)
+            lock = SwarmLock(engine, config.state_dir, config.instance,
+                             f"{socket.gethostname()} port {config.port}")
+            app[SWARM_LOCK_KEY] = lock
             reconciler = SwarmReconciler(*common, swarm=engine, runtime=swarm,
-                                         node_grace_s=config.node_grace_s,
-                                         describe=f"{socket.gethostname()} port {config.port}")
+                                         node_grace_s=config.node_grace_s, lock=lock)
         else:
             runtime = LocalRuntime(config, engine, probe, table, converter)
             reconciler = Reconciler(*common)
@@ -138,11 +143,15 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         supervisor.start("stream-watch", app[STREAMS_KEY].watch)
         supervisor.start("event-log", events.keep_written)
         supervisor.start("enforce", deployer.enforce)
+        if lock is not None:
+            supervisor.start("swarm-lock", lock.keep_held)
         yield
         await supervisor.close()
         await deployer.close()
         await events.flush()
         probe.close()
+        if lock is not None:
+            await lock.release()  # last: the agent no longer touches the swarm
 
     async def end_streams(app: web.Application) -> None:
         app[STREAMS_KEY].end_all()

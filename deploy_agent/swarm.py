@@ -55,7 +55,6 @@ _LOGGER = logging.getLogger(__name__)
 
 GPU_ENGINE_LABEL = "deploy-agent.gpus"  # on each node's engine: [{"uuid", "name", "vram_gb"}]
 NODE_LABEL = "tidybot.node"  # the node id a service is pinned to
-LOCK_CONFIG = "deploy-agent.lock"  # exactly one --swarm agent per swarm
 TASK_POLL_S = 0.2
 TASK_GONE_MARGIN_S = 10.0  # past the stop grace, for the node to report its task stopped
 # Task states in which a task may hold a container, with its port and VRAM.
@@ -206,27 +205,32 @@ class SwarmEngine(Engine):
                 async for chunk in stream:
                     yield chunk
 
-    async def hold_lock(self, instance: str, node_id: str, describe: str) -> None:
-        """Take the swarm's one agent lock, or raise SwarmTaken naming its holder. The same
-        instance on the same node takes it back (it is that agent, restarted)."""
-        configs = await self._bounded("list configs", self._docker.configs.list(
-            filters={"name": [LOCK_CONFIG]}))
-        mine = {"instance": instance, "node": node_id}
-        for config in configs:
-            if config["Spec"]["Name"] != LOCK_CONFIG:
-                continue
-            labels = config["Spec"].get("Labels") or {}
-            if {k: labels.get(k) for k in mine} == mine:
-                return
-            raise SwarmTaken(f"another deploy-agent serves this swarm: {labels.get('describe')} "
-                             f"(instance {labels.get('instance')} on node {labels.get('node')}). "
-                             f"Stop it, or remove its claim with `docker config rm {LOCK_CONFIG}`.")
-        await self._bounded("create the agent's lock", self._docker.configs.create(
-            LOCK_CONFIG, describe, labels={**mine, "describe": describe}))
+    async def config_named(self, name: str) -> JSONObject | None:
+        """The Swarm config of exactly that name (the agent's lock), or None."""
+        configs = await self._bounded("list configs", self._docker.configs.list(filters={"name": [name]}))
+        return next((dict(c) for c in configs if c["Spec"]["Name"] == name), None)
 
+    async def create_config(self, name: str, data: str, labels: dict[str, str]) -> bool:
+        """Create it; False when one of that name exists already (another agent was first)."""
+        try:
+            await self._bounded(f"create config {name}", self._docker.configs.create(
+                name, data, labels=labels))
+        except EngineError as err:
+            if err.engine_status == 409:
+                return False
+            raise
+        return True
 
-class SwarmTaken(Exception):
-    """Another --swarm agent already serves this swarm."""
+    async def update_config_labels(self, config_id: str, version: int, labels: dict[str, str]) -> bool:
+        """Set its labels if it is still at `version`; False when it changed or is gone."""
+        try:
+            await self._bounded(f"update config {config_id}", self._docker.configs.update(
+                config_id, str(version), labels=labels))
+        except EngineError as err:
+            if err.engine_status == 404 or "out of sequence" in err.message:
+                return False
+            raise
+        return True
 
 
 def task_error(task: JSONObject) -> str:

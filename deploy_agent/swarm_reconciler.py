@@ -28,6 +28,7 @@ from deploy_agent.swarm import (
     port_error,
     service_from_swarm,
 )
+from deploy_agent.swarm_lock import SwarmLock
 from deploy_agent.table import Observation
 
 _LOGGER = logging.getLogger(__name__)
@@ -40,12 +41,12 @@ class SwarmReconciler(Reconciler):
     """The one-node reconciler's loops (engine liveness, resync, probes), fed from Swarm."""
 
     def __init__(self, *args: Any, swarm: SwarmEngine, runtime: SwarmRuntime,
-                 node_grace_s: float, describe: str, **kwargs: Any) -> None:
+                 node_grace_s: float, lock: SwarmLock, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._swarm = swarm
         self._runtime = runtime
         self._node_grace_s = node_grace_s
-        self._describe = describe  # who this agent is, for the swarm's lock
+        self._lock = lock  # the swarm's one agent lock; app.py keeps it fresh and releases it
         self._down_since: dict[str, float] = {}  # node id -> when it was first seen down
         self._running_task: dict[str, str] = {}  # service id -> the task last seen running
         self._reported_crashes: set[str] = set()  # tasks already reported as crashed
@@ -57,7 +58,7 @@ class SwarmReconciler(Reconciler):
         if not info.get("ControlAvailable"):
             raise SystemExit("deploy-agent: --swarm needs a swarm manager's engine; "
                              f"this one is {info.get('LocalNodeState') or 'not in a swarm'}")
-        await self._swarm.hold_lock(self._instance, str(info.get("NodeID")), self._describe)
+        await self._lock.take(str(info.get("NodeID")))
         recorded = self._table.restore(await asyncio.to_thread(self._state_file.load))
         self._recorded = {service.container_id: service for service in recorded}
         await self._look_at_nodes()

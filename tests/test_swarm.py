@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from deploy_agent.swarm_lock import HEARTBEAT_S, LOCK_CONFIG, STALE_BEATS, WATCH_BEATS
 from tests.agent_process import COMMAND, AgentProcess, AgentProcesses, free_port, get_json, post_json
 from tests.conftest import TEST_IMAGE
 from tests.swarm_lab import NODES, SwarmLab, can_build
@@ -254,6 +256,103 @@ class TestStore:
             capture_output=True, text=True, timeout=60)
         assert second.returncode != 0
         assert "another deploy-agent serves this swarm" in second.stderr and "Traceback" not in second.stderr
+
+
+@pytest.fixture
+def unstarted(lab: SwarmLab, agents: Any, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Agents in front of the lab's swarm with the default instance name, each in a state
+    dir of its own (or the one named), not started yet; killed afterwards."""
+    made: list[AgentProcess] = []
+
+    def make(state: str | None = None) -> AgentProcess:
+        agent = AgentProcess(tmp_path / (state or f"lock-{len(made)}"), "--swarm", "--docker-host",
+                             lab.socket("manager"), "--instance", "default")
+        made.append(agent)
+        return agent
+
+    try:
+        yield make
+    finally:
+        for agent in made:
+            agent.close()
+
+
+def outcome(agent: AgentProcess, timeout: float) -> int | None:
+    """None once it serves; its exit code if it exits first."""
+    assert agent.process is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if answers(agent.url):
+            return None
+        if (code := agent.process.poll()) is not None:
+            agent.process = None
+            return code
+        time.sleep(0.1)
+    raise AssertionError(f"agent neither served nor exited in {timeout} s: {agent.log.read_text()}")
+
+
+class TestTheLock:
+    """One agent per swarm, whatever its instance name: a restart takes its lock back, a
+    second agent is refused by name, a killed holder's lock is taken over after a bound."""
+
+    def test_a_second_agent_of_the_same_instance_is_refused(self, unstarted: Any) -> None:
+        first = unstarted()
+        first.start()
+        second = unstarted()
+        second.start(wait=False)
+        assert outcome(second, 30) not in (None, 0)
+        said = second.log.read_text()
+        assert "another deploy-agent serves this swarm" in said and f"port {first.port}" in said
+        assert "Traceback" not in said and answers(first.url)
+
+    def test_a_restarted_agent_takes_its_lock_back(self, unstarted: Any, lab: SwarmLab) -> None:
+        agent = unstarted()
+        agent.start()
+        holder = lock_labels(lab)["holder"]
+        agent.stop(signal.SIGKILL)
+        agent.start()  # at once: no waiting for the lock to go stale
+        assert lock_labels(lab)["holder"] == holder
+
+    def test_a_killed_holders_lock_is_taken_over(self, unstarted: Any, lab: SwarmLab) -> None:
+        first = unstarted()
+        first.start()
+        first.stop(signal.SIGKILL)
+        killed = time.monotonic()
+        bound = HEARTBEAT_S * (STALE_BEATS + WATCH_BEATS)
+        while True:  # each try refused while the killed one's heartbeat is fresh
+            second = unstarted()
+            second.start(wait=False)
+            if outcome(second, bound + 30) is None:
+                break
+            assert "another deploy-agent serves this swarm" in second.log.read_text()
+            assert time.monotonic() - killed < bound
+        assert time.monotonic() - killed < bound + 15  # + one start and a refused try
+        assert f"port {second.port}" in lock_labels(lab)["describe"]
+
+    def test_agents_started_at_once_one_serves(self, unstarted: Any) -> None:
+        racers = [unstarted() for _ in range(3)]
+        for agent in racers:
+            agent.start(wait=False)
+        outcomes = [outcome(agent, 60) for agent in racers]
+        assert outcomes.count(None) == 1 and all(code not in (None, 0) for code in outcomes if code
+                                                 is not None), outcomes
+        [winner] = [agent for agent, code in zip(racers, outcomes, strict=True) if code is None]
+        for loser in racers:
+            if loser is not winner:
+                said = loser.log.read_text()
+                assert f"another deploy-agent serves this swarm: {socket.gethostname()} port " \
+                       f"{winner.port}" in said and "Traceback" not in said and "409" not in said
+
+    def test_a_clean_stop_lets_another_start_at_once(self, unstarted: Any) -> None:
+        first = unstarted()
+        first.start()
+        assert first.stop() == 0
+        unstarted().start()
+
+
+def lock_labels(lab: SwarmLab) -> dict[str, str]:
+    found = lab.docker("manager", "config", "inspect", LOCK_CONFIG, "--format", "{{json .Spec.Labels}}")
+    return dict(json.loads(found.stdout))
 
 
 class TestNodeLoss:

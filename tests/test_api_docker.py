@@ -299,7 +299,8 @@ class TestBadInput:
         assert (await agent.get("/health")).status == 200
 
     async def test_non_json_body_is_400(self, agent: Client) -> None:
-        response = await agent.post("/deploy", data=b"{not json", headers={"Content-Type": "application/json"})
+        response = await agent.post("/deploy", data=b"{not json",
+                                    headers={"Content-Type": "application/json"})
         assert response.status == 400 and (await response.json())["error"] == "invalid_request"
 
     async def test_body_over_1_mib_is_413(self, agent: Client) -> None:

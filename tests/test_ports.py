@@ -7,8 +7,8 @@ import socket
 import pytest
 
 from deploy_agent.errors import NoPortAvailable
-from deploy_agent.ports import PortAllocator, bound_on_host
 from deploy_agent.models import Owner
+from deploy_agent.ports import PortAllocator, bound_on_host
 
 OWNER = Owner("svc", "attempt")
 

@@ -342,7 +342,7 @@ class TestNestedHostPaths:
         swap = subprocess.run(["docker", "exec", "tidybot-t-outer", "sh", "-c",
                                "rmdir /w/sub && ln -s / /w/sub"], capture_output=True, text=True)
         assert swap.returncode == 0, swap.stderr
-        assert os.readlink(data / "a" / "sub") == "/"  # it really is the host's path now
+        assert (data / "a" / "sub").readlink() == Path("/")  # it really is the host's path now
         status, answer = await deploy(client, name="t-inner", volumes=[f"{data}/a/sub:/x"])
         assert (status, answer["error"]) == (403, "mount_not_allowed"), answer
         assert sorted(test_containers()) == ["tidybot-t-beside", "tidybot-t-outer"]

@@ -98,7 +98,8 @@ def spec(rng: random.Random, name: str) -> dict[str, Any]:
 
 def follow_and_drop(agent: AgentProcess, name: str, hold_s: float) -> None:
     with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as sock:
-        sock.sendall(f"GET /services/{name}/logs?follow=1&tail=5 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        sock.sendall(f"GET /services/{name}/logs?follow=1&tail=5 HTTP/1.1\r\n"
+                     "Host: 127.0.0.1\r\n\r\n".encode())
         sock.settimeout(hold_s + 0.5)
         deadline = time.monotonic() + hold_s
         while time.monotonic() < deadline:

@@ -127,7 +127,8 @@ class TestReservations:
         assert table.reserve_gpu(Owner("b", "t"), 24).index == 0
 
     async def test_concurrent_port_reservations_never_collide(self, table: ServiceTable) -> None:
-        ports = await asyncio.gather(*(table.reserve_port(Owner("probe", "t"), 29300, set()) for _ in range(11)))
+        ports = await asyncio.gather(*(table.reserve_port(Owner("probe", "t"), 29300, set())
+                                       for _ in range(11)))
         assert sorted(ports) == list(range(29300, 29311))
 
 

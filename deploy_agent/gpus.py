@@ -5,7 +5,8 @@ agent's reservations and the latest reading, and places a service on the GPU wit
 lowest committed fraction that still has room:
 
     reserved  = declared vram_gb of the agent's services on it, deploys in flight included
-    foreign   = memory used by processes outside the agent's containers
+    foreign   = memory used by processes outside the agent's containers (all the GPU's
+                use when the driver hides memory per process: a safe bound)
     free      = total - reserved - foreign
 """
 
@@ -18,7 +19,7 @@ import logging
 import re
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import attrs
 
@@ -251,6 +252,12 @@ class ServiceVram:
     used_gb: float | None
 
 
+# How a GPU's foreign use is known: per process from NVML; the whole GPU's use when the
+# driver hides memory per process (a safe bound); or not at all (fake GPUs, another
+# node's GPU), when placement counts only declarations.
+VramAccounting = Literal["per_process", "whole_gpu", "declared"]
+
+
 @attrs.frozen
 class GpuView:
     """A `GET /gpus` entry."""
@@ -269,6 +276,7 @@ class GpuView:
     service_vram: list[ServiceVram]
     node_name: str | None
     node_id: str | None
+    vram_accounting: VramAccounting
 
 
 def overuse_margin_gb(declared_gb: float) -> float:
@@ -372,11 +380,14 @@ class GpuPool:
     def foreign_gb(self, reading: GpuReading, freeing: Owner | None = None) -> float:
         """Memory used by anything but the services reserved on this GPU: per process when
         known (a process whose container is gone counts until the driver frees it), else
-        used minus reserved. `freeing`: a service counted as gone, memory and all."""
+        all the GPU's use: which of it is the services' is unknown, and memory they declared
+        but haven't touched yet must not hide foreign use (this counts their use twice).
+        `freeing`: a service counted as gone, memory and all (its memory only where it is
+        known per process)."""
         if reading.processes is None:
             if reading.used_gb is None:
                 return 0.0  # not known: placement counts declarations
-            return max(0.0, reading.used_gb - self.reserved_gb(reading.index))
+            return reading.used_gb
         mine = self._mine_on(reading.index)
         if freeing is not None and freeing.name in self._containers:
             mine.add(self._containers[freeing.name])
@@ -468,6 +479,8 @@ class GpuPool:
                                           _gb_or_none(self.observed_gb(name, r.index)))
                               for name in services],
                 node_name=r.node_name, node_id=r.node,
+                vram_accounting=("declared" if self.inventory.simulated or r.used_gb is None
+                                 else "whole_gpu" if r.processes is None else "per_process"),
             ))
         return views
 

@@ -122,13 +122,21 @@ class TestAccounting:
         assert (view.vram_foreign_gb, view.vram_committed_gb) == (12, 8 + 12)
         assert view.vram_free_gb == 24 - 8 - 12
 
-    async def test_without_process_info_foreign_is_used_minus_reserved(self) -> None:
+    async def test_without_process_info_all_use_is_foreign(self) -> None:
         pool = await pool_of(reading(0, used=10, processes=None))
         pool.claim(Owner("svc", "t"), 0, 8)
-        assert pool.views()[0].vram_foreign_gb == 2
-        pool.claim(Owner("svc", "t"), 0, 16)
-        assert pool.views()[0].vram_foreign_gb == 0  # never below zero
-        assert pool.views()[0].service_vram[0].used_gb is None  # unknown, not 0
+        view = pool.views()[0]
+        assert (view.vram_foreign_gb, view.vram_committed_gb) == (10, 8 + 10)
+        assert view.service_vram[0].used_gb is None  # unknown, not 0
+
+    async def test_hidden_processes_never_over_commit(self) -> None:
+        """The issue's case: a service declaring 10 GB uses 2 beside 8 GB foreign, unseen."""
+        pool = await pool_of(reading(0, used=2 + 8, processes=None))
+        pool.reserve(Owner("svc", "t"), 10)
+        assert pool.views()[0].vram_free_gb == 4  # not 14: its untouched 8 GB can't hide foreign use
+        with pytest.raises(NoGpuCapacity):
+            pool.reserve(Owner("next", "t"), 12)
+        assert pool.reserve(Owner("small", "t"), 4).index == 0
 
     async def test_foreign_use_steers_placement(self) -> None:
         pool = await pool_of(reading(0, used=20, processes=(GpuProcess(9, 20, None),)), reading(1))
@@ -142,6 +150,20 @@ class TestAccounting:
         view = pool.views()[0]
         assert (view.id, view.vram_total_gb, view.vram_used_gb) == (0, 24, 3)
         assert (view.vram_reserved_gb, view.vram_free_gb, view.services) == (8, 13, ["svc"])
+
+    @pytest.mark.parametrize(("gpu", "accounting"), [
+        (reading(0, used=3), "per_process"),
+        (reading(0, used=3, processes=None), "whole_gpu"),
+        (GpuReading(index=0, uuid="GPU-0", name="H100", total_gb=80, used_gb=None,
+                    node="n1", node_index=0, node_name="n1"), "declared"),  # a swarm's GPU
+    ])
+    async def test_views_say_which_accounting(self, gpu: GpuReading, accounting: str) -> None:
+        assert (await pool_of(gpu)).views()[0].vram_accounting == accounting
+
+    async def test_fake_gpus_count_declarations(self) -> None:
+        pool = GpuPool(FakeGpus("RTX 4090:24"))
+        await pool.refresh({})
+        assert pool.views()[0].vram_accounting == "declared"
 
 
 class TestObservedMemory:

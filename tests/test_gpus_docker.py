@@ -36,6 +36,7 @@ class TestFakeGpuPlacement:
         listing = await gpus(agent)
         assert [(g["id"], g["name"], g["vram_total_gb"], g["vram_free_gb"]) for g in listing] == [
             (0, "RTX 4090", 24, 24), (1, "RTX 4090", 24, 24)]
+        assert [g["vram_accounting"] for g in listing] == ["declared", "declared"]  # simulated
         for key in ("uuid", "vram_used_gb", "vram_reserved_gb", "utilization_pct", "services"):
             assert key in listing[0]
 

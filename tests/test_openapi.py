@@ -57,7 +57,7 @@ class TestDocument:
 
         from deploy_agent.convert import MANIFEST_DEPLOY, MANIFEST_REQUIRES, MANIFEST_TOP, REQUEST_KEYS
         from deploy_agent.events import KINDS, Event
-        from deploy_agent.gpus import GpuView
+        from deploy_agent.gpus import GpuView, VramAccounting
         from deploy_agent.models import (
             DeployAnswer,
             DeploySpec,
@@ -79,6 +79,8 @@ class TestDocument:
         assert set(manifest["requires"]["properties"]) == set(MANIFEST_REQUIRES)
         assert tuple(schemas["Event"]["properties"]["kind"]["enum"]) == KINDS
         assert schemas["Service"]["properties"]["status"]["enum"] == list(typing.get_args(Status))
+        assert (schemas["Gpu"]["properties"]["vram_accounting"]["enum"]
+                == list(typing.get_args(VramAccounting)))
         for schema, model in (("Health", HealthAnswer), ("Service", ServiceView), ("Gpu", GpuView),
                               ("DeployAnswer", DeployAnswer), ("Event", Event),
                               ("DryRunAnswer", DryRunAnswer)):

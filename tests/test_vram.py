@@ -146,6 +146,7 @@ class TestMeasured:
         agent, nvml = nvml_agents()
         nvml.report(0, [(1, 20)])  # PID 1 of the host: not a container, someone else's job
         wait_until(lambda: gpus(agent)[0]["vram_foreign_gb"] == 20, timeout=5)
+        assert [g["vram_accounting"] for g in gpus(agent)] == ["per_process", "per_process"]
         status, answer = deploy(agent, "t-avoid", gpu=True, vram_gb=8)
         assert status == 200 and answer["gpu"] == 1
 
@@ -171,6 +172,21 @@ class TestMeasured:
         wait_until(lambda: gpus(agent)[0]["vram_used_gb"] == 3, timeout=5)
         assert agent.services()["t-hidden"]["vram_used_gb"] is None
         assert gpus(agent)[0]["service_vram"][0]["used_gb"] is None
+        assert [g["vram_accounting"] for g in gpus(agent)] == ["whole_gpu", "per_process"]
+
+    def test_hidden_per_process_memory_leaves_no_room_to_over_commit(self, nvml_agents: Any) -> None:
+        """The issue's check: 10 GB declared, 2 used beside 8 foreign, unseen, leaves 4 free."""
+        agent, nvml = nvml_agents()
+        status, first = deploy(agent, "t-hide-10", gpu=True, vram_gb=10)
+        assert status == 200 and first["gpu"] == 0, first
+        nvml.report(0, [(pid_of("t-hide-10"), 2)], other_gb=8, hide=True)
+        nvml.report(1, [(1, 22)])  # GPU 1 is someone else's: only GPU 0 could take 4 GB
+        wait_until(lambda: [g["vram_used_gb"] for g in gpus(agent)] == [10, 22], timeout=5)
+        assert [g["vram_free_gb"] for g in gpus(agent)] == [4, 2]  # GPU 0: not 14
+        status, refused = deploy(agent, "t-hide-12", gpu=True, vram_gb=12)
+        assert (status, refused["error"], refused["free_gb"]) == (503, "no_gpu_capacity", {"0": 4, "1": 2})
+        status, placed = deploy(agent, "t-hide-4", gpu=True, vram_gb=4)
+        assert status == 200 and placed["gpu"] == 0, placed
 
 
 @needs_driver
@@ -209,6 +225,7 @@ class TestDryRun:
         assert (answer["dry_run"], answer["already_running"], answer["pull_needed"]) == (True, False, False)
         assert answer["gpu"] == 0 and 28500 <= answer["port"] <= 28599 and answer["status"] is None
         assert test_containers() == [] and [g["vram_reserved_gb"] for g in gpus(agent)] == [0, 0]
+        assert [g["vram_accounting"] for g in gpus(agent)] == ["declared", "declared"]  # fake GPUs
         real = deploy(agent, "t-dry", gpu=True, vram_gb=20, port=8000)[1]
         assert (real["gpu"], real["port"]) == (answer["gpu"], answer["port"])  # it said the truth
         status, again = self.dry(agent, "t-dry", gpu=True, vram_gb=20, port=8000)

@@ -118,6 +118,14 @@ class Reconciler:
         # Re-checked after the await: a deploy or stop of the name may have come and gone.
         if found is None or not seen.current(found.spec.name):
             return None
+        if info.get("State", {}).get("Status") == "created":
+            # Its deploy ended (the agent was killed) between create and start: finish it.
+            _LOGGER.info("Starting %s: its deploy stopped before it started the container",
+                         found.spec.name)
+            await self._engine.start(info["Id"])
+            found.status, found.exit_code = "starting", None
+            if not seen.current(found.spec.name):
+                return None
         self._restore_holders(found, info["Config"].get("Labels") or {})
         self._table.adopt(found)
         self._events.emit("adopted", found.spec.name, reason, image=found.spec.image,

@@ -144,6 +144,22 @@ class TestCrashMidDeploy:
         assert post_json(agent.url + "/stop", {"name": "t-mid"})[0] == 200
         assert test_containers() == []
 
+    def test_killed_between_create_and_start_is_started_on_restart(self, agent: AgentProcess) -> None:
+        agent.stop(signal.SIGKILL)
+        spec = json.dumps({"name": "t-created", "image": TEST_IMAGE, "port": 8000})
+        subprocess.run(  # as the deploy left it: created with the agent's labels, never started
+            ["docker", "create", "--name", "tidybot-t-created", "-p", "127.0.0.1:28598:8000",
+             "--label", f"tidybot.deploy-agent=test-{agent.port}", "--label",
+             "tidybot.attempt=killed-attempt", "--label", f"tidybot.spec={spec}",
+             "--label", "tidybot.host-port=28598", TEST_IMAGE],
+            capture_output=True, text=True, check=True)
+        agent.start()
+        assert agent.services()["t-created"]["status"] != "exited"  # no exit happened
+        wait_until(lambda: agent.services()["t-created"]["status"] == "healthy")
+        assert deploy(agent, "t-created")["already_running"] is True
+        assert post_json(agent.url + "/stop", {"name": "t-created"})[0] == 200
+        assert test_containers() == []
+
 
 class TestGracefulShutdown:
     """SIGTERM lets a deploy in flight finish, flushes state, exits 0; services keep running."""

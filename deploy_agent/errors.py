@@ -124,6 +124,16 @@ class EngineUnavailable(AgentError):
     code = "engine_unavailable"
 
 
+def may_have_happened(err: BaseException) -> bool:
+    """Whether a create that raised `err` may still take effect: the engine didn't answer
+    (or answered a server error), or the call was cancelled on its way. Only a refusal the
+    engine answered (4xx) or the agent raised before sending says it did not happen."""
+    if isinstance(err, EngineError):
+        status = err.engine_status
+        return status is None or status >= 500
+    return isinstance(err, EngineUnavailable) or not isinstance(err, AgentError)
+
+
 class NoGpu(AgentError):
     """The request needs a GPU and this node has none."""
 

@@ -20,6 +20,7 @@ from deploy_agent.errors import (
     MountNotAllowed,
     NoPortAvailable,
     PortTaken,
+    may_have_happened,
 )
 from deploy_agent.gpus import Assignment
 from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, JSONObject, Lease, Owner, Service, new_attempt
@@ -155,8 +156,8 @@ class LocalRuntime:
                                       pids_limit=self._config.service_pids_limit)
             try:
                 container_id = await self._engine.create(spec.container_name, config)
-            except EngineUnavailable:
-                attempt.created_unknown = True  # the engine may still act on the request
+            except BaseException as err:
+                attempt.created_unknown = may_have_happened(err)
                 raise
             attempt.service = Service(spec=spec, container_id=container_id, host_port=host_port,
                                       gpu=gpu, pinned=attempt.lease is None,

@@ -63,8 +63,11 @@ class Runtime(Protocol):
 
     async def stop(self, service: Service, grace_s: int) -> None:
         """Stop it (grace, then kill) and return only once nothing of it runs: its VRAM and
-        port are free on the node (a node that doesn't answer bounds the wait). It is
-        removed by discard()."""
+        port are free on the node. One engine: the container has exited. A swarm: its task
+        is gone (a node that is down bounds the wait; one that is up and still runs it past
+        the grace is an EngineError, and the service keeps what it holds). A stop cut off
+        half-way is finished by the next pass or start, never undone. It is removed by
+        discard()."""
 
     async def discard(self, service: Service) -> None:
         """Remove what runs the service, returning only once nothing of it runs (so a

@@ -33,6 +33,7 @@ from deploy_agent.errors import (
     NoGpuCapacity,
     NoPortAvailable,
     PortTaken,
+    may_have_happened,
 )
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import GIB, Assignment, GpuReading
@@ -55,6 +56,9 @@ _LOGGER = logging.getLogger(__name__)
 
 GPU_ENGINE_LABEL = "deploy-agent.gpus"  # on each node's engine: [{"uuid", "name", "vram_gb"}]
 NODE_LABEL = "tidybot.node"  # the node id a service is pinned to
+# On a Swarm service the agent is stopping: scaled to nothing on its way out, never waiting
+# for room. A stop cut off (a crash, a shutdown) is finished by the next agent, not undone.
+ENDING_LABEL = "tidybot.ending"
 TASK_POLL_S = 0.2
 TASK_GONE_MARGIN_S = 10.0  # past the stop grace, for the node to report its task stopped
 # Task states in which a task may hold a container, with its port and VRAM.
@@ -411,8 +415,8 @@ class SwarmRuntime:
             try:
                 service_id = await self._engine.create_service(
                     self.service_body(spec, node, launch.assignment, port, attempt, launch.lease))
-            except EngineUnavailable:
-                created_unknown = True  # a create that timed out may still happen
+            except BaseException as err:
+                created_unknown = may_have_happened(err)  # a create that timed out may still happen
                 raise
             service = Service(spec=spec, container_id=service_id, host_port=port,
                               gpu=launch.assignment.local_index if launch.assignment else None,
@@ -503,16 +507,24 @@ class SwarmRuntime:
 
     # -- stopping: only once the task is gone ----------------------------------------------
 
-    async def _scale(self, service_id: str, replicas: int) -> JSONObject | None:
-        """Run `replicas` copies (0 or 1); the service as it was, None when it is gone."""
+    async def _scale(self, service_id: str, replicas: int, ending: bool = False) -> JSONObject | None:
+        """Run `replicas` copies (0 or 1), marked as ending when it is on its way out; the
+        service as it was, None when it is gone."""
         found = await self._engine.service(service_id)
         if found is None:
             return None
         spec = found["Spec"]
-        if (spec.get("Mode") or {}).get("Replicated", {}).get("Replicas") != replicas:
+        labels = spec.get("Labels") or {}
+        marked = not ending or ENDING_LABEL in labels
+        if (spec.get("Mode") or {}).get("Replicated", {}).get("Replicas") != replicas or not marked:
             spec = {**spec, "Mode": {"Replicated": {"Replicas": replicas}}}
+            if ending:
+                spec["Labels"] = {**labels, ENDING_LABEL: "1"}
             await self._engine.update_service(found["ID"], found["Version"]["Index"], spec)
         return found
+
+    def _live_tasks(self, tasks: list[JSONObject]) -> list[JSONObject]:
+        return [t for t in tasks if (t.get("Status") or {}).get("State") in LIVE_TASK_STATES]
 
     async def _wait_tasks_gone(self, service_id: str, within_s: float) -> None:
         """Until no task of the service may still hold a container (its VRAM and port), or
@@ -520,26 +532,33 @@ class SwarmRuntime:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within_s
         while True:
-            live = [t for t in await self._engine.tasks([service_id])
-                    if (t.get("Status") or {}).get("State") in LIVE_TASK_STATES]
+            live = self._live_tasks(await self._engine.tasks([service_id]))
             if not live:
                 return
             if loop.time() >= deadline:
-                _LOGGER.warning("The task of Swarm service %s has not stopped within %.0f s (its "
-                                "node may be down); going on", service_id[:12], within_s)
+                on_ready = sorted({node.hostname for t in live
+                                   if (node := self.nodes.get(str(t.get("NodeID")))) is not None
+                                   and node.ready})
+                if on_ready:  # it may still hold its VRAM and port there: not gone, not freed
+                    raise EngineError(f"The task of Swarm service {service_id[:12]} still runs on "
+                                      f"{', '.join(on_ready)} {within_s:.0f} s after it was told "
+                                      "to stop; it keeps its port and GPU. Try the stop again.")
+                _LOGGER.warning("The task of Swarm service %s has not stopped within %.0f s; its "
+                                "node is down, going on", service_id[:12], within_s)
                 return
             await asyncio.sleep(TASK_POLL_S)
 
     async def _end(self, service_id: str, grace_s: int | None = None) -> None:
-        """Scale to nothing, wait for the task to be gone, remove the service."""
+        """Scale to nothing (marked as ending), wait for the task to be gone, remove the service."""
         grace = self._config.stop_timeout if grace_s is None else grace_s
-        if await self._scale(service_id, 0) is not None:
+        if await self._scale(service_id, 0, ending=True) is not None:
             await self._wait_tasks_gone(service_id, grace + TASK_GONE_MARGIN_S)
         await self._engine.remove_service(service_id)
 
     async def stop(self, service: Service, grace_s: int) -> None:
-        """Scale to nothing and return once its task is gone (grace, then kill, on the node)."""
-        if await self._scale(service.container_id, 0) is not None:
+        """Scale to nothing and return once its task is gone (grace, then kill, on the node);
+        EngineError while it still runs on a node that is up."""
+        if await self._scale(service.container_id, 0, ending=True) is not None:
             await self._wait_tasks_gone(service.container_id, grace_s + TASK_GONE_MARGIN_S)
 
     async def discard(self, service: Service) -> None:

@@ -15,11 +15,12 @@ import logging
 import time
 from typing import Any
 
-from deploy_agent.errors import AgentError
+from deploy_agent.errors import AgentError, EngineUnavailable
 from deploy_agent.models import CONTAINER_PREFIX, LIVE_STATUSES, JSONObject, Service
 from deploy_agent.reconciler import Reconciler
 from deploy_agent.state import attempt_of, parse_docker_time
 from deploy_agent.swarm import (
+    ENDING_LABEL,
     SwarmEngine,
     SwarmNode,
     SwarmRuntime,
@@ -100,6 +101,13 @@ class SwarmReconciler(Reconciler):
             _LOGGER.info("Removing the Swarm service %s of an abandoned deploy", found["ID"][:12])
             await self._swarm.remove_service(found["ID"])
             return attempt
+        if ENDING_LABEL in labels:  # a stop that was cut off: finish it, never start it again
+            name = str((found.get("Spec") or {}).get("Name") or "").removeprefix(CONTAINER_PREFIX)
+            _LOGGER.info("Removing the Swarm service %s (%s): its stop was cut off",
+                         found["ID"][:12], name)
+            await self._swarm.remove_service(found["ID"])
+            self._events.emit("removed", name, "stop_finished")
+            return None
         service = service_from_swarm(self._converter, found, self._instance, self._runtime.nodes)
         if service is None or not seen.current(service.spec.name):
             return None
@@ -131,19 +139,36 @@ class SwarmReconciler(Reconciler):
                         removed.add(gone)
         self._table.settle(attempts, removed)
         services = self._table.services()
-        tasks = await self._swarm.tasks([s.container_id for s in services])
+        tasks = await self._tasks_of(services)
         for service in services:
-            if not self._table.busy(service.spec.name):
+            if not self._table.busy(service.spec.name) and service.container_id in tasks:
                 async with self._each(service.spec.name):
-                    await self._follow_tasks(service, [t for t in tasks
-                                                       if t.get("ServiceID") == service.container_id],
+                    await self._follow_tasks(service, tasks[service.container_id],
                                              updated_at.get(service.container_id, 0.0))
         tracked = {s.container_id for s in services}
         self._running_task = {k: v for k, v in self._running_task.items() if k in tracked}
         self._crashed_since &= tracked
-        self._reported_crashes &= {task["ID"] for task in tasks}
+        if tasks.keys() >= tracked:  # every task seen: forget the crashes of tasks gone
+            self._reported_crashes &= {task["ID"] for of_one in tasks.values() for task in of_one}
         await self._probe_all()
         await self._table.persist_if_dirty()
+
+    async def _tasks_of(self, services: list[Service]) -> dict[str, list[JSONObject]]:
+        """Each service's tasks, by service ID: in one call, or (when the manager refuses
+        that one, e.g. for a service removed since the listing) one call each, so that one
+        refusal stays with its service and the others are still followed."""
+        ids = [s.container_id for s in services]
+        try:
+            everyone = await self._swarm.tasks(ids)
+        except EngineUnavailable:
+            raise
+        except AgentError:
+            found: dict[str, list[JSONObject]] = {}
+            for service in services:
+                async with self._each(service.spec.name):
+                    found[service.container_id] = await self._swarm.tasks([service.container_id])
+            return found
+        return {sid: [t for t in everyone if t.get("ServiceID") == sid] for sid in ids}
 
     async def _follow_tasks(self, service: Service, tasks: list[JSONObject], updated_at: float) -> None:
         """Status, crashes and restarts from its tasks; placed again when its node is lost,

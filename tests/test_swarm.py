@@ -248,6 +248,23 @@ class TestStore:
                    timeout=15)
         assert deploy(agent, "t-keep-0", gpu=True, vram_gb=12)[1]["already_running"] is True
 
+    def test_a_stop_cut_off_is_finished_not_undone(self, lab: SwarmLab, agents: Any) -> None:
+        """Killed while a stop waited for the task to go: the next agent removes the service,
+        never adopts it as pending and starts it again."""
+        agent = agents()
+        assert deploy(agent, "t-halfstop")[0] == 200
+        agent.stop(signal.SIGKILL)
+        # Where the stop was when the agent died: scaled to nothing, marked as ending.
+        lab.docker("manager", "service", "update", "--detach", "--replicas", "0",
+                   "--label-add", "tidybot.ending=1", "tidybot-t-halfstop")
+        agent.start()
+        assert "t-halfstop" not in {s["name"] for s in get_json(agent.url + "/services")}
+        assert not lab.docker("manager", "service", "ls", "-q", "--filter",
+                              "name=tidybot-t-halfstop").stdout.strip()
+        since_start = [(e["kind"], e["reason"]) for e in get_json(agent.url + "/events")
+                       if e["service"] == "t-halfstop" and e["kind"] != "deployed"]
+        assert since_start == [("removed", "stop_finished")]
+
     def test_a_second_swarm_agent_is_refused(self, lab: SwarmLab, agents: Any, tmp_path: Path) -> None:
         agents()
         second = subprocess.run(

@@ -7,23 +7,35 @@ books: who holds which port and GPU on which node, through every re-placement.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from pathlib import Path
 from typing import Any
-from unittest.mock import MagicMock
+from unittest.mock import AsyncMock, MagicMock
 
 import attrs
 import pytest
+from aiodocker.exceptions import DockerError
 
 from deploy_agent.convert import make_converter
 from deploy_agent.errors import EngineError, EngineUnavailable
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import GpuPool
+from deploy_agent.hostview import HostView
 from deploy_agent.models import DeploySpec, JSONObject, Lease, Owner, Service
 from deploy_agent.ports import NodePorts
 from deploy_agent.probe import HealthProbe
 from deploy_agent.state import ATTEMPT_LABEL, StateFile
-from deploy_agent.swarm import SwarmEngine, SwarmGpus, SwarmNode, SwarmRuntime, service_from_swarm
+from deploy_agent.swarm import (
+    ENDING_LABEL,
+    SwarmEngine,
+    SwarmGpus,
+    SwarmNode,
+    SwarmRuntime,
+    service_from_swarm,
+)
+from deploy_agent.swarm_lock import SwarmLock
+from deploy_agent.swarm_reconciler import SwarmReconciler
 from deploy_agent.table import ServiceTable
 from tests.conftest import make_config
 
@@ -45,6 +57,21 @@ class FakeManager:
     create_fails: BaseException | None = None
     update_fails: BaseException | None = None
     created: int = 0
+    task_list: dict[str, list[JSONObject]] = attrs.field(factory=dict)  # by service ID
+    create_waits: asyncio.Event | None = None  # the manager has the body, the answer waits
+    create_received: asyncio.Event = attrs.field(factory=asyncio.Event)
+    remove_waits: asyncio.Event | None = None
+    swarm_nodes: list[SwarmNode] = attrs.field(factory=list)
+    vanishing: str | None = None  # removed right after the next listing of services
+
+    async def nodes(self) -> list[SwarmNode]:
+        return list(self.swarm_nodes)
+
+    async def managed_services(self) -> list[JSONObject]:
+        listed = copy.deepcopy(list(self.services.values()))
+        if self.vanishing is not None:
+            self.services.pop(self.vanishing)
+        return listed
 
     async def service(self, name_or_id: str) -> JSONObject | None:
         found = self.services.get(name_or_id) or next(
@@ -52,6 +79,11 @@ class FakeManager:
         return copy.deepcopy(found)
 
     async def create_service(self, body: JSONObject) -> str:
+        if self.create_waits is not None:
+            service_id = self._store(body)
+            self.create_received.set()
+            await self.create_waits.wait()
+            return service_id
         if self.create_fails is not None:
             if isinstance(self.create_fails, EngineUnavailable):  # it happened all the same
                 self._store(body)
@@ -72,10 +104,15 @@ class FakeManager:
         found["Spec"], found["Version"] = copy.deepcopy(spec), {"Index": version + 1}
 
     async def remove_service(self, service_id: str) -> None:
+        if self.remove_waits is not None:
+            await self.remove_waits.wait()
         self.services.pop(service_id, None)
 
     async def tasks(self, service_ids: list[str]) -> list[JSONObject]:
-        return []
+        """As dockerd does: a filter naming a service that is gone is a 404 for the whole call."""
+        if missing := [sid for sid in service_ids if sid not in self.services]:
+            raise EngineError(f"service {missing[0]} not found")
+        return [task for sid in service_ids for task in self.task_list.get(sid, [])]
 
     def replicas(self, service_id: str) -> int:
         return int(self.services[service_id]["Spec"]["Mode"]["Replicated"]["Replicas"])
@@ -278,14 +315,139 @@ class TestUnknownCreates:
         assert lab.table.port_holder(8000, "n1") is None
         assert all(v.vram_reserved_gb == 0 for v in lab.table.gpus.views())
 
-    async def test_close_waits_for_rollbacks(self, lab: Lab) -> None:
+    async def test_a_create_cancelled_on_its_way_is_abandoned(self, lab: Lab) -> None:
+        """Shutdown cancels a deploy while the manager works on the create: it may still
+        happen, so it is abandoned, never adopted later as a service nobody asked for."""
         lab.see(node("n1", "host1"))
         await lab.refresh()
-        lab.manager.create_fails = EngineError("Docker refused to create service")
+        lab.manager.create_waits = asyncio.Event()
+        launching = asyncio.create_task(_launch(lab, "cut", gpu=True, vram_gb=8))
+        await lab.manager.create_received.wait()
+        launching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await launching
+        [created] = lab.manager.services.values()
+        assert lab.table.is_abandoned(created["Spec"]["Labels"][ATTEMPT_LABEL])
+        assert lab.table.port_holder(8000, "n1") is None
+
+    async def test_a_server_error_on_create_is_abandoned_a_refusal_is_not(
+            self, lab: Lab, tmp_path: Path) -> None:
+        lab.see(node("n1", "host1"))
+        await lab.refresh()
+        lab.manager.create_fails = engine_error(500, "context deadline exceeded")
         with pytest.raises(EngineError):
-            await _launch(lab, "refused")
-        await lab.runtime.close()
-        assert not lab.runtime._rollbacks
+            await _launch(lab, "quorum")
+        lab.manager.create_fails = engine_error(400, "invalid mount config")
+        with pytest.raises(EngineError):
+            await _launch(lab, "invalid")
+        saved = StateFile(tmp_path, CONVERTER).load()  # what a restart will know
+        assert saved is not None and [entry.name for entry in saved.abandoned] == ["quorum"]
+
+    async def test_close_waits_for_rollbacks(self, lab: Lab) -> None:
+        """A deploy cancelled while its service is removed: close() returns only once the
+        removal is done."""
+        lab.see(node("n1", "host1"))
+        await lab.refresh()
+        waiting = asyncio.Event()
+
+        async def never_healthy(service: Service, progress: Any) -> None:
+            del service, progress
+            waiting.set()
+            await asyncio.Event().wait()
+        lab.runtime._wait_healthy = never_healthy  # type: ignore[method-assign]
+        launching = asyncio.create_task(
+            lab.runtime.launch(spec_of("slow-rollback"), lambda event: None, None))
+        await waiting.wait()  # created and tracked; now waiting to be healthy
+        lab.manager.remove_waits = asyncio.Event()
+        launching.cancel()
+        closing = asyncio.create_task(lab.runtime.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done() and lab.manager.services  # the rollback is still removing
+        lab.manager.remove_waits.set()
+        await closing
+        assert not lab.manager.services
+        with pytest.raises(asyncio.CancelledError):
+            await launching
+
+
+def engine_error(status: int, message: str) -> EngineError:
+    """An EngineError as the adapter raises it from the engine's answer."""
+    try:
+        raise EngineError(f"Docker refused to create service: {message}") from DockerError(
+            status, message)
+    except EngineError as err:
+        return err
+
+
+class TestStopsWaitForTheTask:
+    """A stop returns once the task is gone; one that still runs on a node that is up keeps
+    its port and GPU (an error, tried again), one on a node that is down does not block."""
+
+    async def test_a_task_still_running_on_a_ready_node_fails_the_stop(
+            self, lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("deploy_agent.swarm.TASK_GONE_MARGIN_S", 0.05)
+        lab.see(node("n1", "host1"))
+        await lab.refresh()
+        stuck = lab.adopt("stuck", "n1", 8000, gpu=0, vram_gb=24)
+        lab.manager.task_list[stuck.container_id] = [running_task(stuck, "n1")]
+        with pytest.raises(EngineError, match="still runs on host1"):
+            await lab.runtime.stop(stuck, 0)
+        assert lab.table.port_holder(8000, "n1") == stuck.owner  # nothing freed
+        labels = lab.manager.services[stuck.container_id]["Spec"]["Labels"]
+        assert labels[ENDING_LABEL] == "1" and lab.manager.replicas(stuck.container_id) == 0
+
+    async def test_a_task_on_a_node_that_is_down_does_not_block(
+            self, lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("deploy_agent.swarm.TASK_GONE_MARGIN_S", 0.05)
+        lab.see(node("n1", "host1"))
+        await lab.refresh()
+        lost = lab.adopt("lost", "n1", 8000)
+        lab.manager.task_list[lost.container_id] = [running_task(lost, "n1")]
+        lab.see(node("n1", "host1", ready=False))
+        await lab.runtime.stop(lost, 0)  # returns: the node will drop it when it comes back
+
+    async def test_parking_is_not_ending(self, lab: Lab) -> None:
+        lab.see(node("n1", "host1"), node("n2", "host2", ready=False))
+        await lab.refresh()
+        waiting = lab.adopt("waiting", "n2", 8000, gpu=0, vram_gb=30)
+        await lab.runtime.place_again(waiting, "node_down")
+        assert waiting.status == "pending"
+        assert ENDING_LABEL not in lab.manager.services[waiting.container_id]["Spec"]["Labels"]
+
+
+def running_task(service: Service, node_id: str) -> JSONObject:
+    return {"ID": f"task-{service.spec.name}", "ServiceID": service.container_id,
+            "NodeID": node_id, "Status": {"State": "running"}}
+
+
+class TestOneRefusalPerService:
+    """A service removed between the listing and the task list is that service's refusal:
+    the others are still followed in the same pass."""
+
+    async def test_a_vanished_service_does_not_skip_the_pass(self, lab: Lab, tmp_path: Path) -> None:
+        nodes = [node("n1", "host1")]
+        lab.manager.swarm_nodes = nodes
+        lab.see(*nodes)
+        await lab.refresh()
+        gone = lab.adopt("gone", "n1", 8000)
+        crashing = lab.adopt("crashing", "n1", 8001)
+        lab.manager.task_list[crashing.container_id] = [
+            {"ID": "t1", "ServiceID": crashing.container_id, "NodeID": "n1",
+             "CreatedAt": "2020-01-01T00:00:00Z", "Status": {"State": "failed", "Err": "exit 3"},
+             "DesiredState": "running"}]
+        lab.manager.vanishing = gone.container_id
+        probe = MagicMock(spec=HealthProbe)
+        probe.healthy_all = AsyncMock(side_effect=lambda targets, timeout: [True] * len(targets))
+        engine: Any = lab.manager
+        reconciler = SwarmReconciler(
+            lab.table, engine, probe, StateFile(tmp_path, CONVERTER), CONVERTER, lab.events, 1.0,
+            "default", HostView(), swarm=engine, runtime=lab.runtime, node_grace_s=60.0,
+            lock=MagicMock(spec=SwarmLock))
+        await reconciler.resync_logged()
+        assert list(reconciler.refusals) == ["gone"]
+        assert ("crashed", None) in kinds(lab, "crashing")  # followed all the same
+        assert reconciler.resyncs == 1
+        assert not {"engine_lost", "engine_back"} & {e.kind for e in lab.events.since(None, 100)}
 
 
 def lease_for(name: str) -> Lease:

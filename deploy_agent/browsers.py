@@ -25,7 +25,9 @@ def own_host_names(config: Config, hostname: str | None = None) -> frozenset[str
     """The names a request's Host may carry: localhost, the node's hostname (and its mDNS
     name), --advertise-host when it is a name, and every --allow-host-header."""
     node = (hostname or socket.gethostname()).lower().rstrip(".")
-    names = {"localhost", node, f"{node}.local", config.advertise_host, *config.allow_host_headers}
+    short = node.split(".")[0]  # what mDNS advertises: <short hostname>.local
+    names = {"localhost", node, f"{node}.local", f"{short}.local", config.advertise_host,
+             *config.allow_host_headers}
     return frozenset(name.lower().rstrip(".") for name in names if name and not is_ip_literal(name))
 
 

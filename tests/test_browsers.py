@@ -32,6 +32,7 @@ class TestHostNames:
         assert names == {"localhost", "node7", "node7.local", "gpu-1.lab", "alias.lab"}
         assert own_host_names(make_config(tmp_path, advertise_host="10.0.0.5"), "n") == {
             "localhost", "n", "n.local"}  # an address is no name to allow
+        assert "gpu7.local" in own_host_names(config, hostname="gpu7.lab.example")  # as mDNS says
 
     def test_host_part(self) -> None:
         assert host_of("localhost:9000") == "localhost"
@@ -67,7 +68,27 @@ class TestDoors:
             assert (status, answer["error"]) == (415, "unsupported_media_type"), content_type
         status, _ = call(node, "/stop", "localhost", "POST", b'{"name": "t-page"}', "text/plain")
         assert status == 415
+        for path in ("/deploy?dry_run=true", "/services/t-page/renew"):
+            assert call(node, path, "localhost", "POST", body, "text/plain")[0] == 415, path
+        assert call(node, "/deploy", "localhost", "POST", body, "application/jsonx")[0] == 415
         assert test_containers() == [] and get_json(node.url + "/services") == []
+        status, answer = call(node, "/deploy?dry_run=true", "localhost", "POST", body,
+                              "Application/JSON; charset=utf-8")  # parameters and case are fine
+        assert status == 200, answer
+
+    def test_no_preflight_is_ever_allowed(self, node: AgentProcess) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
+        try:
+            connection.request("OPTIONS", "/deploy", headers={
+                "Host": "localhost", "Origin": "http://evil.test",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type"})
+            response = connection.getresponse()
+            response.read()
+        finally:
+            connection.close()
+        assert response.status >= 400
+        assert not [h for h in response.headers if h.lower().startswith("access-control-")]
 
     def test_a_foreign_host_name_is_403(self, node: AgentProcess) -> None:
         for path in ("/health", "/services", "/"):

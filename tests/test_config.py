@@ -55,6 +55,13 @@ class TestParseConfig:
         assert parse_config([], environ={"DEPLOY_AGENT_ALLOW_HOST_HEADER": "a.lab, b.lab"}
                             ).allow_host_headers == ("a.lab", "b.lab")
 
+    def test_allow_volume_from_flags_or_env(self) -> None:
+        assert parse_config(["--allow-volume", "pgdata", "--allow-volume", "models"],
+                            environ={}).allow_volumes == ("pgdata", "models")
+        assert parse_config([], environ={"DEPLOY_AGENT_ALLOW_VOLUME": "pgdata, models"}
+                            ).allow_volumes == ("pgdata", "models")
+        assert parse_config([], environ={}).allow_volumes == ()  # none unless named
+
 
 class TestSecurityConfig:
     """The token comes from --token-file or DEPLOY_AGENT_TOKEN; image patterns repeat."""

@@ -117,6 +117,10 @@ class EngineError(AgentError):
         return status if isinstance(status, int) else None
 
 
+class TaskStillRunning(EngineError):
+    """A Swarm task told to stop still runs on a node that is up: its port and GPU stay held."""
+
+
 class EngineUnavailable(AgentError):
     """The Docker engine cannot be reached."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import cattrs
 
 from deploy_agent.engine import Engine
-from deploy_agent.errors import AgentError, EngineUnavailable
+from deploy_agent.errors import AgentError, EngineUnavailable, PortTaken
 from deploy_agent.events import EventLog
 from deploy_agent.hostview import HostView, own_container_id
 from deploy_agent.models import CONTAINER_PREFIX, LIVE_STATUSES, JSONObject, Service
@@ -119,11 +119,7 @@ class Reconciler:
         if found is None or not seen.current(found.spec.name):
             return None
         if info.get("State", {}).get("Status") == "created":
-            # Its deploy ended (the agent was killed) between create and start: finish it.
-            _LOGGER.info("Starting %s: its deploy stopped before it started the container",
-                         found.spec.name)
-            await self._engine.start(info["Id"])
-            found.status, found.exit_code = "starting", None
+            await self._start_created(found)
             if not seen.current(found.spec.name):
                 return None
         self._restore_holders(found, info["Config"].get("Labels") or {})
@@ -131,6 +127,23 @@ class Reconciler:
         self._events.emit("adopted", found.spec.name, reason, image=found.spec.image,
                           status=found.status)
         return None
+
+    async def _start_created(self, service: Service) -> None:
+        """Its deploy ended (the agent was killed) between create and start: finish that.
+        A start the engine refuses (its port taken meanwhile, say) leaves it adopted as
+        exited, for a deploy to replace or a stop to remove."""
+        name = service.spec.name
+        _LOGGER.info("Starting %s: its deploy stopped before it started the container", name)
+        try:
+            await self._engine.start(service.container_id)
+        except EngineUnavailable:
+            raise
+        except (AgentError, PortTaken) as err:
+            _LOGGER.warning("Cannot start %s, left created by a deploy that was cut off (%s); it "
+                            "shows as exited", name, getattr(err, "message", err))
+            service.status, service.exit_code = "exited", None
+            return
+        service.status, service.exit_code = "starting", None
 
     def _restore_holders(self, service: Service, labels: JSONObject) -> None:
         """Whether it runs until stopped, and its leases: as services.json recorded them. A

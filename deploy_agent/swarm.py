@@ -33,6 +33,7 @@ from deploy_agent.errors import (
     NoGpuCapacity,
     NoPortAvailable,
     PortTaken,
+    TaskStillRunning,
     may_have_happened,
 )
 from deploy_agent.events import EventLog
@@ -56,6 +57,7 @@ _LOGGER = logging.getLogger(__name__)
 
 GPU_ENGINE_LABEL = "deploy-agent.gpus"  # on each node's engine: [{"uuid", "name", "vram_gb"}]
 NODE_LABEL = "tidybot.node"  # the node id a service is pinned to
+STOPPING_REASON = "stopping: its task still runs; removed once it is gone"
 # On a Swarm service the agent is stopping: scaled to nothing on its way out, never waiting
 # for room. A stop cut off (a crash, a shutdown) is finished by the next agent, not undone.
 ENDING_LABEL = "tidybot.ending"
@@ -363,7 +365,8 @@ class SwarmRuntime:
             raise NoPortAvailable(f"{node.hostname} refused {PORT_ATTEMPTS} host ports in a row for "
                                   f"{spec.name}.")
         except BaseException:
-            if assignment is not None:
+            kept = self._table.get(spec.name)  # a rollback that left it stopping keeps its GPU
+            if assignment is not None and (kept is None or kept.owner != owner):
                 self._table.release_gpu(owner)
             raise
 
@@ -448,19 +451,31 @@ class SwarmRuntime:
         name = launch.spec.name
         _LOGGER.info("Deploy of %s failed or was cancelled (%s); removing its Swarm service",
                      name, type(cause).__name__)
+        kept = False
         try:
-            if service is not None:
-                self._table.untrack(service)
             if created_unknown or (service is not None and isinstance(cause, EngineUnavailable)):
+                if service is not None:
+                    self._table.untrack(service)
                 self._table.abandon(attempt, name)
             elif service is not None:
-                await self._end(service.container_id)
+                try:
+                    await self._end(service.container_id)
+                except TaskStillRunning:
+                    # Its task still holds the port and GPU on a node that is up: so does its
+                    # record, exited and stopping, until the reconciler sees the task gone.
+                    self._table.set_status(service, "exited", STOPPING_REASON)
+                    kept = True
+                    return
+                self._table.untrack(service)
         except Exception as err:
             _LOGGER.warning("Could not remove the service of the failed deploy of %s (%s); it will "
                             "be removed when the manager answers", name, getattr(err, "message", err))
+            if service is not None:
+                self._table.untrack(service)
             self._table.abandon(attempt, name)
         finally:
-            self._table.release_port(launch.owner, port, launch.node.id)
+            if not kept:
+                self._table.release_port(launch.owner, port, launch.node.id)
         if self._table.is_abandoned(attempt):
             await self._table.persist()  # so a restart still knows to remove it
 
@@ -523,8 +538,16 @@ class SwarmRuntime:
             await self._engine.update_service(found["ID"], found["Version"]["Index"], spec)
         return found
 
-    def _live_tasks(self, tasks: list[JSONObject]) -> list[JSONObject]:
-        return [t for t in tasks if (t.get("Status") or {}).get("State") in LIVE_TASK_STATES]
+    def _running_on(self, tasks: list[JSONObject]) -> list[str]:
+        """The ready nodes (hostnames) where one of these tasks may still hold a container.
+        A task on a node that is down never reports; that node drops it when it is back."""
+        return sorted({node.hostname for t in tasks
+                       if (t.get("Status") or {}).get("State") in LIVE_TASK_STATES
+                       and (node := self.nodes.get(str(t.get("NodeID")))) is not None and node.ready})
+
+    async def still_running(self, service_id: str) -> bool:
+        """Whether a task of the service may still hold its VRAM and port on a node that is up."""
+        return bool(self._running_on(await self._engine.tasks([service_id])))
 
     async def _wait_tasks_gone(self, service_id: str, within_s: float) -> None:
         """Until no task of the service may still hold a container (its VRAM and port), or
@@ -532,17 +555,15 @@ class SwarmRuntime:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within_s
         while True:
-            live = self._live_tasks(await self._engine.tasks([service_id]))
-            if not live:
+            tasks = await self._engine.tasks([service_id])
+            if not any((t.get("Status") or {}).get("State") in LIVE_TASK_STATES for t in tasks):
                 return
             if loop.time() >= deadline:
-                on_ready = sorted({node.hostname for t in live
-                                   if (node := self.nodes.get(str(t.get("NodeID")))) is not None
-                                   and node.ready})
-                if on_ready:  # it may still hold its VRAM and port there: not gone, not freed
-                    raise EngineError(f"The task of Swarm service {service_id[:12]} still runs on "
-                                      f"{', '.join(on_ready)} {within_s:.0f} s after it was told "
-                                      "to stop; it keeps its port and GPU. Try the stop again.")
+                if on_ready := self._running_on(tasks):  # it may still hold VRAM and port there
+                    raise TaskStillRunning(
+                        f"The task of Swarm service {service_id[:12]} still runs on "
+                        f"{', '.join(on_ready)} {within_s:.0f} s after it was told to stop. It "
+                        "keeps its port and GPU; the agent removes it once the task is gone.")
                 _LOGGER.warning("The task of Swarm service %s has not stopped within %.0f s; its "
                                 "node is down, going on", service_id[:12], within_s)
                 return
@@ -557,9 +578,14 @@ class SwarmRuntime:
 
     async def stop(self, service: Service, grace_s: int) -> None:
         """Scale to nothing and return once its task is gone (grace, then kill, on the node);
-        EngineError while it still runs on a node that is up."""
+        TaskStillRunning while it still runs on a node that is up: then it shows as exited,
+        stopping, and the reconciler finishes the stop once the task is gone."""
         if await self._scale(service.container_id, 0, ending=True) is not None:
-            await self._wait_tasks_gone(service.container_id, grace_s + TASK_GONE_MARGIN_S)
+            try:
+                await self._wait_tasks_gone(service.container_id, grace_s + TASK_GONE_MARGIN_S)
+            except TaskStillRunning:
+                self._table.set_status(service, "exited", STOPPING_REASON)
+                raise
 
     async def discard(self, service: Service) -> None:
         """Remove it once its task is gone (a replacement never runs beside it)."""

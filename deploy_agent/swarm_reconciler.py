@@ -21,6 +21,7 @@ from deploy_agent.reconciler import Reconciler
 from deploy_agent.state import attempt_of, parse_docker_time
 from deploy_agent.swarm import (
     ENDING_LABEL,
+    STOPPING_REASON,
     SwarmEngine,
     SwarmNode,
     SwarmRuntime,
@@ -69,8 +70,8 @@ class SwarmReconciler(Reconciler):
                 with contextlib.suppress(AgentError):
                     await self._adopt_or_remove_service(found, "start_up", seen)
         with contextlib.suppress(AgentError):  # crashes from before this start are history
-            tasks = await self._swarm.tasks([s.container_id for s in self._table.services()])
-            self._reported_crashes = {t["ID"] for t in tasks
+            tasks = await self._tasks_of(self._table.services())
+            self._reported_crashes = {t["ID"] for of_one in tasks.values() for t in of_one
                                       if (t.get("Status") or {}).get("State") in CRASHED_TASK_STATES}
         _LOGGER.info("Adopted %d service(s) from the swarm", len(self._table.services()))
         await self._table.persist()
@@ -123,10 +124,15 @@ class SwarmReconciler(Reconciler):
             found = {s["ID"]: s for s in await self._swarm.managed_services()}
             updated_at = {sid: parse_docker_time(s.get("UpdatedAt")) or 0.0 for sid, s in found.items()}
             self._engine_is(reachable=True)
+            ending: list[Service] = []  # stops that could not finish: their tasks still ran
             for service in self._table.services():
                 in_swarm = found.pop(service.container_id, None)
-                if seen.current(service.spec.name) and in_swarm is None:
+                if not seen.current(service.spec.name):
+                    continue
+                if in_swarm is None:
                     self._remove(service, "service_gone")
+                elif ENDING_LABEL in ((in_swarm.get("Spec") or {}).get("Labels") or {}):
+                    ending.append(service)
             attempts = {a for s in found.values()
                         if (a := attempt_of((s.get("Spec") or {}).get("Labels") or {})) is not None}
             removed = set()
@@ -138,7 +144,10 @@ class SwarmReconciler(Reconciler):
                     if gone := await self._adopt_or_remove_service(untracked, "resync", seen):
                         removed.add(gone)
         self._table.settle(attempts, removed)
-        services = self._table.services()
+        for service in ending:
+            async with self._each(service.spec.name):
+                await self._finish_stop(service)
+        services = [s for s in self._table.services() if s not in ending]
         tasks = await self._tasks_of(services)
         for service in services:
             if not self._table.busy(service.spec.name) and service.container_id in tasks:
@@ -152,6 +161,20 @@ class SwarmReconciler(Reconciler):
             self._reported_crashes &= {task["ID"] for of_one in tasks.values() for task in of_one}
         await self._probe_all()
         await self._table.persist_if_dirty()
+
+    async def _finish_stop(self, service: Service) -> None:
+        """A stop (or a rollback) that found its task still running: it keeps its port and
+        GPU, shown as exited and stopping, until its task is gone; then it is removed."""
+        name = service.spec.name
+        async with self._table.locked(name):
+            if self._table.get(name) is not service:
+                return  # stopped or deployed anew meanwhile
+            if await self._runtime.still_running(service.container_id):
+                self._table.set_status(service, "exited", STOPPING_REASON)
+                return
+            await self._swarm.remove_service(service.container_id)
+            _LOGGER.info("Removed %s: its task is gone, the stop is finished", name)
+            self._remove(service, "stop_finished")
 
     async def _tasks_of(self, services: list[Service]) -> dict[str, list[JSONObject]]:
         """Each service's tasks, by service ID: in one call, or (when the manager refuses

@@ -13,6 +13,7 @@ from unittest.mock import AsyncMock, MagicMock
 
 from deploy_agent.convert import make_converter
 from deploy_agent.engine import Engine
+from deploy_agent.errors import EngineError, PortTaken
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import FakeGpus, GpuPool
 from deploy_agent.hostview import HostView
@@ -88,3 +89,47 @@ class TestIdentityRechecks:
         [view] = gpus.views()
         assert view.vram_reserved_gb == 16  # not 32: the first let go when it was replaced
         assert table.port_holder(29300) is None and table.port_holder(29301) == second.owner
+
+
+class TestCreatedContainers:
+    """A container its deploy left created (the agent killed before start): started, or, when
+    the engine refuses that, adopted as exited; never a crash of the start-up or the resync."""
+
+    @staticmethod
+    async def reconciler_over(tmp_path: Path, start: AsyncMock) -> tuple[Reconciler, ServiceTable]:
+        gpus = GpuPool(FakeGpus("RTX 4090:24"))
+        await gpus.refresh({})
+        table = ServiceTable(NodePorts((29300, 29310)), gpus, StateFile(tmp_path, CONVERTER))
+        engine = MagicMock(spec=Engine)
+        created = "3" * 64
+        info = container(created)
+        info["State"] = {"Status": "created", "Running": False, "ExitCode": 0, "StartedAt": ""}
+        engine.list_managed = AsyncMock(
+            return_value=[{"Id": created, "State": "created", "Labels": info["Labels"]}])
+        engine.inspect = AsyncMock(return_value=info)
+        engine.start = start
+        probe = MagicMock(spec=HealthProbe)
+        probe.healthy_all = AsyncMock(side_effect=lambda targets, timeout: [False] * len(targets))
+        reconciler = Reconciler(table, engine, probe, StateFile(tmp_path, CONVERTER), CONVERTER,
+                                EventLog(tmp_path), 5.0, INSTANCE, HostView())
+        return reconciler, table
+
+    async def test_started_at_start_up(self, tmp_path: Path) -> None:
+        start = AsyncMock()
+        reconciler, table = await self.reconciler_over(tmp_path, start)
+        await reconciler.start_up()
+        start.assert_awaited_once_with("3" * 64)
+        assert table.service("a").status == "starting"
+
+    async def test_a_refused_start_is_adopted_as_exited(self, tmp_path: Path) -> None:
+        for refusal in (PortTaken("port is already allocated"), EngineError("no such device")):
+            reconciler, table = await self.reconciler_over(tmp_path, AsyncMock(side_effect=refusal))
+            await reconciler.start_up()  # neither raises nor leaves it out
+            service = table.service("a")
+            assert (service.status, service.exit_code) == ("exited", None), refusal
+
+    async def test_a_refused_start_never_breaks_a_resync(self, tmp_path: Path) -> None:
+        reconciler, table = await self.reconciler_over(
+            tmp_path, AsyncMock(side_effect=PortTaken("port is already allocated")))
+        await reconciler.resync_logged()
+        assert reconciler.resyncs == 1 and table.service("a").status == "exited"

@@ -18,7 +18,7 @@ import pytest
 from aiodocker.exceptions import DockerError
 
 from deploy_agent.convert import make_converter
-from deploy_agent.errors import EngineError, EngineUnavailable
+from deploy_agent.errors import EngineError, EngineUnavailable, HealthTimeout, TaskStillRunning
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import GpuPool
 from deploy_agent.hostview import HostView
@@ -390,7 +390,7 @@ class TestStopsWaitForTheTask:
         await lab.refresh()
         stuck = lab.adopt("stuck", "n1", 8000, gpu=0, vram_gb=24)
         lab.manager.task_list[stuck.container_id] = [running_task(stuck, "n1")]
-        with pytest.raises(EngineError, match="still runs on host1"):
+        with pytest.raises(TaskStillRunning, match="still runs on host1"):
             await lab.runtime.stop(stuck, 0)
         assert lab.table.port_holder(8000, "n1") == stuck.owner  # nothing freed
         labels = lab.manager.services[stuck.container_id]["Spec"]["Labels"]
@@ -436,13 +436,7 @@ class TestOneRefusalPerService:
              "CreatedAt": "2020-01-01T00:00:00Z", "Status": {"State": "failed", "Err": "exit 3"},
              "DesiredState": "running"}]
         lab.manager.vanishing = gone.container_id
-        probe = MagicMock(spec=HealthProbe)
-        probe.healthy_all = AsyncMock(side_effect=lambda targets, timeout: [True] * len(targets))
-        engine: Any = lab.manager
-        reconciler = SwarmReconciler(
-            lab.table, engine, probe, StateFile(tmp_path, CONVERTER), CONVERTER, lab.events, 1.0,
-            "default", HostView(), swarm=engine, runtime=lab.runtime, node_grace_s=60.0,
-            lock=MagicMock(spec=SwarmLock))
+        reconciler = reconciler_for(lab, tmp_path)
         await reconciler.resync_logged()
         assert list(reconciler.refusals) == ["gone"]
         assert ("crashed", None) in kinds(lab, "crashing")  # followed all the same
@@ -466,3 +460,77 @@ def test_scaled_to_nothing_is_adopted_pending_holding_nothing(tmp_path: Path) ->
     assert found is not None and found.status == "pending"
     table.adopt(found)
     assert table.port_holder(8000, "n1") is None
+
+
+def reconciler_for(lab: Lab, tmp_path: Path, node_grace_s: float = 60.0) -> SwarmReconciler:
+    """The Swarm reconciler over the lab's fake manager; every probe answers healthy."""
+    probe = MagicMock(spec=HealthProbe)
+    probe.healthy_all = AsyncMock(side_effect=lambda targets, timeout: [True] * len(targets))
+    engine: Any = lab.manager
+    return SwarmReconciler(
+        lab.table, engine, probe, StateFile(tmp_path, CONVERTER), CONVERTER, lab.events, 1.0,
+        "default", HostView(), swarm=engine, runtime=lab.runtime, node_grace_s=node_grace_s,
+        lock=MagicMock(spec=SwarmLock))
+
+
+class TestStopsThatCannotFinishYet:
+    """A task that outlives its stop on a node that is up keeps its port and GPU, shows as
+    exited (stopping), is never started again, and is removed once the task is gone."""
+
+    async def test_a_failed_stop_is_finished_by_the_resync(
+            self, lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("deploy_agent.swarm.TASK_GONE_MARGIN_S", 0.05)
+        nodes = [node("n1", "host1"), node("n2", "host2")]
+        lab.manager.swarm_nodes = nodes
+        lab.see(*nodes)
+        await lab.refresh()
+        stuck = lab.adopt("stuck", "n1", 8000, gpu=0, vram_gb=24)
+        lab.manager.task_list[stuck.container_id] = [running_task(stuck, "n1")]
+        with pytest.raises(TaskStillRunning):
+            await lab.runtime.stop(stuck, 0)
+        assert stuck.status == "exited"  # a deploy of the same spec replaces it, not "already running"
+        reconciler = reconciler_for(lab, tmp_path, node_grace_s=0.0)
+        await reconciler.resync_logged()  # n1 is up and its task still runs: kept, as it is
+        assert lab.table.get("stuck") is stuck and lab.manager.replicas(stuck.container_id) == 0
+        assert lab.table.port_holder(8000, "n1") == stuck.owner
+        assert sum(v.vram_reserved_gb for v in lab.table.gpus.views()) == 24
+        lab.manager.task_list[stuck.container_id] = []  # gone at last
+        await reconciler.resync_logged()
+        assert lab.table.get("stuck") is None and not lab.manager.services
+        assert lab.table.port_holder(8000, "n1") is None
+        assert sum(v.vram_reserved_gb for v in lab.table.gpus.views()) == 0
+        assert kinds(lab, "stuck") == [("removed", "stop_finished")]
+
+    async def test_a_stopping_service_whose_node_goes_down_is_never_moved(
+            self, lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("deploy_agent.swarm.TASK_GONE_MARGIN_S", 0.05)
+        nodes = [node("n1", "host1"), node("n2", "host2")]
+        lab.manager.swarm_nodes = nodes
+        lab.see(*nodes)
+        await lab.refresh()
+        stuck = lab.adopt("stuck", "n1", 8000)
+        lab.manager.task_list[stuck.container_id] = [running_task(stuck, "n1")]
+        with pytest.raises(TaskStillRunning):
+            await lab.runtime.stop(stuck, 0)
+        lab.manager.swarm_nodes = [node("n1", "host1", ready=False), nodes[1]]
+        await reconciler_for(lab, tmp_path, node_grace_s=0.0).resync_logged()
+        assert lab.table.get("stuck") is None and not lab.manager.services  # finished, not moved
+        assert kinds(lab, "stuck") == [("removed", "stop_finished")]
+
+    async def test_a_rollback_keeps_what_a_running_task_holds(
+            self, lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("deploy_agent.swarm.TASK_GONE_MARGIN_S", 0.05)
+        lab.see(node("n1", "host1"))
+        await lab.refresh()
+
+        async def unhealthy(service: Service, progress: Any) -> None:
+            del progress
+            lab.manager.task_list[service.container_id] = [running_task(service, "n1")]
+            raise HealthTimeout("never answered", name=service.spec.name)
+        lab.runtime._wait_healthy = unhealthy  # type: ignore[method-assign]
+        with pytest.raises(HealthTimeout):
+            await lab.runtime.launch(spec_of("slow", gpu=True, vram_gb=24), lambda event: None, None)
+        kept = lab.table.service("slow")
+        assert kept.status == "exited" and "stopping" in (kept.reason or "")
+        assert lab.table.port_holder(8000, "n1") == kept.owner
+        assert sum(v.vram_reserved_gb for v in lab.table.gpus.views()) == 24

@@ -31,9 +31,9 @@ from typing import Any
 import aiodocker
 import aiohttp
 
+from deploy_agent.backends.engine import container_config
 from deploy_agent.convert import make_converter
-from deploy_agent.engine import MANAGED_LABEL, container_config
-from deploy_agent.models import DeploySpec
+from deploy_agent.models import MANAGED_LABEL, DeploySpec
 from deploy_agent.state import labels_for
 
 IMAGE = "deploy-agent-test/httpd:1"

@@ -17,9 +17,8 @@ from aiohttp import http_exceptions, web
 from deploy_agent.app import create_app
 from deploy_agent.auth import settle_auth
 from deploy_agent.config import Config, config_from, parse_args
-from deploy_agent.gpus import open_inventory
-from deploy_agent.swarm import gpu_label
-from deploy_agent.swarm_lock import SwarmTaken
+from deploy_agent.errors import SwarmTaken
+from deploy_agent.gpus import gpu_label, open_inventory
 from deploy_agent.systemd import notify
 from deploy_agent.tokens import TOKEN_FILE, TokenError, read_token_file
 

@@ -38,10 +38,8 @@ from deploy_agent.models import (
     rfc3339,
     service_url,
 )
-from deploy_agent.reconciler import Reconciler
-from deploy_agent.runtime import Progress, no_progress
+from deploy_agent.runtime import Progress, Reconciler, no_progress
 from deploy_agent.streams import Streams, relay
-from deploy_agent.swarm_lock import SwarmLock
 from deploy_agent.table import ServiceTable
 
 _LOGGER = logging.getLogger(__name__)
@@ -63,7 +61,6 @@ STREAMS_KEY = web.AppKey("streams", Streams)
 EVENTS_KEY = web.AppKey("events", EventLog)
 OPENAPI_KEY = web.AppKey("openapi", bytes)
 METRICS_KEY = web.AppKey("metrics", AgentMetrics)
-SWARM_LOCK_KEY = web.AppKey("swarm_lock", SwarmLock)  # with --swarm only
 LISTING_KEY = web.AppKey("listing", ListingCache)
 
 INTERNAL_ERROR = {"ok": False, "error": "internal_error",
@@ -173,10 +170,7 @@ def health_warnings(app: web.Application) -> list[HealthWarning]:
         warnings.append(HealthWarning(
             "engine_refused", f"The engine refused {len(refusals)} thing(s) on the last resync, "
             f"tried again on every pass: {listed}"))
-    lock = app.get(SWARM_LOCK_KEY)
-    if lock is not None:
-        warnings += lock.warnings()
-    return warnings + app[RECONCILER_KEY].host_view.warnings()
+    return warnings + app[RECONCILER_KEY].warnings()
 
 
 async def list_services(request: web.Request) -> web.Response:

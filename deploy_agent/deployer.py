@@ -41,6 +41,12 @@ class DeployOutcome:
     lease: Lease | None = None  # the caller's, when it deployed with lease_s
 
 
+def running_differently(name: str, differing: list[str]) -> Conflict:
+    """The 409 for a deploy whose spec differs from the healthy service of its name."""
+    return Conflict(f"{name} is running with a different {', '.join(differing)}; stop it first "
+                    'or send "replace": true.', name=name, differing_fields=differing)
+
+
 class Deployer:
     """Deploys and stops; serialises work per name, runs different names in parallel.
 
@@ -99,11 +105,7 @@ class Deployer:
                 if not differing:
                     return existing, True, None
                 if not request.replace:
-                    raise Conflict(
-                        f"{spec.name} is running with a different {', '.join(differing)}; "
-                        'stop it first or send "replace": true.',
-                        name=spec.name, differing_fields=differing,
-                    )
+                    raise running_differently(spec.name, differing)
             _LOGGER.info("Replacing %s (status %s)", spec.name, existing.status)
             await self._discard(existing)
             self._events.emit("replaced", spec.name, "spec_changed" if differing else existing.status,
@@ -177,9 +179,7 @@ class Deployer:
                                      node_name=existing.node_name, node_addr=existing.node_addr,
                                      node_id=existing.node_id)
             if existing.status == "healthy" and not request.replace:
-                raise Conflict(f"{spec.name} is running with a different {', '.join(differing)}; "
-                               'stop it first or send "replace": true.',
-                               name=spec.name, differing_fields=differing)
+                raise running_differently(spec.name, differing)
         return await self._runtime.place(spec, existing)
 
     # -- stop ----------------------------------------------------------------------------

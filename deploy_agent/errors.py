@@ -173,5 +173,10 @@ class PullStalled(AgentError):
     code = "pull_stalled"
 
 
+class SwarmTaken(Exception):
+    """Another agent already serves this swarm, or runs with this agent's state dir: this
+    one must not start (not an HTTP answer: the process exits saying so)."""
+
+
 class PortTaken(Exception):
     """Internal: the engine says the host port is already allocated; try the next one."""

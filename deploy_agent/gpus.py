@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -27,6 +28,8 @@ from deploy_agent.errors import NoGpu, NoGpuCapacity
 from deploy_agent.models import JSONObject, Owner
 
 _LOGGER = logging.getLogger(__name__)
+
+GPU_ENGINE_LABEL = "deploy-agent.gpus"  # on each Swarm node's engine: [{"uuid", "name", "vram_gb"}]
 
 GIB = 1024**3
 CONTAINER_ID_RE = re.compile(r"[0-9a-f]{64}")
@@ -491,3 +494,9 @@ def _gb(value: float) -> float:
 
 def _gb_or_none(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
+
+
+def gpu_label(readings: list[GpuReading]) -> str:
+    """The engine label a node carries so that a --swarm agent knows its GPUs."""
+    gpus = [{"uuid": r.uuid, "name": r.name, "vram_gb": round(r.total_gb, 2)} for r in readings]
+    return f"{GPU_ENGINE_LABEL}={json.dumps(gpus, separators=(',', ':'))}"

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from deploy_agent import __version__
 from deploy_agent.events import EventLog
 from deploy_agent.models import Status
-from deploy_agent.reconciler import Reconciler
+from deploy_agent.runtime import Reconciler
 from deploy_agent.streams import Streams
 from deploy_agent.supervise import Supervisor
 from deploy_agent.table import ServiceTable

@@ -29,6 +29,7 @@ Status = Literal["starting", "healthy", "unhealthy", "exited", "restarting",
 LIVE_STATUSES = ("starting", "healthy", "unhealthy")
 
 CONTAINER_PREFIX = "tidybot-"
+MANAGED_LABEL = "tidybot.deploy-agent"  # on what the agent made: the instance that made it
 
 
 @attrs.frozen

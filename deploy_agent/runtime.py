@@ -1,17 +1,25 @@
-"""The backend boundary: what the deployer asks of whatever runs the services.
+"""The backend boundary: what the deployer asks of whatever runs the services (Runtime),
+what keeps the service table true in the background (Reconciler), and what a backend's
+build() hands the app (Backend).
 
-One Docker engine (local.py) or a Docker Swarm (swarm.py). The HTTP layer, validation,
-policy, leases, events and the page sit above this line and don't know which runs.
+One Docker engine (backends/docker) or a Docker Swarm (backends/swarm). The HTTP layer,
+validation, policy, leases, events and the page sit above this line and don't know which
+runs; nothing above it imports a backend but the app, through backends.build().
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol
 
 import attrs
 
-from deploy_agent.models import DeploySpec, JSONObject, Lease, Service
+from deploy_agent.errors import Conflict, NoPortAvailable, PortTaken
+from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, HealthWarning, JSONObject, Lease, Service
+from deploy_agent.table import ServiceTable
+
+_LOGGER = logging.getLogger(__name__)
 
 # Capabilities every service container goes without, in both backends (`CapDrop` on one
 # engine, `CapabilityDrop` in a Swarm spec): raw sockets (spoofing), device nodes, file
@@ -23,6 +31,8 @@ DROPPED_CAPABILITIES = ("CAP_AUDIT_WRITE", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETF
 # node whose default runtime is nvidia gives whatever an image's own ENV asks (often "all").
 NO_GPU_ENV = {"NVIDIA_VISIBLE_DEVICES": "void"}
 PORT_ATTEMPTS = 5  # host ports a launch tries when the engine refuses one that looked free
+MIN_POLL_S = 0.02
+MAX_POLL_S = 1.0
 LOG_TAIL_LINES = 20  # of a service that failed to start, in its error
 
 Progress = Callable[[JSONObject], None]
@@ -31,6 +41,35 @@ Progress = Callable[[JSONObject], None]
 
 def no_progress(event: JSONObject) -> None:
     del event
+
+
+async def on_a_free_port(reserve: Callable[[frozenset[int]], Awaitable[int]],
+                         run: Callable[[int], Awaitable[Service]], where: str, name: str,
+                         refuse: Callable[[int], None] = lambda port: None) -> Service:
+    """`run` on the host port `reserve` holds for it, skipping the ports refused so far; the
+    next port each time the engine finds the port taken after all (PortTaken, where `refuse`
+    hears of it); NoPortAvailable after PORT_ATTEMPTS. Both backends launch through here."""
+    refused: set[int] = set()
+    for _ in range(PORT_ATTEMPTS):
+        port = await reserve(frozenset(refused))
+        try:
+            return await run(port)
+        except PortTaken:
+            _LOGGER.info("Host port %s was taken on %s; trying the next", port, where)
+            refused.add(port)
+            refuse(port)
+    raise NoPortAvailable(f"{where} refused {PORT_ATTEMPTS} host ports in a row for {name}.")
+
+
+def not_ours(what: str, name: str) -> Conflict:
+    """The 409 for a container or Swarm service of a deploy's name that the agent didn't make."""
+    return Conflict(f"A {what} named {CONTAINER_PREFIX}{name} exists that this agent does not "
+                    "manage; remove or rename it first.", name=name)
+
+
+def poll_interval(elapsed_s: float) -> float:
+    """Health polls start every 20 ms and back off to 1 s, at about 5% of the time waited."""
+    return min(MAX_POLL_S, max(MIN_POLL_S, elapsed_s / 20))
 
 
 @attrs.frozen
@@ -84,3 +123,37 @@ class Runtime(Protocol):
 
     async def close(self) -> None:
         """Wait for rollbacks still running."""
+
+
+class Reconciler(Protocol):
+    """Keeps the service table true in the background, whatever runs the services: what a
+    start adopts, the loops the app supervises, and what /health and /metrics show."""
+
+    engine_reachable: bool  # as the last engine call found it
+    resyncs: int  # passes completed
+    resync_seconds: float  # their time, added up
+    refusals: dict[str, str]  # what the engine refused in the last pass, by what it was about
+    refusals_total: int
+
+    async def start_up(self) -> None:
+        """Rebuild the table from what runs (and services.json), before the API serves;
+        SystemExit when this agent must not serve (another one holds the swarm)."""
+
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """The background loops to run under the supervisor until shutdown, by name."""
+
+    def warnings(self) -> list[HealthWarning]:
+        """What /health should say about this backend (besides refusals and the engine)."""
+
+    async def close(self) -> None:
+        """At shutdown, after the deployer: let go of what it holds beyond the table."""
+
+
+@attrs.frozen
+class Backend:
+    """What a backend's build() gives the app."""
+
+    table: ServiceTable  # its records and reservations, with the GPUs it places on
+    runtime: Runtime
+    reconciler: Reconciler
+    close: Callable[[], Awaitable[None]]  # its engine clients and GPU inventory, last

@@ -22,8 +22,7 @@ from typing import Any
 import attrs
 import cattrs
 
-from deploy_agent.engine import MANAGED_LABEL
-from deploy_agent.models import DeploySpec, JSONObject, Lease, Service
+from deploy_agent.models import MANAGED_LABEL, DeploySpec, JSONObject, Lease, Service
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import attrs
 
 from deploy_agent.config import Config
-from deploy_agent.engine import MANAGED_LABEL
-from deploy_agent.models import DeploySpec
+from deploy_agent.models import MANAGED_LABEL, DeploySpec
 
 VOLUME_LABEL = "tidybot.volume"  # the name the deploys use, on the agent's own volumes
 

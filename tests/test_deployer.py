@@ -15,13 +15,13 @@ from unittest.mock import AsyncMock, MagicMock
 
 import pytest
 
+from deploy_agent.backends.docker.runtime import DockerRuntime
+from deploy_agent.backends.engine import Engine
 from deploy_agent.convert import make_converter, parse_deploy_request
 from deploy_agent.deployer import Deployer
-from deploy_agent.engine import Engine
 from deploy_agent.errors import AgentError, EngineError, EngineUnavailable
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import FakeGpus, GpuPool
-from deploy_agent.local import LocalRuntime
 from deploy_agent.models import Owner
 from deploy_agent.ports import NodePorts
 from deploy_agent.probe import HealthProbe
@@ -61,7 +61,7 @@ async def deployer_with(engine: Any, tmp_path: Path, healthy: bool = True) -> tu
     probe = MagicMock(spec=HealthProbe)
     probe.healthy = AsyncMock(return_value=healthy)
     config = make_config(tmp_path, port_range=PORTS)
-    runtime = LocalRuntime(config, engine, probe, table, CONVERTER)
+    runtime = DockerRuntime(config, engine, probe, table, CONVERTER)
     return Deployer(config, runtime, table, EventLog(tmp_path)), table
 
 
@@ -228,7 +228,7 @@ class TestOffTheLoop:
         probe = MagicMock(spec=HealthProbe)
         probe.healthy = AsyncMock(return_value=True)
         config = make_config(tmp_path, port_range=PORTS, allow_host_paths=(tmp_path,))
-        runtime = LocalRuntime(config, stand_in_engine(), probe, table, CONVERTER)
+        runtime = DockerRuntime(config, stand_in_engine(), probe, table, CONVERTER)
         deployer = Deployer(config, runtime, table, EventLog(tmp_path))
         loop = asyncio.get_running_loop()
         gaps: list[float] = []

@@ -88,7 +88,7 @@ class TestGpusCommand:
     def test_label_round_trip(self, tmp_path: Path) -> None:
         import json
 
-        from deploy_agent.swarm import SwarmNode
+        from deploy_agent.backends.swarm.engine import SwarmNode
 
         described = tmp_path / "nvml.json"
         described.write_text(json.dumps({"gpus": [

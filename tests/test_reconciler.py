@@ -11,16 +11,16 @@ from pathlib import Path
 from typing import Any
 from unittest.mock import AsyncMock, MagicMock
 
+from deploy_agent.backends.docker.hostview import HostView
+from deploy_agent.backends.docker.reconciler import DockerReconciler
+from deploy_agent.backends.engine import Engine
 from deploy_agent.convert import make_converter
-from deploy_agent.engine import Engine
 from deploy_agent.errors import EngineError, PortTaken
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import FakeGpus, GpuPool
-from deploy_agent.hostview import HostView
 from deploy_agent.models import DeploySpec, Owner, Service
 from deploy_agent.ports import NodePorts
 from deploy_agent.probe import HealthProbe
-from deploy_agent.reconciler import Reconciler
 from deploy_agent.state import StateFile, labels_for
 from deploy_agent.table import ServiceTable
 
@@ -59,7 +59,7 @@ class TestIdentityRechecks:
         engine.inspect = AsyncMock(side_effect=inspect)
         probe = MagicMock(spec=HealthProbe)
         probe.healthy_all = AsyncMock(side_effect=lambda targets, timeout: [True] * len(targets))
-        reconciler = Reconciler(table, engine, probe, StateFile(tmp_path, CONVERTER), CONVERTER,
+        reconciler = DockerReconciler(table, engine, probe, StateFile(tmp_path, CONVERTER), CONVERTER,
                                 EventLog(tmp_path), 5.0, INSTANCE, HostView())
         reconciler._check_pids = AsyncMock()  # type: ignore[method-assign]  # no PID look here
         resync = asyncio.create_task(reconciler.resync())
@@ -96,7 +96,7 @@ class TestCreatedContainers:
     the engine refuses that, adopted as exited; never a crash of the start-up or the resync."""
 
     @staticmethod
-    async def reconciler_over(tmp_path: Path, start: AsyncMock) -> tuple[Reconciler, ServiceTable]:
+    async def reconciler_over(tmp_path: Path, start: AsyncMock) -> tuple[DockerReconciler, ServiceTable]:
         gpus = GpuPool(FakeGpus("RTX 4090:24"))
         await gpus.refresh({})
         table = ServiceTable(NodePorts((29300, 29310)), gpus, StateFile(tmp_path, CONVERTER))
@@ -110,7 +110,7 @@ class TestCreatedContainers:
         engine.start = start
         probe = MagicMock(spec=HealthProbe)
         probe.healthy_all = AsyncMock(side_effect=lambda targets, timeout: [False] * len(targets))
-        reconciler = Reconciler(table, engine, probe, StateFile(tmp_path, CONVERTER), CONVERTER,
+        reconciler = DockerReconciler(table, engine, probe, StateFile(tmp_path, CONVERTER), CONVERTER,
                                 EventLog(tmp_path), 5.0, INSTANCE, HostView())
         return reconciler, table
 

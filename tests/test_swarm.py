@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from deploy_agent.swarm_lock import HEARTBEAT_S, LOCK_CONFIG, STALE_BEATS, WATCH_BEATS
+from deploy_agent.backends.swarm.lock import HEARTBEAT_S, LOCK_CONFIG, STALE_BEATS, WATCH_BEATS
 from tests.agent_process import COMMAND, AgentProcess, AgentProcesses, free_port, get_json, post_json
 from tests.conftest import TEST_IMAGE
 from tests.swarm_lab import NODES, SwarmLab, can_build

@@ -17,7 +17,14 @@ from typing import Any
 import attrs
 import pytest
 
-from deploy_agent.swarm_lock import HOLDER_FILE, LOCK_CONFIG, STALE_BEATS, WATCH_BEATS, SwarmLock, SwarmTaken
+from deploy_agent.backends.swarm.lock import (
+    HOLDER_FILE,
+    LOCK_CONFIG,
+    STALE_BEATS,
+    WATCH_BEATS,
+    SwarmLock,
+)
+from deploy_agent.errors import SwarmTaken
 
 BEAT_S = 0.05
 
@@ -229,7 +236,7 @@ class TestHeartbeat:
         clock.now += BEAT_S * STALE_BEATS + 1
         await new_lock("b", "beta port 8080").take("node-2")
         assert frozen.warnings() == []
-        caplog.set_level(logging.ERROR, "deploy_agent.swarm_lock")
+        caplog.set_level(logging.ERROR, "deploy_agent.backends.swarm.lock")
         async with beating(frozen):  # it thaws
             await asyncio.sleep(BEAT_S * 3)
         [warning] = frozen.warnings()

@@ -17,25 +17,18 @@ import attrs
 import pytest
 from aiodocker.exceptions import DockerError
 
+from deploy_agent.backends.swarm.engine import SwarmEngine, SwarmGpus, SwarmNode
+from deploy_agent.backends.swarm.lock import SwarmLock
+from deploy_agent.backends.swarm.reconciler import SwarmReconciler
+from deploy_agent.backends.swarm.runtime import ENDING_LABEL, SwarmRuntime, service_from_swarm
 from deploy_agent.convert import make_converter
 from deploy_agent.errors import EngineError, EngineUnavailable, HealthTimeout, TaskStillRunning
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import GpuPool
-from deploy_agent.hostview import HostView
 from deploy_agent.models import DeploySpec, JSONObject, Lease, Owner, Service
 from deploy_agent.ports import NodePorts
 from deploy_agent.probe import HealthProbe
 from deploy_agent.state import ATTEMPT_LABEL, StateFile
-from deploy_agent.swarm import (
-    ENDING_LABEL,
-    SwarmEngine,
-    SwarmGpus,
-    SwarmNode,
-    SwarmRuntime,
-    service_from_swarm,
-)
-from deploy_agent.swarm_lock import SwarmLock
-from deploy_agent.swarm_reconciler import SwarmReconciler
 from deploy_agent.table import ServiceTable
 from tests.conftest import make_config
 
@@ -385,7 +378,7 @@ class TestStopsWaitForTheTask:
 
     async def test_a_task_still_running_on_a_ready_node_fails_the_stop(
             self, lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr("deploy_agent.swarm.TASK_GONE_MARGIN_S", 0.05)
+        monkeypatch.setattr("deploy_agent.backends.swarm.runtime.TASK_GONE_MARGIN_S", 0.05)
         lab.see(node("n1", "host1"))
         await lab.refresh()
         stuck = lab.adopt("stuck", "n1", 8000, gpu=0, vram_gb=24)
@@ -398,7 +391,7 @@ class TestStopsWaitForTheTask:
 
     async def test_a_task_on_a_node_that_is_down_does_not_block(
             self, lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr("deploy_agent.swarm.TASK_GONE_MARGIN_S", 0.05)
+        monkeypatch.setattr("deploy_agent.backends.swarm.runtime.TASK_GONE_MARGIN_S", 0.05)
         lab.see(node("n1", "host1"))
         await lab.refresh()
         lost = lab.adopt("lost", "n1", 8000)
@@ -469,8 +462,7 @@ def reconciler_for(lab: Lab, tmp_path: Path, node_grace_s: float = 60.0) -> Swar
     engine: Any = lab.manager
     return SwarmReconciler(
         lab.table, engine, probe, StateFile(tmp_path, CONVERTER), CONVERTER, lab.events, 1.0,
-        "default", HostView(), swarm=engine, runtime=lab.runtime, node_grace_s=node_grace_s,
-        lock=MagicMock(spec=SwarmLock))
+        "default", runtime=lab.runtime, node_grace_s=node_grace_s, lock=MagicMock(spec=SwarmLock))
 
 
 class TestStopsThatCannotFinishYet:
@@ -479,7 +471,7 @@ class TestStopsThatCannotFinishYet:
 
     async def test_a_failed_stop_is_finished_by_the_resync(
             self, lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr("deploy_agent.swarm.TASK_GONE_MARGIN_S", 0.05)
+        monkeypatch.setattr("deploy_agent.backends.swarm.runtime.TASK_GONE_MARGIN_S", 0.05)
         nodes = [node("n1", "host1"), node("n2", "host2")]
         lab.manager.swarm_nodes = nodes
         lab.see(*nodes)
@@ -503,7 +495,7 @@ class TestStopsThatCannotFinishYet:
 
     async def test_a_stopping_service_whose_node_goes_down_is_never_moved(
             self, lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr("deploy_agent.swarm.TASK_GONE_MARGIN_S", 0.05)
+        monkeypatch.setattr("deploy_agent.backends.swarm.runtime.TASK_GONE_MARGIN_S", 0.05)
         nodes = [node("n1", "host1"), node("n2", "host2")]
         lab.manager.swarm_nodes = nodes
         lab.see(*nodes)
@@ -519,7 +511,7 @@ class TestStopsThatCannotFinishYet:
 
     async def test_a_rollback_keeps_what_a_running_task_holds(
             self, lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr("deploy_agent.swarm.TASK_GONE_MARGIN_S", 0.05)
+        monkeypatch.setattr("deploy_agent.backends.swarm.runtime.TASK_GONE_MARGIN_S", 0.05)
         lab.see(node("n1", "host1"))
         await lab.refresh()
 

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import attrs
 
-from deploy_agent.errors import AgentError
+from deploy_agent.errors import AgentError, SwarmTaken
 from deploy_agent.models import HealthWarning, JSONObject
 
 _LOGGER = logging.getLogger(__name__)
@@ -36,10 +36,6 @@ HEARTBEAT_S = 5.0
 STALE_BEATS = 3  # heartbeats missed before a lock counts as abandoned
 WATCH_BEATS = 2  # how long a lock that looks abandoned is watched before it is taken over
 TAKE_ATTEMPTS = 4  # reads of a lock that keeps changing under us before giving up
-
-
-class SwarmTaken(Exception):
-    """Another agent already serves this swarm, or runs with this agent's state dir."""
 
 
 class LockStore(Protocol):

@@ -13,25 +13,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
 
-from deploy_agent.errors import AgentError, EngineUnavailable
-from deploy_agent.models import CONTAINER_PREFIX, LIVE_STATUSES, JSONObject, Service
-from deploy_agent.reconciler import Reconciler
-from deploy_agent.state import attempt_of, parse_docker_time
-from deploy_agent.swarm import (
+import cattrs
+
+from deploy_agent.backends.reconcile import ReconcilerBase
+from deploy_agent.backends.swarm.engine import SwarmEngine, SwarmNode, exit_code, latest_task, port_error
+from deploy_agent.backends.swarm.lock import SwarmLock
+from deploy_agent.backends.swarm.runtime import (
     ENDING_LABEL,
     STOPPING_REASON,
-    SwarmEngine,
-    SwarmNode,
     SwarmRuntime,
-    exit_code,
-    latest_task,
-    port_error,
     service_from_swarm,
 )
-from deploy_agent.swarm_lock import SwarmLock
-from deploy_agent.table import Observation
+from deploy_agent.errors import AgentError, EngineUnavailable
+from deploy_agent.events import EventLog
+from deploy_agent.models import CONTAINER_PREFIX, LIVE_STATUSES, HealthWarning, JSONObject, Service
+from deploy_agent.probe import HealthProbe
+from deploy_agent.state import StateFile, attempt_of, parse_docker_time
+from deploy_agent.table import Observation, ServiceTable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -39,16 +39,25 @@ ENDED_TASK_STATES = ("failed", "rejected", "complete", "shutdown", "orphaned", "
 CRASHED_TASK_STATES = ("failed", "complete", "rejected")  # "shutdown": the agent ended it
 
 
-class SwarmReconciler(Reconciler):
-    """The one-node reconciler's loops (engine liveness, resync, probes), fed from Swarm."""
+def service_name(found: JSONObject) -> str:
+    """The agent's name for a Swarm service (its own name less the prefix)."""
+    return str((found.get("Spec") or {}).get("Name") or "").removeprefix(CONTAINER_PREFIX)
 
-    def __init__(self, *args: Any, swarm: SwarmEngine, runtime: SwarmRuntime,
-                 node_grace_s: float, lock: SwarmLock, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+
+class SwarmReconciler(ReconcilerBase):
+    """The shared loops (engine liveness, resync, probes), fed from the swarm's services,
+    tasks and nodes; it holds the swarm's one agent lock while it runs."""
+
+    def __init__(self, table: ServiceTable, swarm: SwarmEngine, probe: HealthProbe,
+                 state_file: StateFile, converter: cattrs.Converter, events: EventLog,
+                 resync_interval_s: float, instance: str, *, runtime: SwarmRuntime,
+                 node_grace_s: float, lock: SwarmLock) -> None:
+        super().__init__(table, swarm, probe, state_file, converter, events, resync_interval_s,
+                         instance)
         self._swarm = swarm
         self._runtime = runtime
         self._node_grace_s = node_grace_s
-        self._lock = lock  # the swarm's one agent lock; app.py keeps it fresh and releases it
+        self._lock = lock  # taken at start-up, kept fresh by a loop, released by close()
         self._down_since: dict[str, float] = {}  # node id -> when it was first seen down
         self._running_task: dict[str, str] = {}  # service id -> the task last seen running
         self._reported_crashes: set[str] = set()  # tasks already reported as crashed
@@ -76,9 +85,16 @@ class SwarmReconciler(Reconciler):
         _LOGGER.info("Adopted %d service(s) from the swarm", len(self._table.services()))
         await self._table.persist()
 
-    async def follow_events(self) -> None:
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """Remote containers' events come from the task list, polled by the resync."""
-        await asyncio.Event().wait()
+        return {**super().loops(), "swarm-lock": self._lock.keep_held}
+
+    def warnings(self) -> list[HealthWarning]:
+        return self._lock.warnings()
+
+    async def close(self) -> None:
+        """Let the lock go, so another agent may take over at once."""
+        await self._lock.release()
 
     async def _look_at_nodes(self) -> list[SwarmNode]:
         nodes = await self._swarm.nodes()
@@ -103,7 +119,7 @@ class SwarmReconciler(Reconciler):
             await self._swarm.remove_service(found["ID"])
             return attempt
         if ENDING_LABEL in labels:  # a stop that was cut off: finish it, never start it again
-            name = str((found.get("Spec") or {}).get("Name") or "").removeprefix(CONTAINER_PREFIX)
+            name = service_name(found)
             _LOGGER.info("Removing the Swarm service %s (%s): its stop was cut off",
                          found["ID"][:12], name)
             await self._swarm.remove_service(found["ID"])
@@ -137,7 +153,7 @@ class SwarmReconciler(Reconciler):
                         if (a := attempt_of((s.get("Spec") or {}).get("Labels") or {})) is not None}
             removed = set()
             for untracked in found.values():
-                name = str((untracked.get("Spec") or {}).get("Name") or "").removeprefix(CONTAINER_PREFIX)
+                name = service_name(untracked)
                 if not seen.current(name):
                     continue
                 async with self._each(f"Swarm service {untracked['ID'][:12]} ({name})"):

@@ -10,35 +10,33 @@ from collections.abc import AsyncGenerator
 import attrs
 import cattrs
 
+from deploy_agent.backends.engine import Engine, container_config
 from deploy_agent.config import Config
-from deploy_agent.engine import Engine, container_config
 from deploy_agent.errors import (
-    Conflict,
     ContainerExited,
     EngineUnavailable,
     HealthTimeout,
     MountNotAllowed,
-    NoPortAvailable,
-    PortTaken,
     may_have_happened,
 )
 from deploy_agent.gpus import Assignment
 from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, JSONObject, Lease, Owner, Service, new_attempt
 from deploy_agent.probe import HealthProbe
-from deploy_agent.runtime import LOG_TAIL_LINES, NO_GPU_ENV, PORT_ATTEMPTS, DryRunOutcome, Progress
+from deploy_agent.runtime import (
+    LOG_TAIL_LINES,
+    NO_GPU_ENV,
+    DryRunOutcome,
+    Progress,
+    not_ours,
+    on_a_free_port,
+    poll_interval,
+)
 from deploy_agent.state import labels_for, service_from_container
 from deploy_agent.table import ServiceTable
 from deploy_agent.volumes import is_ours, mounts_of, volume_labels
 
 _LOGGER = logging.getLogger(__name__)
 
-MIN_POLL_S = 0.02
-MAX_POLL_S = 1.0
-
-
-def poll_interval(elapsed_s: float) -> float:
-    """Health polls start every 20 ms and back off to 1 s, at about 5% of the time waited."""
-    return min(MAX_POLL_S, max(MIN_POLL_S, elapsed_s / 20))
 
 
 @attrs.define
@@ -54,7 +52,7 @@ class _Attempt:
     created_unknown: bool = False  # the create call failed in a way that may still create it
 
 
-class LocalRuntime:
+class DockerRuntime:
     """Services as containers of one engine: create, start, wait healthy, roll back."""
 
     def __init__(self, config: Config, engine: Engine, probe: HealthProbe, table: ServiceTable,
@@ -77,10 +75,7 @@ class LocalRuntime:
         """The container of this name, if any; Conflict when it isn't this agent's."""
         info = await self._engine.inspect(spec.container_name)
         if info is not None and self._foreign(info):
-            raise Conflict(
-                f"A container named {spec.container_name} exists that this agent does not manage; "
-                "remove or rename it first.", name=spec.name,
-            )
+            raise not_ours("container", spec.name)
         return info
 
     def _foreign(self, info: JSONObject) -> bool:
@@ -103,19 +98,11 @@ class LocalRuntime:
             await self._ensure_image(spec.image, progress)
             binds = await self._binds(spec)
             published = await self._engine.published_ports()
-            refused: set[int] = set()
-            for _ in range(PORT_ATTEMPTS):
-                host_port = await self._table.reserve_port(owner, spec.port, published, frozenset(refused))
-                try:
-                    service = await self._create_and_start(_Attempt(spec, owner, host_port, lease),
-                                                           assignment, binds, progress)
-                except PortTaken:
-                    _LOGGER.info("Host port %s was taken under us; trying the next", host_port)
-                    refused.add(host_port)
-                    continue
-                return service  # tracked: the deployer writes services.json
-            raise NoPortAvailable(
-                f"The engine refused {PORT_ATTEMPTS} host ports in a row for {spec.name}.")
+            return await on_a_free_port(  # tracked: the deployer writes services.json
+                lambda refused: self._table.reserve_port(owner, spec.port, published, refused),
+                lambda port: self._create_and_start(_Attempt(spec, owner, port, lease), assignment,
+                                                    binds, progress),
+                "this node", spec.name)
         except BaseException:
             if assignment is not None:
                 self._table.release_gpu(owner)

@@ -11,20 +11,25 @@ again elsewhere.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 from collections.abc import AsyncGenerator
-from typing import Any
 
 import attrs
 import cattrs
 
+from deploy_agent.backends.swarm.engine import (
+    LIVE_TASK_STATES,
+    SwarmEngine,
+    SwarmGpus,
+    SwarmNode,
+    exit_code,
+    latest_task,
+    port_error,
+    task_error,
+)
 from deploy_agent.config import Config
-from deploy_agent.engine import MANAGED_LABEL, Engine, _translated
 from deploy_agent.errors import (
     AgentError,
-    Conflict,
     ContainerExited,
     EngineError,
     EngineUnavailable,
@@ -37,17 +42,27 @@ from deploy_agent.errors import (
     may_have_happened,
 )
 from deploy_agent.events import EventLog
-from deploy_agent.gpus import GIB, Assignment, GpuReading
-from deploy_agent.local import poll_interval
-from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, JSONObject, Lease, Owner, Service, new_attempt
+from deploy_agent.gpus import GIB, Assignment
+from deploy_agent.models import (
+    CONTAINER_PREFIX,
+    MANAGED_LABEL,
+    DeploySpec,
+    JSONObject,
+    Lease,
+    Owner,
+    Service,
+    new_attempt,
+)
 from deploy_agent.probe import HealthProbe
 from deploy_agent.runtime import (
     DROPPED_CAPABILITIES,
     LOG_TAIL_LINES,
     NO_GPU_ENV,
-    PORT_ATTEMPTS,
     DryRunOutcome,
     Progress,
+    not_ours,
+    on_a_free_port,
+    poll_interval,
 )
 from deploy_agent.state import attempt_of, labels_for, lease_of, recorded_in
 from deploy_agent.table import ServiceTable
@@ -55,7 +70,6 @@ from deploy_agent.volumes import Mount, mounts_of, volume_labels
 
 _LOGGER = logging.getLogger(__name__)
 
-GPU_ENGINE_LABEL = "deploy-agent.gpus"  # on each node's engine: [{"uuid", "name", "vram_gb"}]
 NODE_LABEL = "tidybot.node"  # the node id a service is pinned to
 STOPPING_REASON = "stopping: its task still runs; removed once it is gone"
 # On a Swarm service the agent is stopping: scaled to nothing on its way out, never waiting
@@ -63,200 +77,6 @@ STOPPING_REASON = "stopping: its task still runs; removed once it is gone"
 ENDING_LABEL = "tidybot.ending"
 TASK_POLL_S = 0.2
 TASK_GONE_MARGIN_S = 10.0  # past the stop grace, for the node to report its task stopped
-# Task states in which a task may hold a container, with its port and VRAM.
-LIVE_TASK_STATES = ("new", "pending", "assigned", "accepted", "ready", "preparing", "starting",
-                    "running")
-
-
-def gpu_label(readings: list[GpuReading]) -> str:
-    """The engine label a node carries so that a --swarm agent knows its GPUs."""
-    gpus = [{"uuid": r.uuid, "name": r.name, "vram_gb": round(r.total_gb, 2)} for r in readings]
-    return f"{GPU_ENGINE_LABEL}={json.dumps(gpus, separators=(',', ':'))}"
-
-
-def _engine_gpus(node: JSONObject) -> list[dict[str, Any]]:
-    """A node's GPUs from its engine label; [] without one (or with one that can't be read)."""
-    labels = ((node.get("Description") or {}).get("Engine") or {}).get("Labels") or {}
-    try:
-        gpus = json.loads(labels.get(GPU_ENGINE_LABEL, "[]"))
-        return [{"uuid": str(g["uuid"]), "name": str(g["name"]), "vram_gb": float(g["vram_gb"])}
-                for g in gpus]
-    except (ValueError, KeyError, TypeError):
-        _LOGGER.warning("Node %s has an unreadable %s label", node.get("ID"), GPU_ENGINE_LABEL)
-        return []
-
-
-@attrs.frozen
-class SwarmNode:
-    """A node as the manager reports it."""
-
-    id: str
-    hostname: str
-    addr: str
-    ready: bool
-    gpus: tuple[dict[str, Any], ...]
-
-    @classmethod
-    def of(cls, node: JSONObject) -> SwarmNode:
-        status = node.get("Status") or {}
-        manager = node.get("ManagerStatus") or {}
-        addr = status.get("Addr") or ""
-        if addr in ("", "0.0.0.0"):  # a manager reports its address in ManagerStatus
-            addr = str(manager.get("Addr", "")).rsplit(":", 1)[0]
-        availability = (node.get("Spec") or {}).get("Availability", "active")
-        hostname = str((node.get("Description") or {}).get("Hostname") or node["ID"])
-        return cls(id=node["ID"], hostname=hostname,
-                   addr=addr, ready=status.get("State") == "ready" and availability == "active",
-                   gpus=tuple(_engine_gpus(node)))
-
-
-class SwarmGpus:
-    """The swarm's GPUs, from the nodes' engine labels: declarations only (use is not seen
-    from the manager), handed over by UUID in NVIDIA_VISIBLE_DEVICES."""
-
-    simulated = False
-
-    def __init__(self) -> None:
-        self._readings: list[GpuReading] = []
-        self._indexes: dict[tuple[str, int], int] = {}  # (node ID, index there) -> a stable index
-
-    def update(self, nodes: list[SwarmNode]) -> None:
-        readings = []
-        for node in sorted(nodes, key=lambda n: (n.hostname, n.id)):
-            for local, gpu in enumerate(node.gpus):
-                key = (node.id, local)  # a node that re-joined under its hostname is a new node
-                index = self._indexes.setdefault(key, len(self._indexes))
-                readings.append(GpuReading(index=index, uuid=gpu["uuid"], name=gpu["name"],
-                                           total_gb=gpu["vram_gb"], used_gb=None, node=node.id,
-                                           node_index=local, node_name=node.hostname,
-                                           available=node.ready))
-        self._readings = readings
-
-    def read(self) -> list[GpuReading]:
-        return list(self._readings)
-
-    def handoff(self, assignment: Assignment) -> tuple[dict[str, str], list[JSONObject]]:
-        return {"NVIDIA_VISIBLE_DEVICES": assignment.uuid}, []
-
-    def close(self) -> None:
-        pass
-
-
-class SwarmEngine(Engine):
-    """The manager's Swarm API, every call bounded like the engine's control calls."""
-
-    async def swarm_info(self) -> JSONObject:
-        info = await self._bounded("read the swarm", self._docker.system.info())
-        return dict(info.get("Swarm") or {})
-
-    async def nodes(self) -> list[SwarmNode]:
-        nodes = await self._bounded("list the swarm's nodes", self._docker.nodes.list())
-        return [SwarmNode.of(dict(node)) for node in nodes]
-
-    async def managed_services(self) -> list[JSONObject]:
-        found = await self._bounded("list services", self._docker.services.list(
-            filters={"label": [self._ours]}))
-        return [dict(service) for service in found]
-
-    async def service(self, name_or_id: str) -> JSONObject | None:
-        try:
-            found = dict(await self._bounded(f"inspect service {name_or_id}",
-                                             self._docker.services.inspect(name_or_id)))
-        except EngineError as err:
-            if err.engine_status == 404:
-                return None
-            raise
-        return found
-
-    async def create_service(self, body: JSONObject) -> str:
-        name = body["Name"]
-        try:
-            created = await self._bounded(f"create service {name}", self._docker._query_json(
-                "services/create", method="POST", data=json.dumps(body)))  # aiodocker's create reshapes Env
-        except EngineError as err:
-            if err.engine_status == 409:
-                raise Conflict(f"A service named {name} already exists.", service=name) from err
-            raise
-        return str(created["ID"])
-
-    async def update_service(self, service_id: str, version: int, spec: JSONObject) -> None:
-        await self._bounded(f"update service {service_id}", self._docker._query_json(
-            f"services/{service_id}/update", method="POST", data=json.dumps(spec),
-            params={"version": version}))  # aiodocker's update only changes the image
-
-    async def remove_service(self, service_id: str) -> None:
-        try:
-            await self._bounded(f"remove service {service_id}", self._docker.services.delete(service_id))
-        except EngineError as err:
-            if err.engine_status != 404:
-                raise
-
-    async def tasks(self, service_ids: list[str]) -> list[JSONObject]:
-        if not service_ids:
-            return []
-        found = await self._bounded("list tasks", self._docker.tasks.list(
-            filters={"service": service_ids}))
-        return [dict(task) for task in found]
-
-    async def service_logs(self, service_id: str, tail: int) -> str:
-        reading: Any = self._docker.services.logs(service_id, stdout=True, stderr=True, tail=str(tail))
-        lines: list[str] = await self._bounded("read the service's logs", reading)  # (a coroutine)
-        return "".join(lines)
-
-    async def follow_service_logs(self, service_id: str, tail: int) -> AsyncGenerator[str, None]:
-        stream: AsyncGenerator[str, None] = self._streams.services.logs(  # type: ignore[assignment]
-            service_id, stdout=True, stderr=True, follow=True, tail=str(tail))  # (an async generator)
-        with _translated("follow the service's logs"):
-            async with contextlib.aclosing(stream):
-                async for chunk in stream:
-                    yield chunk
-
-    async def config_named(self, name: str) -> JSONObject | None:
-        """The Swarm config of exactly that name (the agent's lock), or None."""
-        configs = await self._bounded("list configs", self._docker.configs.list(filters={"name": [name]}))
-        return next((dict(c) for c in configs if c["Spec"]["Name"] == name), None)
-
-    async def create_config(self, name: str, data: str, labels: dict[str, str]) -> bool:
-        """Create it; False when one of that name exists already (another agent was first)."""
-        try:
-            await self._bounded(f"create config {name}", self._docker.configs.create(
-                name, data, labels=labels))
-        except EngineError as err:
-            if err.engine_status == 409:
-                return False
-            raise
-        return True
-
-    async def update_config_labels(self, config_id: str, version: int, labels: dict[str, str]) -> bool:
-        """Set its labels if it is still at `version`; False when it changed or is gone."""
-        try:
-            await self._bounded(f"update config {config_id}", self._docker.configs.update(
-                config_id, str(version), labels=labels))
-        except EngineError as err:
-            if err.engine_status == 404 or "out of sequence" in err.message:
-                return False
-            raise
-        return True
-
-
-def task_error(task: JSONObject) -> str:
-    return str((task.get("Status") or {}).get("Err") or "")
-
-
-def port_error(task: JSONObject) -> bool:
-    """Whether the task failed because its host port is taken on its node."""
-    text = task_error(task).lower()
-    return "port" in text and ("allocated" in text or "in use" in text)
-
-
-def exit_code(task: JSONObject) -> int | None:
-    code = ((task.get("Status") or {}).get("ContainerStatus") or {}).get("ExitCode")
-    return int(code) if isinstance(code, int) else None
-
-
-def latest_task(tasks: list[JSONObject]) -> JSONObject | None:
-    return max(tasks, key=lambda t: (t.get("Version", {}).get("Index", 0), t.get("CreatedAt", "")),
-               default=None)
 
 
 @attrs.frozen
@@ -341,8 +161,7 @@ class SwarmRuntime:
         """The Swarm service of this name, if any; Conflict when it isn't this agent's."""
         found = await self._engine.service(spec.container_name)
         if found is not None and not self._ours(found):
-            raise Conflict(f"A Swarm service named {spec.container_name} exists that this agent "
-                           "does not manage; remove or rename it first.", name=spec.name)
+            raise not_ours("Swarm service", spec.name)
         return found
 
     async def launch(self, spec: DeploySpec, progress: Progress, lease: Lease | None) -> Service:
@@ -350,20 +169,10 @@ class SwarmRuntime:
         node, assignment = self._choose(spec, owner)
         launch = _Launch(spec, owner, node, assignment, lease)
         try:
-            refused: set[int] = set()
-            for _ in range(PORT_ATTEMPTS):
-                port = await self._table.reserve_port(owner, spec.port, set(), frozenset(refused),
-                                                      node=node.id)
-                try:
-                    service = await self._create_and_wait(launch, port, progress)
-                except PortTaken:
-                    _LOGGER.info("Port %s is taken on %s; trying the next", port, node.hostname)
-                    refused.add(port)
-                    self._table.refuse_port(port, node.id)
-                    continue
-                return service  # tracked: the deployer writes services.json
-            raise NoPortAvailable(f"{node.hostname} refused {PORT_ATTEMPTS} host ports in a row for "
-                                  f"{spec.name}.")
+            return await on_a_free_port(  # tracked: the deployer writes services.json
+                lambda refused: self._table.reserve_port(owner, spec.port, set(), refused, node=node.id),
+                lambda port: self._create_and_wait(launch, port, progress),
+                node.hostname, spec.name, refuse=lambda port: self._table.refuse_port(port, node.id))
         except BaseException:
             kept = self._table.get(spec.name)  # a rollback that left it stopping keeps its GPU
             if assignment is not None and (kept is None or kept.owner != owner):

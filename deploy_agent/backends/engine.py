@@ -19,6 +19,7 @@ import aiodocker
 import aiodocker.events
 import aiohttp
 
+from deploy_agent.config import Config
 from deploy_agent.errors import (
     AgentError,
     Conflict,
@@ -28,15 +29,17 @@ from deploy_agent.errors import (
     PortTaken,
     PullStalled,
 )
-from deploy_agent.models import DeploySpec, JSONObject
+from deploy_agent.models import MANAGED_LABEL, DeploySpec, JSONObject
 from deploy_agent.runtime import DROPPED_CAPABILITIES
 
 _LOGGER = logging.getLogger(__name__)
 
 T = TypeVar("T")
+E = TypeVar("E", bound="Engine")
 
+# Control calls are short and bounded; streams have a pool of their own, capped by --max-streams.
+CONTROL_CONNECTIONS = 100
 UNREACHABLE = 900  # aiodocker's status for "cannot connect to the engine"
-MANAGED_LABEL = "tidybot.deploy-agent"
 PING_TIMEOUT_S = 2.0
 GIB = 1024**3
 # What the engine client can raise besides DockerError: time-outs, dropped connections,
@@ -51,7 +54,7 @@ def _unavailable(action: str, reason: str) -> EngineUnavailable:
 
 
 @contextlib.contextmanager
-def _translated(action: str) -> Iterator[None]:
+def translated(action: str) -> Iterator[None]:
     """Turn every engine-client failure into an AgentError naming what was being done."""
     try:
         yield
@@ -117,9 +120,17 @@ class Engine:
         self._pull_stall_s = pull_stall_s
 
     async def _bounded(self, action: str, call: Awaitable[T], timeout_s: float | None = None) -> T:
-        with _translated(action):
+        with translated(action):
             async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
                 return await call
+
+    async def post_json(self, action: str, path: str, body: JSONObject,
+                        params: dict[str, Any] | None = None) -> Any:
+        """POST `body` as it is to an Engine API path, bounded; its JSON answer. For the calls
+        aiodocker's own methods reshape (a Swarm service's Env on create, a whole spec on
+        update): the one place that reaches below aiodocker's public API."""
+        return await self._bounded(action, self._docker._query_json(
+            path, method="POST", data=json.dumps(body), params=params))
 
     async def ping(self) -> bool:
         """Whether the engine answers within a couple of seconds, right now."""
@@ -148,7 +159,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         action = f"pull {ref}"
         try:
-            with _translated(action):
+            with translated(action):
                 async with asyncio.timeout(self.timeout_s) as deadline:
                     async for message in self._streams.images.pull(ref, stream=True):
                         deadline.reschedule(loop.time() + self._pull_stall_s)
@@ -225,7 +236,7 @@ class Engine:
 
     async def wait_exit(self, container_id: str) -> int:
         """Block until the container next exits; its exit code. Not bounded: it may run for days."""
-        with _translated("wait for the container"):
+        with translated("wait for the container"):
             result = await self._streams.containers.container(container_id).wait(
                 condition="next-exit")
         return int(result.get("StatusCode", -1))
@@ -265,7 +276,7 @@ class Engine:
         # aiodocker annotates this as an AsyncIterator; it is an async generator, closable.
         stream: AsyncGenerator[str, None] = self._streams.containers.container(container_id).log(
             stdout=True, stderr=True, follow=True, tail=tail)  # type: ignore[assignment]
-        with _translated("follow the container's logs"):
+        with translated("follow the container's logs"):
             async with contextlib.aclosing(stream):  # gives the engine connection back at once
                 async for chunk in stream:
                     yield chunk
@@ -350,3 +361,24 @@ def container_config(spec: DeploySpec, *, host_port: int, env: dict[str, str],
     if spec.command is not None:
         config["Cmd"] = list(spec.command)
     return config
+
+
+def open_engine(kind: type[E], config: Config, docker: aiodocker.Docker | None = None
+                ) -> tuple[E, Callable[[], Awaitable[None]]]:
+    """An engine adapter of `kind` on --docker-host, with a control client and a client for
+    streams; and how to close them. `docker` (a test's client) serves both and stays open."""
+    if docker is not None:
+        control = streams = docker
+        owned = []
+    else:
+        control = open_docker(config.docker_host, CONTROL_CONNECTIONS)
+        streams = open_docker(config.docker_host, 0)  # no limit: --max-streams bounds it
+        owned = [control, streams]
+
+    async def close() -> None:
+        for client in owned:
+            await close_docker(client)
+
+    engine = kind(control, streams, instance=config.instance, timeout_s=config.engine_timeout_s,
+                  pull_stall_s=config.pull_stall_timeout_s)
+    return engine, close

@@ -26,6 +26,9 @@ _LOGGER = logging.getLogger(__name__)
 OWN_CONTAINER_RE = re.compile(r"/containers/([0-9a-f]{64})/")
 
 
+MISSES_FOR_VERDICT = 3
+
+
 def _pid(info: JSONObject | None) -> int:
     return int(((info or {}).get("State") or {}).get("Pid") or 0)
 
@@ -46,13 +49,16 @@ class HostView:
     proc: Path = Path("/proc")
     shares_host_pids: bool | None = None
     unshared_paths: list[Path] = attrs.field(factory=list)
+    _misses: int = 0  # looks in a row that found the process not here as itself
 
     async def check_pids(self, inspect: Callable[[], Awaitable[JSONObject | None]]) -> None:
         """Is a running managed container's process visible here as itself?
 
         `inspect` reads that container; it is read again after the look at /proc, and only
         a process that ran the whole time counts: one that exited meanwhile would look like
-        a PID namespace of the agent's own.
+        a PID namespace of the agent's own. A process the engine still calls running may
+        have exited a moment ago all the same (a stop the engine has yet to notice), so "not
+        here" is the verdict only after MISSES_FOR_VERDICT looks in a row, one per pass.
         """
         if self.shares_host_pids is not None:
             return
@@ -63,6 +69,9 @@ class HostView:
         seen = container_of_pid(pid, self.proc) == before.get("Id")
         if _pid(await inspect()) != pid:
             return  # it restarted under us: look again later
+        self._misses = 0 if seen else self._misses + 1
+        if not seen and self._misses < MISSES_FOR_VERDICT:
+            return
         self.shares_host_pids = seen
         if not seen:
             _LOGGER.warning("The agent runs in a PID namespace of its own: GPU processes can't "

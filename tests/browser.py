@@ -46,4 +46,5 @@ def chromium(profile: Path, width: int = 1280, height: int = 900,
 
 def console_errors(driver: webdriver.Chrome) -> list[dict[str, Any]]:
     """What the page wrote to the console at SEVERE level since the last call."""
-    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]  # selenium leaves it untyped
+    return [entry for entry in entries if entry["level"] == "SEVERE"]

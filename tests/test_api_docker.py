@@ -12,6 +12,7 @@ from typing import Any
 
 import aiodocker
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from deploy_agent.app import create_app
@@ -19,7 +20,7 @@ from tests.conftest import TEST_IMAGE, make_config
 
 pytestmark = pytest.mark.docker
 
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
 
 
 async def deploy(client: Client, **body: Any) -> tuple[int, dict[str, Any]]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from deploy_agent.client import (
@@ -37,7 +38,7 @@ from tests.agent_process import AgentProcess, free_port
 from tests.conftest import TEST_IMAGE
 
 pytestmark = pytest.mark.docker
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
 
 
 def manifest(name: str, gpu: bool = False, vram_gb: float = 0, **deploy: Any) -> dict[str, Any]:

@@ -29,8 +29,9 @@ class TestFlatBody:
 
     def test_defaults(self) -> None:
         spec = parse(VALID).spec
-        assert (spec.port, spec.gpu, spec.vram_gb, spec.env, spec.volumes) == (8000, False, 0, {}, ())
-        assert (spec.health, spec.ready_timeout, spec.command) == ("/health", 60, None)
+        assert (int(spec.port), spec.gpu, float(spec.vram_gb), dict(spec.env), tuple(spec.volumes)) == (
+            8000, False, 0, {}, ())
+        assert (str(spec.health), float(spec.ready_timeout), spec.command) == ("/health", 60, None)
 
     def test_full_spec_example(self) -> None:
         body = {**VALID, "port": 8010, "gpu": True, "vram_gb": 8, "env": {"MODEL": "y.pt"},
@@ -78,7 +79,7 @@ class TestNestedManifest:
         spec = parse(self.MANIFEST).spec
         assert (spec.name, spec.image, spec.port, spec.gpu, spec.vram_gb) == (
             "yolo-service", "tidybot/yolo-service:0.2.0", 8010, True, 8.0)
-        assert spec.env == {"MODEL": "yoloe-11l-seg.pt"} and spec.ready_timeout == 120
+        assert spec.env == {"MODEL": "yoloe-11l-seg.pt"} and float(spec.ready_timeout) == 120
         assert spec.version == "0.2.0"
 
     def test_manifest_equals_its_flat_form(self) -> None:

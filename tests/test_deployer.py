@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 from unittest.mock import AsyncMock, MagicMock
@@ -210,10 +211,8 @@ class TestOffTheLoop:
 
     async def test_host_paths_resolve_in_a_thread(self, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-        import os
         import time
 
-        from deploy_agent import policy
 
         real_realpath = os.path.realpath
 
@@ -221,7 +220,7 @@ class TestOffTheLoop:
             time.sleep(0.2)  # a host path on a hung NFS mount, say
             return real_realpath(path, **kwargs)
 
-        monkeypatch.setattr(policy.os.path, "realpath", slow_realpath)
+        monkeypatch.setattr(os.path, "realpath", slow_realpath)
         gpus = GpuPool(FakeGpus("RTX 4090:24"))
         await gpus.refresh({})
         table = ServiceTable(NodePorts(PORTS), gpus, StateFile(tmp_path, CONVERTER))

@@ -95,7 +95,7 @@ class TestPlacement:
 
     async def test_no_gpus_is_no_gpu(self) -> None:
         with pytest.raises(NoGpu):
-            (await pool_of()).reserve("a", 1)
+            (await pool_of()).reserve(Owner("a", "1"), 1)
 
     async def test_release_frees_the_reservation(self) -> None:
         pool = await pool_of(reading(0))
@@ -339,9 +339,10 @@ def fake_nvml(devices: list[dict[str, Any]], init_error: str | None = None) -> t
     nvml.NVML_DEVICE_MIG_ENABLE = 1  # type: ignore[attr-defined]
     state = {"initialised": False, "shut_down": False}
 
-    def check() -> None:
+    def check() -> bool:
         if not state["initialised"]:
             raise NVMLError("Uninitialized")
+        return True
 
     def init() -> None:
         if init_error == "driver":
@@ -426,7 +427,7 @@ class TestNvmlInventory:
     def test_close_shuts_nvml_down(self) -> None:
         nvml = fake_nvml([device()])
         NvmlGpus(nvml).close()
-        assert nvml.state["shut_down"] is True  # type: ignore[attr-defined]
+        assert nvml.state["shut_down"] is True
 
     def test_fake_gpus_win_over_nvml(self) -> None:
         assert isinstance(open_inventory("A:1", nvml=fake_nvml([device()])), FakeGpus)

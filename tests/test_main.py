@@ -55,11 +55,11 @@ class TestServing:
     """`deploy-agent --host --port --state-dir --advertise-host` serves the API."""
 
     def test_deploy_list_stop(self, running_agent: str, test_image: str, tmp_path: Path) -> None:
-        assert get_json(running_agent + "/health")["status"] == "ok"  # type: ignore[index]
+        assert get_json(running_agent + "/health")["status"] == "ok"
         status, answer = post_json(running_agent + "/deploy", {"name": "t-cli", "image": TEST_IMAGE})
         assert status == 200, answer
-        assert answer["host"].startswith("http://127.0.0.1:285")  # type: ignore[index]
-        assert [s["name"] for s in get_json(running_agent + "/services")] == ["t-cli"]  # type: ignore[union-attr, index]
+        assert answer["host"].startswith("http://127.0.0.1:285")
+        assert [s["name"] for s in get_json(running_agent + "/services")] == ["t-cli"]
         assert (tmp_path / "s" / "services.json").exists()
         assert post_json(running_agent + "/stop", {"name": "t-cli"})[0] == 200
         assert get_json(running_agent + "/services") == []

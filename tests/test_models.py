@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from deploy_agent.convert import make_converter
@@ -16,7 +18,7 @@ from deploy_agent.models import (
 )
 
 
-def spec(**changes: object) -> DeploySpec:
+def spec(**changes: Any) -> DeploySpec:
     base = make_converter().structure({"name": "yolo", "image": "img:1"}, DeploySpec)
     return attrs.evolve(base, **changes)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from deploy_agent.api import openapi_document
@@ -20,7 +21,7 @@ from tests.conftest import TEST_IMAGE, make_config, remove_test_containers
 from tests.test_api_docker import deploy
 
 SPEC: dict[str, Any] = json.loads(openapi_document())
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
 
 
 def validate(instance: Any, schema_name: str | None = None, schema: Any = None) -> None:
@@ -46,7 +47,7 @@ class TestDocument:
 
     def test_paths_match_routes(self, tmp_path: Path) -> None:
         app = create_app(make_config(tmp_path))
-        routes = {(route.method.lower(), route.resource.canonical)
+        routes = {(route.method.lower(), route.resource.canonical if route.resource else "")
                   for route in app.router.routes() if route.method != "HEAD"}
         documented = {(method, path) for path, item in SPEC["paths"].items() for method in item}
         assert routes == documented

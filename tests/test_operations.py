@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,7 +21,7 @@ from tests.conftest import TEST_IMAGE, make_config, remove_test_containers
 
 ROOT = Path(__file__).parent.parent
 UNIT = ROOT / "contrib" / "deploy-agent.service"
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
 
 
 class TestSystemdUnit:

@@ -97,7 +97,7 @@ class TestWhatAPersonSees:
         assert table["t-page-c"]["Leases"].startswith("1 until")
         assert "VRAM used" not in table["t-page-a"]  # fake GPUs observe nothing: no column
         link = browser.find_element(By.CSS_SELECTOR, "tr[data-service='t-page-a'] a")
-        assert link.get_attribute("href").rstrip("/") == table["t-page-a"]["URL"]
+        assert (link.get_attribute("href") or "").rstrip("/") == table["t-page-a"]["URL"]
 
         gpus = browser.find_elements(By.CSS_SELECTOR, "#gpus .gpu")
         assert [g.find_element(By.TAG_NAME, "h3").text for g in gpus] == ["GPU 0 · RTX 4090",

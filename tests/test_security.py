@@ -11,6 +11,7 @@ from typing import Any
 
 import aiodocker
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from deploy_agent.app import create_app
@@ -21,7 +22,7 @@ from tests.conftest import TEST_IMAGE, make_config, remove_test_containers
 from tests.test_api_docker import deploy, test_containers
 
 TOKEN = "tok-0123456789abcdef"
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture
@@ -189,7 +190,7 @@ class TestDeployPolicy:
             seen = subprocess.run(["docker", "exec", "tidybot-t-vol-a", "ls", "/data"],
                                   capture_output=True, text=True, check=True).stdout
             assert "secret" not in seen
-            labels = (await (await docker.volumes.get(ours)).show())["Labels"]
+            labels = (await (await docker.volumes.get(ours)).show())["Labels"]  # type: ignore[no-untyped-call]  # aiodocker leaves it untyped
             assert labels == {"tidybot.deploy-agent": "default", "tidybot.volume": foreign}
             assert (await guarded.post("/stop", json={"name": "t-vol-a"})).status == 200
             assert ours in subprocess.run(["docker", "volume", "ls", "-q"], capture_output=True,

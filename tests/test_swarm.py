@@ -79,7 +79,7 @@ def deploy(agent: AgentProcess, name: str, **body: Any) -> tuple[int, dict[str, 
 def answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as response:
-            return response.status == 200
+            return bool(response.status == 200)
     except OSError:
         return False
 
@@ -159,7 +159,7 @@ class TestOnTheNodes:
         try:
             def moved() -> bool:
                 found = get_json(agent.url + "/services/t-squat")
-                return found["port"] != taken and found["status"] == "healthy"
+                return bool(found["port"] != taken and found["status"] == "healthy")
 
             wait_until(moved, timeout=60)
             time.sleep(2)  # a few resyncs more: it must stay where it is

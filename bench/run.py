@@ -128,7 +128,7 @@ class Bench:
     async def _floor_start(self, docker: aiodocker.Docker, session: aiohttp.ClientSession, name: str,
                            host_port: int, env: dict[str, str] | None) -> tuple[float, Any]:
         spec = self.converter.structure({"name": name, "image": IMAGE, "env": env or {}}, DeploySpec)
-        config = container_config(spec, host_port=host_port, env=dict(spec.env), device_requests=[],
+        config = container_config(spec, host_port=host_port, env=dict(spec.env), device_requests=[], binds=[],
                                   labels=labels_for(self.converter, spec, host_port, None,
                                                     "bench-floor", "floor"))
         started = time.perf_counter()
@@ -231,7 +231,7 @@ class Bench:
         async def one(i: int) -> None:
             spec = self.converter.structure({"name": f"bench-{i}", "image": IMAGE}, DeploySpec)
             port = first_port + i
-            config = container_config(spec, host_port=port, env={}, device_requests=[],
+            config = container_config(spec, host_port=port, env={}, device_requests=[], binds=[],
                                       labels=labels_for(self.converter, spec, port, None, instance,
                                                         f"bench-{i}"))
             async with semaphore:

@@ -9,13 +9,14 @@ runs; nothing above it imports a backend but the app, through backends.build().
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol
 
 import attrs
 
-from deploy_agent.errors import Conflict, NoPortAvailable, PortTaken
+from deploy_agent.errors import Conflict, HealthTimeout, NoPortAvailable, PortTaken
 from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, HealthWarning, JSONObject, Lease, Service
 from deploy_agent.table import ServiceTable
 
@@ -65,6 +66,48 @@ def not_ours(what: str, name: str) -> Conflict:
     """The 409 for a container or Swarm service of a deploy's name that the agent didn't make."""
     return Conflict(f"A {what} named {CONTAINER_PREFIX}{name} exists that this agent does not "
                     "manage; remove or rename it first.", name=name)
+
+
+class HealthWatch(Protocol):
+    """What the health wait asks of the backend about one service it is starting."""
+
+    async def ready(self) -> bool:
+        """Whether it runs, so a probe makes sense; ContainerExited (or PortTaken) once it
+        failed."""
+
+    async def probe(self, timeout_s: float) -> bool:
+        """Whether its health path answers 2xx; ContainerExited when it exits meanwhile."""
+
+    async def pause(self, seconds: float) -> None:
+        """Wait between probes, cut short when it exits."""
+
+    async def logs(self) -> list[str]:
+        """Its last lines, for the error."""
+
+
+async def wait_healthy(service: Service, timeout_s: float, progress: Progress, watch: HealthWatch,
+                       min_pause_s: float = 0.0) -> None:
+    """Probe until healthy, fast at first, backing off (poll_interval); HealthTimeout with
+    its logs after `timeout_s`. Both backends wait through here, each with its own watch."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    attempt = 0
+    while True:
+        elapsed = loop.time() - started
+        remaining = timeout_s - elapsed
+        if remaining <= 0:
+            raise HealthTimeout(f"{service.spec.name} did not answer {service.spec.health} with "
+                                f"2xx within {timeout_s:g} s.", name=service.spec.name,
+                                logs=await watch.logs())
+        if await watch.ready():
+            attempt += 1
+            healthy = await watch.probe(min(1.0, remaining))
+            progress({"event": "health", "attempt": attempt, "healthy": healthy,
+                      "elapsed_s": round(loop.time() - started, 3)})
+            if healthy:
+                return
+        await watch.pause(min(max(min_pause_s, poll_interval(elapsed)),
+                              max(0.0, timeout_s - (loop.time() - started))))
 
 
 def poll_interval(elapsed_s: float) -> float:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import attrs
 import cattrs
@@ -15,7 +16,6 @@ from deploy_agent.config import Config
 from deploy_agent.errors import (
     ContainerExited,
     EngineUnavailable,
-    HealthTimeout,
     MountNotAllowed,
     may_have_happened,
 )
@@ -29,7 +29,7 @@ from deploy_agent.runtime import (
     Progress,
     not_ours,
     on_a_free_port,
-    poll_interval,
+    wait_healthy,
 )
 from deploy_agent.state import labels_for, service_from_container
 from deploy_agent.table import ServiceTable
@@ -37,6 +37,45 @@ from deploy_agent.volumes import is_ours, mounts_of, volume_labels
 
 _LOGGER = logging.getLogger(__name__)
 
+
+
+@attrs.frozen
+class _ContainerWatch:
+    """A container being started, its exit watched the whole time: an exit ends the wait at
+    once, even in the middle of a probe."""
+
+    engine: Engine
+    probes: HealthProbe
+    service: Service
+    exited: asyncio.Future[int]  # the engine's wait for its next exit
+
+    async def ready(self) -> bool:
+        if self.exited.done():  # exited, or the engine failed under the watch
+            await self._raise_exited()
+        return True
+
+    async def probe(self, timeout_s: float) -> bool:
+        service = self.service
+        probe = asyncio.ensure_future(self.probes.healthy(service.host_port, service.spec.health,
+                                                          timeout_s))
+        either: set[asyncio.Future[Any]] = {probe, self.exited}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if self.exited.done():
+            probe.cancel()
+            await self._raise_exited()
+        return probe.result()
+
+    async def pause(self, seconds: float) -> None:
+        await asyncio.wait({self.exited}, timeout=seconds)
+
+    async def logs(self) -> list[str]:
+        return await self.engine.logs_tail(self.service.container_id, LOG_TAIL_LINES)
+
+    async def _raise_exited(self) -> None:
+        exit_code = self.exited.result()
+        raise ContainerExited(
+            f"{self.service.spec.name} exited with code {exit_code} before it became healthy.",
+            name=self.service.spec.name, exit_code=exit_code, logs=await self.logs())
 
 
 @attrs.define
@@ -194,46 +233,13 @@ class DockerRuntime:
 
     async def _wait_healthy(self, service: Service, progress: Progress) -> None:
         """Poll health with backoff while watching for the container to exit."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        timeout = min(service.spec.ready_timeout, self._config.max_ready_timeout)
         exited = asyncio.ensure_future(self._engine.wait_exit(service.container_id))
-        attempt = 0
         try:
-            while True:
-                elapsed = loop.time() - started
-                remaining = timeout - elapsed
-                if remaining <= 0:
-                    raise HealthTimeout(
-                        f"{service.spec.name} did not answer {service.spec.health} with 2xx "
-                        f"within {timeout:g} s.",
-                        name=service.spec.name, logs=await self._logs(service),
-                    )
-                probe = asyncio.ensure_future(self._probe.healthy(
-                    service.host_port, service.spec.health, min(1.0, remaining)))
-                await asyncio.wait({probe, exited}, return_when=asyncio.FIRST_COMPLETED)
-                if exited.done():  # exited, or the engine failed under the watch
-                    probe.cancel()
-                    await self._raise_exited(service, exited.result())
-                attempt += 1
-                progress({"event": "health", "attempt": attempt, "healthy": probe.result(),
-                          "elapsed_s": round(loop.time() - started, 3)})
-                if probe.result():
-                    return
-                pause = min(poll_interval(elapsed), max(0.0, timeout - (loop.time() - started)))
-                await asyncio.wait({exited}, timeout=pause)
+            await wait_healthy(service, min(service.spec.ready_timeout, self._config.max_ready_timeout),
+                               progress, _ContainerWatch(self._engine, self._probe, service, exited))
         finally:
             exited.cancel()
             await asyncio.gather(exited, return_exceptions=True)
-
-    async def _raise_exited(self, service: Service, exit_code: int) -> None:
-        raise ContainerExited(
-            f"{service.spec.name} exited with code {exit_code} before it became healthy.",
-            name=service.spec.name, exit_code=exit_code, logs=await self._logs(service),
-        )
-
-    async def _logs(self, service: Service) -> list[str]:
-        return await self._engine.logs_tail(service.container_id, LOG_TAIL_LINES)
 
     async def place(self, spec: DeploySpec, replacing: Service | None) -> DryRunOutcome:
         if replacing is None:

@@ -33,7 +33,6 @@ from deploy_agent.errors import (
     ContainerExited,
     EngineError,
     EngineUnavailable,
-    HealthTimeout,
     NoGpu,
     NoGpuCapacity,
     NoPortAvailable,
@@ -62,7 +61,7 @@ from deploy_agent.runtime import (
     Progress,
     not_ours,
     on_a_free_port,
-    poll_interval,
+    wait_healthy,
 )
 from deploy_agent.state import attempt_of, labels_for, lease_of, recorded_in
 from deploy_agent.table import ServiceTable
@@ -88,6 +87,44 @@ class _Launch:
     node: SwarmNode
     assignment: Assignment | None
     lease: Lease | None
+
+
+@attrs.frozen
+class _TaskWatch:
+    """A Swarm service being started: its tasks say whether it runs, failed, or found its
+    port taken on the node."""
+
+    engine: SwarmEngine
+    probes: HealthProbe
+    service: Service
+
+    async def ready(self) -> bool:
+        tasks = await self.engine.tasks([self.service.container_id])
+        taken = next((t for t in tasks if port_error(t)), None)
+        if taken is not None:  # Swarm retries, each try failing the same way
+            raise PortTaken(task_error(taken))
+        failed = next((t for t in tasks if (t.get("Status") or {}).get("State") in
+                       ("failed", "rejected", "complete")), None)
+        if failed is not None:
+            raise ContainerExited(
+                f"{self.service.spec.name} exited before it became healthy: {task_error(failed)}",
+                name=self.service.spec.name, exit_code=exit_code(failed), logs=await self.logs())
+        task = latest_task(tasks)
+        return bool((task or {}).get("Status", {}).get("State", "new") == "running")
+
+    async def probe(self, timeout_s: float) -> bool:
+        return await self.probes.healthy(self.service.host_port, self.service.spec.health, timeout_s,
+                                         host=self.service.node_addr)
+
+    async def pause(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def logs(self) -> list[str]:
+        try:
+            return (await self.engine.service_logs(self.service.container_id,
+                                                   LOG_TAIL_LINES)).splitlines()
+        except AgentError:
+            return []
 
 
 class SwarmRuntime:
@@ -290,44 +327,9 @@ class SwarmRuntime:
 
     async def _wait_healthy(self, service: Service, progress: Progress) -> None:
         """Wait for its task to run, then for its health path on the node's address."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        timeout = min(service.spec.ready_timeout, self._config.max_ready_timeout)
-        attempt = 0
-        while True:
-            elapsed = loop.time() - started
-            if elapsed >= timeout:
-                raise HealthTimeout(f"{service.spec.name} did not answer {service.spec.health} with "
-                                    f"2xx within {timeout:g} s.", name=service.spec.name,
-                                    logs=await self._logs_tail(service))
-            tasks = await self._engine.tasks([service.container_id])
-            taken = next((t for t in tasks if port_error(t)), None)
-            if taken is not None:  # Swarm retries, each try failing the same way
-                raise PortTaken(task_error(taken))
-            failed = next((t for t in tasks if (t.get("Status") or {}).get("State") in
-                           ("failed", "rejected", "complete")), None)
-            if failed is not None:
-                raise ContainerExited(
-                    f"{service.spec.name} exited before it became healthy: {task_error(failed)}",
-                    name=service.spec.name, exit_code=exit_code(failed),
-                    logs=await self._logs_tail(service))
-            task = latest_task(tasks)
-            state = (task or {}).get("Status", {}).get("State", "new")
-            if state == "running":
-                attempt += 1
-                healthy = await self._probe.healthy(service.host_port, service.spec.health,
-                                                    min(1.0, timeout - elapsed), host=service.node_addr)
-                progress({"event": "health", "attempt": attempt, "healthy": healthy,
-                          "elapsed_s": round(loop.time() - started, 3)})
-                if healthy:
-                    return
-            await asyncio.sleep(max(TASK_POLL_S, poll_interval(elapsed)))
-
-    async def _logs_tail(self, service: Service) -> list[str]:
-        try:
-            return (await self._engine.service_logs(service.container_id, LOG_TAIL_LINES)).splitlines()
-        except AgentError:
-            return []
+        await wait_healthy(service, min(service.spec.ready_timeout, self._config.max_ready_timeout),
+                           progress, _TaskWatch(self._engine, self._probe, service),
+                           min_pause_s=TASK_POLL_S)
 
     # -- stopping: only once the task is gone ----------------------------------------------
 

@@ -133,3 +133,33 @@ class TestCreatedContainers:
             tmp_path, AsyncMock(side_effect=PortTaken("port is already allocated")))
         await reconciler.resync_logged()
         assert reconciler.resyncs == 1 and table.service("a").status == "exited"
+
+
+class TestLateEvents:
+    """The engine's event stream lags under load: a start reported after the deploy found the
+    service healthy is no news, and never makes its answer say "starting"."""
+
+    async def test_a_late_start_event_keeps_a_healthy_service_healthy(self, tmp_path: Path) -> None:
+        gpus = GpuPool(FakeGpus("RTX 4090:24"))
+        await gpus.refresh({})
+        table = ServiceTable(NodePorts((29300, 29310)), gpus, StateFile(tmp_path, CONVERTER))
+        running = Service(spec=spec(), container_id="4" * 64, host_port=29300, gpu=0,
+                          attempt="a1", status="healthy")
+        table.adopt(running)
+        seen = asyncio.Event()
+
+        async def events() -> Any:
+            yield {"Action": "start", "Actor": {"ID": running.container_id,
+                                                "Attributes": {"name": "tidybot-a"}}}
+            seen.set()
+            await asyncio.Event().wait()
+
+        engine = MagicMock(spec=Engine)
+        engine.events = events
+        reconciler = DockerReconciler(table, engine, MagicMock(spec=HealthProbe),
+                                      StateFile(tmp_path, CONVERTER), CONVERTER, EventLog(tmp_path),
+                                      5.0, INSTANCE, HostView())
+        following = asyncio.create_task(reconciler.follow_events())
+        await asyncio.wait_for(seen.wait(), 5)
+        following.cancel()
+        assert running.status == "healthy" and running.restarts == 0

@@ -17,7 +17,7 @@ from deploy_agent.backends.engine import Engine
 from deploy_agent.backends.reconcile import ReconcilerBase
 from deploy_agent.errors import AgentError, EngineUnavailable, PortTaken
 from deploy_agent.events import EventLog
-from deploy_agent.models import CONTAINER_PREFIX, HealthWarning, JSONObject, Service
+from deploy_agent.models import CONTAINER_PREFIX, LIVE_STATUSES, HealthWarning, JSONObject, Service
 from deploy_agent.probe import HealthProbe
 from deploy_agent.state import (
     StateFile,
@@ -163,7 +163,10 @@ class DockerReconciler(ReconcilerBase):
                 service.restarts += 1
                 service.started_at = time.time()  # uptime counts from the latest start
                 self._events.emit("restarted", name, "engine", restarts=service.restarts)
-            service.status = "starting"
+                service.status = "starting"
+            elif service.status not in LIVE_STATUSES:  # its exit went unseen: it runs again
+                service.status = "starting"
+            # else: the start its deploy made, reported late; it was found healthy since.
             service.exit_code = None
             self._failures.pop(name, None)
         elif action == "destroy":

@@ -33,8 +33,11 @@ from deploy_agent.models import (
     HealthAnswer,
     HealthWarning,
     JSONObject,
+    LeaseAnswer,
+    ReleaseAnswer,
     Service,
     ServiceView,
+    StopAnswer,
     rfc3339,
     service_url,
 )
@@ -329,7 +332,7 @@ def _query_int(request: web.Request, key: str, default: int, maximum: int) -> in
 async def stop(request: web.Request) -> web.Response:
     name = parse_stop_request(request.app[CONVERTER_KEY], await read_json(request))
     await request.app[DEPLOYER_KEY].stop(name)
-    return json_response({"ok": True, "name": name})
+    return answer(request, StopAnswer(name))
 
 
 async def renew(request: web.Request) -> web.Response:
@@ -337,15 +340,14 @@ async def renew(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     lease_id, lease_s = parse_renew_request(await read_json(request))
     lease = request.app[DEPLOYER_KEY].renew(name, lease_id, lease_s)
-    return json_response({"ok": True, "name": name, "lease_id": lease.id, "lease_s": lease.lease_s,
-                          "lease_expires_at": rfc3339(lease.expires_at)})
+    return answer(request, LeaseAnswer(name, lease.id, lease.lease_s, rfc3339(lease.expires_at)))
 
 
 async def release(request: web.Request) -> web.Response:
     """Drop the caller's lease; the service stops when it was the last one."""
     name, lease_id = request.match_info["name"], request.match_info["lease_id"]
     stopped = await request.app[DEPLOYER_KEY].release(name, lease_id)
-    return json_response({"ok": True, "name": name, "lease_id": lease_id, "stopped": stopped})
+    return answer(request, ReleaseAnswer(name, lease_id, stopped))
 
 
 async def events(request: web.Request) -> web.StreamResponse:

@@ -12,6 +12,7 @@ import shlex
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import cattrs
 from cattrs.errors import ForbiddenExtraKeysError
 from cattrs.gen import make_dict_unstructure_fn, override
@@ -202,13 +203,48 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+# What each rule-carrying type accepts, as JSON Schema: the OpenAPI document's field schemas
+# (deploy_agent/openapi.py), written beside the hooks above that enforce them.
+FIELD_SCHEMAS: dict[Any, JSONObject] = {
+    ServiceName: {"type": "string", "pattern": NAME_RE.pattern},
+    ImageRef: {"type": "string", "minLength": 1, "maxLength": 255},
+    Port: {"type": "integer", "minimum": 1, "maximum": 65535},
+    VramGb: {"type": "number", "minimum": 0},
+    MemoryGb: {"type": "number", "exclusiveMinimum": 0},
+    HealthPath: {"type": "string", "pattern": r"^/\S*$"},
+    ReadyTimeout: {"type": "number", "exclusiveMinimum": 0},
+    EnvMap: {"type": "object", "propertyNames": {"pattern": ENV_KEY_RE.pattern},
+             "additionalProperties": {"type": ["string", "number", "boolean"]}},
+    VolumeList: {"type": "array", "items": {"type": "string"}},
+    Command: {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
+}
+# The deploy keys that are the caller's intent, not the spec (parse_deploy_request).
+REQUEST_KEY_SCHEMAS: dict[str, JSONObject] = {
+    "replace": {"type": "boolean", "default": False},
+    "lease_s": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                "description": "Seconds the caller's lease keeps the service; at most --max-lease. "
+                               "Not part of the spec: renewing never conflicts."},
+    "lease_id": {"type": ["string", "null"], "pattern": LEASE_ID_RE.pattern,
+                 "description": "Renew this lease (from an earlier leased deploy) instead of taking "
+                                "a new one; needs lease_s."},
+}
+# Manifest keys that land nowhere in the flat body: accepted, never an error.
+MANIFEST_EXTRA_SCHEMAS: dict[str, JSONObject] = {
+    "client": {"description": "Known manifest key (the service's client module); accepted and ignored."},
+    "ram_gb": {"description": "Known manifest key; accepted and ignored."},
+    "runtime": {"description": "Known manifest key; accepted and ignored."},
+}
+
+
 def make_converter() -> cattrs.Converter:
     """The converter: simple types first, then each rule-carrying NewType."""
     converter = cattrs.Converter(forbid_extra_keys=True)
     # A deploy answer names the caller's lease only when it deployed with one.
-    converter.register_unstructure_hook(DeployAnswer, make_dict_unstructure_fn(
-        DeployAnswer, converter, lease_id=override(omit_if_default=True),
-        lease_expires_at=override(omit_if_default=True)))
+    # An answer's field marked omit_if_default (its metadata) is written only when set.
+    for answer in (DeployAnswer,):
+        omitted: dict[str, Any] = {f.name: override(omit_if_default=True) for f in attrs.fields(answer)
+                                   if f.metadata.get("omit_if_default")}
+        converter.register_unstructure_hook(answer, make_dict_unstructure_fn(answer, converter, **omitted))
     for simple, hook in ((str, _strict_str), (int, _strict_int), (float, _strict_float),
                          (bool, _strict_bool)):
         converter.register_structure_hook(simple, hook)

@@ -36,10 +36,10 @@ KINDS = ("deployed", "replaced", "stopped", "crashed", "restarted", "adopted", "
 class Event:
     """One record: what happened to which service, and why."""
 
-    id: int
-    time: str
+    id: int = attrs.field(metadata={"schema": {"minimum": 1}})
+    time: str = attrs.field(metadata={"schema": {"format": "date-time"}})
     service: str | None
-    kind: str
+    kind: str = attrs.field(metadata={"schema": {"enum": list(KINDS)}})
     reason: str | None
     details: dict[str, Any]
 

@@ -57,12 +57,13 @@ class GpuReading:
     uuid: str
     name: str
     total_gb: float
-    used_gb: float | None  # None: not known here (another node's GPU, in front of a swarm)
+    used_gb: float | None  # None: not known here (another node's GPU)
     utilization_pct: float | None = None
     processes: tuple[GpuProcess, ...] | None = None
     mig: bool = False
-    node: str | None = None  # the ID of the node it is on, in front of a swarm
-    node_index: int | None = None  # its index on that node
+    # The node it is on: None for the agent's own node, else another node's ID (a swarm's).
+    node: str | None = None
+    node_index: int | None = None  # its index on that node, where `index` is the pool's own
     node_name: str | None = None  # that node's hostname, for people
     available: bool = True  # False while its node is down: nothing new is placed there
 
@@ -72,7 +73,7 @@ class GpuReading:
 
     @property
     def label(self) -> str:
-        """How people and free_gb maps name it: `0`, or `node/0` in a swarm."""
+        """How people and free_gb maps name it: `0` on the agent's own node, else `node/0`."""
         return str(self.local_index) if self.node is None else f"{self.node_name}/{self.local_index}"
 
 
@@ -238,7 +239,7 @@ class Assignment:
     index: int
     uuid: str
     vram_gb: float
-    node: str | None = None  # the node's ID, in front of a swarm
+    node: str | None = None  # as GpuReading.node: None for the agent's own node
     node_index: int | None = None
 
     @property

@@ -29,6 +29,13 @@ Status = Literal["starting", "healthy", "unhealthy", "exited", "restarting",
 LIVE_STATUSES = ("starting", "healthy", "unhealthy")
 
 CONTAINER_PREFIX = "tidybot-"
+DATE_TIME = {"format": "date-time"}  # a field's schema metadata: an RFC 3339 time (rfc3339())
+URI = {"format": "uri"}
+
+
+def always(value: bool) -> Any:
+    """An answer's field that always holds `value` (its schema says so)."""
+    return attrs.field(default=value, metadata={"schema": {"const": value}})
 MANAGED_LABEL = "tidybot.deploy-agent"  # on what the agent made: the instance that made it
 
 
@@ -117,9 +124,11 @@ class Service:
     exit_code: int | None = None
     restarts: int = 0
     pinned: bool = True  # deployed without a lease by someone: runs until stopped
-    node_name: str | None = None  # in front of a swarm: the node it runs on, for people
-    node_addr: str | None = None  # ... the address its port is published on
-    node_id: str | None = None  # ... and the node's swarm ID, its identity
+    # The node it runs on: all None on the agent's own node (one engine), else that node's
+    # hostname for people, the address its port is published on, and its ID, its identity.
+    node_name: str | None = None
+    node_addr: str | None = None
+    node_id: str | None = None
     reason: str | None = None  # why it is pending
     attempt: str = attrs.field(factory=new_attempt)  # the deploy that holds its reservations
 
@@ -145,7 +154,7 @@ class ServiceView:
     restarts: int
     exit_code: int | None
     leases: int
-    lease_expires_at: str | None
+    lease_expires_at: str | None = attrs.field(metadata={"schema": DATE_TIME})
     vram_used_gb: float | None
     vram_over: bool
     node_name: str
@@ -183,14 +192,16 @@ class DeployAnswer:
     """The answer to a successful `POST /deploy`."""
 
     name: str
-    host: str
+    host: str = attrs.field(metadata={"schema": URI})
     port: int
     gpu: int | None
     status: Status
     already_running: bool
-    ok: bool = True
-    lease_id: str | None = None  # only in the answers to leased deploys
-    lease_expires_at: str | None = None
+    ok: bool = always(True)
+    # Only in the answers to leased deploys:
+    lease_id: str | None = attrs.field(default=None, metadata={"omit_if_default": True})
+    lease_expires_at: str | None = attrs.field(default=None, metadata={"omit_if_default": True,
+                                                                       "schema": DATE_TIME})
 
 
 @attrs.frozen
@@ -199,14 +210,43 @@ class DryRunAnswer:
     running service's, when already_running; else null)."""
 
     name: str
-    host: str
+    host: str = attrs.field(metadata={"schema": URI})
     port: int
     gpu: int | None
     status: Status | None
     already_running: bool
     pull_needed: bool | None  # None: another node pulls it, the agent can't know
-    ok: bool = True
-    dry_run: bool = True
+    ok: bool = always(True)
+    dry_run: bool = always(True)
+
+
+@attrs.frozen
+class StopAnswer:
+    """The answer to a successful `POST /stop`."""
+
+    name: str
+    ok: bool = always(True)
+
+
+@attrs.frozen
+class LeaseAnswer:
+    """The answer to a renew: the caller's lease, and when it now runs out."""
+
+    name: str
+    lease_id: str
+    lease_s: float
+    lease_expires_at: str = attrs.field(metadata={"schema": DATE_TIME})
+    ok: bool = always(True)
+
+
+@attrs.frozen
+class ReleaseAnswer:
+    """The answer to a lease's release: whether the service stopped with it."""
+
+    name: str
+    lease_id: str
+    stopped: bool
+    ok: bool = always(True)
 
 
 @attrs.frozen

@@ -111,17 +111,17 @@ class PortAllocator:
 
 
 class NodePorts:
-    """Host-port allocators by node ID: None is this node (probed with bind()); in front of a
-    swarm, each node's ports are its own, known only from the services placed there."""
+    """Host-port allocators by node. A node is None (the agent's own: one engine) or another
+    node's ID (a swarm's); the agent's own node is also probed with bind(), another node's
+    ports are known only from the services placed there."""
 
-    def __init__(self, port_range: tuple[int, int], remote: bool = False) -> None:
+    def __init__(self, port_range: tuple[int, int]) -> None:
         self._range = port_range
-        self._remote = remote
         self._allocators: dict[str | None, PortAllocator] = {}
 
     def on(self, node: str | None) -> PortAllocator:
         allocator = self._allocators.get(node)
         if allocator is None:
-            probe = None if self._remote else bound_on_host
+            probe = bound_on_host if node is None else None  # only the own node is here to ask
             allocator = self._allocators[node] = PortAllocator(self._range, probe)
         return allocator

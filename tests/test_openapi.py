@@ -52,8 +52,34 @@ class TestDocument:
         documented = {(method, path) for path, item in SPEC["paths"].items() for method in item}
         assert routes == documented
 
+    def test_the_shipped_document_is_the_generators_output(self) -> None:
+        from deploy_agent.openapi import DOCUMENT, app_routes, build_document, render
+
+        assert DOCUMENT.read_text() == render(build_document(app_routes())), (
+            "deploy_agent/openapi.json is stale: run python -m deploy_agent.openapi")
+
+    def test_a_route_nobody_described_stops_the_generator(self) -> None:
+        from deploy_agent.openapi import app_routes, build_document
+
+        with pytest.raises(KeyError, match="/new"):
+            build_document([*app_routes(), ("GET", "/new")])
+        with pytest.raises(ValueError, match="/gpus"):
+            build_document([r for r in app_routes() if r[1] != "/gpus"])
+
+    def test_rules_come_from_the_converter_once(self) -> None:
+        """Both deploy forms and the stop body carry the converter's own patterns and limits."""
+        from deploy_agent.convert import IMAGE_RE, NAME_RE
+
+        schemas = SPEC["components"]["schemas"]
+        flat, manifest = schemas["FlatDeploy"]["properties"], schemas["ManifestDeploy"]["properties"]
+        for name in (flat["name"], manifest["name"], schemas["StopRequest"]["properties"]["name"]):
+            assert name["pattern"] == NAME_RE.pattern
+        assert manifest["deploy"]["properties"]["port"] == flat["port"]
+        assert flat["port"]["minimum"] == 1 and flat["port"]["maximum"] == 65535
+        assert IMAGE_RE.match("a" * 200) and flat["image"]["maxLength"] == 255
+
     def test_schemas_name_exactly_the_models_fields(self) -> None:
-        """The document is written by hand; this keeps it from drifting from the models."""
+        """The models' field names, as the document shows them (a second check on the generator)."""
         import attrs
 
         from deploy_agent.convert import MANIFEST_DEPLOY, MANIFEST_REQUIRES, MANIFEST_TOP, REQUEST_KEYS

@@ -108,7 +108,7 @@ class TestNodePorts:
 
         port = listener.getsockname()[1]
         with listener:
-            remote = NodePorts((port, port + 5), remote=True)
+            remote = NodePorts((port, port + 5))
             assert await remote.on("node-a").reserve(OWNER, port, set()) == port  # bound here, not there
             assert await remote.on("node-b").reserve(OWNER, port, set()) == port
             assert await remote.on("node-a").reserve(OWNER, port, set()) == port + 1

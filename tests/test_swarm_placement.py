@@ -152,7 +152,7 @@ def spec_of(name: str, gpu: bool = False, vram_gb: float = 0) -> DeploySpec:
 async def lab(tmp_path: Path) -> Lab:
     gpus = SwarmGpus()
     pool = GpuPool(gpus)
-    table = ServiceTable(NodePorts(PORT_RANGE, remote=True), pool, StateFile(tmp_path, CONVERTER))
+    table = ServiceTable(NodePorts(PORT_RANGE), pool, StateFile(tmp_path, CONVERTER))
     manager = FakeManager()
     events = EventLog(tmp_path)
     probe = MagicMock(spec=HealthProbe)
@@ -192,7 +192,7 @@ class TestOwnedPorts:
         assert kinds(lab, "waiting") == [("pending", "node_down")]  # once, not once per pass
 
     async def test_releasing_what_another_holds_does_nothing(self, tmp_path: Path) -> None:
-        ports = NodePorts(PORT_RANGE, remote=True).on("n1")
+        ports = NodePorts(PORT_RANGE).on("n1")
         holder, other = Owner("a", "1"), Owner("a", "2")  # the same name, another deploy of it
         port = await ports.reserve(holder, 8000, set())
         assert not ports.release(other, port)
@@ -443,7 +443,7 @@ def lease_for(name: str) -> Lease:
 
 def test_scaled_to_nothing_is_adopted_pending_holding_nothing(tmp_path: Path) -> None:
     nodes = {"n1": node("n1", "host1")}
-    table = ServiceTable(NodePorts(PORT_RANGE, remote=True), GpuPool(SwarmGpus()),
+    table = ServiceTable(NodePorts(PORT_RANGE), GpuPool(SwarmGpus()),
                          StateFile(tmp_path, CONVERTER))
     runtime = SwarmRuntime(make_config(tmp_path, swarm=True), MagicMock(spec=SwarmEngine),
                            MagicMock(spec=HealthProbe), table, CONVERTER, SwarmGpus(), EventLog(tmp_path))

@@ -34,7 +34,7 @@ async def build(config: Config, converter: cattrs.Converter, events: EventLog, *
     engine, close_engine = open_engine(SwarmEngine, config, docker)
     probe = HealthProbe(config.health_host)
     state_file = StateFile(config.state_dir, converter)
-    table = ServiceTable(NodePorts(config.port_range, remote=True), pool, state_file)
+    table = ServiceTable(NodePorts(config.port_range), pool, state_file)
     runtime = SwarmRuntime(config, engine, probe, table, converter, inventory, events)
     lock = SwarmLock(engine, config.state_dir, config.instance,
                      f"{socket.gethostname()} port {config.port}")

@@ -72,6 +72,12 @@ HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_
 NDJSON = "application/x-ndjson"
 
 
+# Query parameters' rules, for the handlers and the OpenAPI document alike.
+FLAG_VALUES = ("0", "1", "true", "false")
+LOG_TAIL_DEFAULT, LOG_TAIL_MAX = 100, 100_000
+EVENTS_LIMIT_DEFAULT = 100
+
+
 def answer(request: web.Request, payload: Any, status: int = 200) -> web.Response:
     """A JSON answer of an attrs value (or a list of them) through the app's converter."""
     return json_response(request.app[CONVERTER_KEY].unstructure(payload), status)
@@ -296,7 +302,7 @@ async def _write_line(response: web.StreamResponse, payload: Any) -> bool:
 async def service_logs(request: web.Request) -> web.StreamResponse:
     """`?tail=N` (default 100) recent lines as text; `&follow=1` streams new ones as they come."""
     name, deployer = request.match_info["name"], request.app[DEPLOYER_KEY]
-    tail = _query_int(request, "tail", default=100, maximum=100_000)
+    tail = _query_int(request, "tail", default=LOG_TAIL_DEFAULT, maximum=LOG_TAIL_MAX)
     if not _query_follow(request):
         return web.Response(text=await deployer.logs(name, tail), content_type="text/plain")
     chunks = deployer.follow_logs(name, tail)
@@ -313,7 +319,7 @@ def _query_follow(request: web.Request) -> bool:
 
 def _query_flag(request: web.Request, key: str) -> bool:
     value = request.query.get(key, "0").lower()
-    if value not in ("0", "1", "true", "false"):
+    if value not in FLAG_VALUES:
         raise InvalidRequest(f"{key} must be 1 or 0.",
                              details=[{"field": key, "message": "must be 1 or 0"}])
     return value in ("1", "true")
@@ -354,7 +360,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     """`?since=ID&limit=N` (oldest first); `&follow=1` streams new events as NDJSON."""
     log = request.app[EVENTS_KEY]
     since = _query_int(request, "since", default=-1, maximum=2**63)
-    limit = _query_int(request, "limit", default=100, maximum=MEMORY_EVENTS)
+    limit = _query_int(request, "limit", default=EVENTS_LIMIT_DEFAULT, maximum=MEMORY_EVENTS)
     cursor = None if since < 0 else since
     if not _query_follow(request):
         return answer(request, log.since(cursor, limit))

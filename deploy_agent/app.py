@@ -79,11 +79,13 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         supervisor.start("event-log", events.keep_written)
         supervisor.start("enforce", deployer.enforce)
         yield
-        await supervisor.close()
-        await deployer.close()
-        await events.flush()
-        await reconciler.close()  # the swarm's lock, once nothing touches the swarm any more
-        await backend.close()
+        try:
+            await supervisor.close()
+            await deployer.close()
+            await events.flush()
+            await reconciler.close()  # the swarm's lock, once nothing touches the swarm any more
+        finally:
+            await backend.close()
 
     async def end_streams(app: web.Application) -> None:
         app[STREAMS_KEY].end_all()

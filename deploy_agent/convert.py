@@ -20,7 +20,6 @@ from cattrs.gen import make_dict_unstructure_fn, override
 from deploy_agent.errors import InvalidRequest
 from deploy_agent.models import (
     Command,
-    DeployAnswer,
     DeployRequest,
     DeploySpec,
     EnvMap,
@@ -48,6 +47,9 @@ VOLUME_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 ENV_KEY_RE = re.compile(r"^[^=\x00]+$")
 TOOLKIT_ENV_PREFIX = "NVIDIA_"
 LEASE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+HEALTH_PATH_RE = re.compile(r"^/\S*$")
+IMAGE_MAX_LENGTH = 255
+PORT_MIN, PORT_MAX = 1, 65535
 
 # The nested service.yaml form: where each manifest key lands in the flat body.
 MANIFEST_REQUIRES = {"gpu": "gpu", "vram_gb": "vram_gb", "ram_gb": None}
@@ -91,7 +93,7 @@ def _strict_bool(value: Any, _: Any) -> bool:
 
 def _service_name(value: Any, _: Any) -> ServiceName:
     name = _strict_str(value, _)
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise FieldError(
             "must be a DNS label: 1-63 lowercase letters, digits or '-', "
             "starting and ending with a letter or digit"
@@ -103,15 +105,15 @@ def _image_ref(value: Any, _: Any) -> ImageRef:
     image = _strict_str(value, _)
     if not image:
         raise FieldError("must not be empty")
-    if len(image) > 255 or not IMAGE_RE.match(image):
+    if len(image) > IMAGE_MAX_LENGTH or not IMAGE_RE.fullmatch(image):
         raise FieldError("is not a valid image reference, e.g. registry:5000/team/image:tag")
     return ImageRef(image)
 
 
 def _port(value: Any, _: Any) -> Port:
     port = _strict_int(value, _)
-    if not 1 <= port <= 65535:
-        raise FieldError("must be between 1 and 65535")
+    if not PORT_MIN <= port <= PORT_MAX:
+        raise FieldError(f"must be between {PORT_MIN} and {PORT_MAX}")
     return Port(port)
 
 
@@ -131,7 +133,7 @@ def _memory_gb(value: Any, _: Any) -> MemoryGb:
 
 def _health_path(value: Any, _: Any) -> HealthPath:
     path = _strict_str(value, _)
-    if not path.startswith("/") or any(c.isspace() for c in path):
+    if not HEALTH_PATH_RE.fullmatch(path):
         raise FieldError("must be a URL path starting with '/', e.g. /health")
     return HealthPath(path)
 
@@ -148,7 +150,7 @@ def _env_map(value: Any, _: Any) -> EnvMap:
         raise FieldError(f"must be a map of names to values, not {_json_type(value)}")
     env = {}
     for key, item in value.items():
-        if not ENV_KEY_RE.match(key):
+        if not ENV_KEY_RE.fullmatch(key):
             raise FieldError(f"has an invalid variable name {key!r}")
         if isinstance(item, bool):
             env[key] = "true" if item else "false"
@@ -176,7 +178,7 @@ def _check_volume(entry: str) -> None:
     if len(parts) != 2:
         raise FieldError(f"{entry!r} is not 'source:target[:ro|:rw]'")
     source, target = parts
-    if not (source.startswith("/") or VOLUME_NAME_RE.match(source)):
+    if not (source.startswith("/") or VOLUME_NAME_RE.fullmatch(source)):
         raise FieldError(f"{entry!r}: source must be a volume name or an absolute host path")
     if not target.startswith("/") or target == "/" or ".." in target.split("/"):
         raise FieldError(f"{entry!r}: target must be an absolute path other than '/', without '..'")
@@ -207,11 +209,11 @@ def _json_type(value: Any) -> str:
 # (deploy_agent/openapi.py), written beside the hooks above that enforce them.
 FIELD_SCHEMAS: dict[Any, JSONObject] = {
     ServiceName: {"type": "string", "pattern": NAME_RE.pattern},
-    ImageRef: {"type": "string", "minLength": 1, "maxLength": 255},
-    Port: {"type": "integer", "minimum": 1, "maximum": 65535},
+    ImageRef: {"type": "string", "minLength": 1, "maxLength": IMAGE_MAX_LENGTH},
+    Port: {"type": "integer", "minimum": PORT_MIN, "maximum": PORT_MAX},
     VramGb: {"type": "number", "minimum": 0},
     MemoryGb: {"type": "number", "exclusiveMinimum": 0},
-    HealthPath: {"type": "string", "pattern": r"^/\S*$"},
+    HealthPath: {"type": "string", "pattern": HEALTH_PATH_RE.pattern},
     ReadyTimeout: {"type": "number", "exclusiveMinimum": 0},
     EnvMap: {"type": "object", "propertyNames": {"pattern": ENV_KEY_RE.pattern},
              "additionalProperties": {"type": ["string", "number", "boolean"]}},
@@ -240,11 +242,16 @@ def make_converter() -> cattrs.Converter:
     """The converter: simple types first, then each rule-carrying NewType."""
     converter = cattrs.Converter(forbid_extra_keys=True)
     # A deploy answer names the caller's lease only when it deployed with one.
-    # An answer's field marked omit_if_default (its metadata) is written only when set.
-    for answer in (DeployAnswer,):
-        omitted: dict[str, Any] = {f.name: override(omit_if_default=True) for f in attrs.fields(answer)
+    # A field marked omit_if_default (its metadata) is written only when set, in any answer.
+    def omits(cls: Any) -> bool:
+        return attrs.has(cls) and any(f.metadata.get("omit_if_default") for f in attrs.fields(cls))
+
+    def unstructure_omitting(cls: Any) -> Callable[[Any], Any]:
+        omitted: dict[str, Any] = {f.name: override(omit_if_default=True) for f in attrs.fields(cls)
                                    if f.metadata.get("omit_if_default")}
-        converter.register_unstructure_hook(answer, make_dict_unstructure_fn(answer, converter, **omitted))
+        return make_dict_unstructure_fn(cls, converter, **omitted)
+
+    converter.register_unstructure_hook_factory(omits, unstructure_omitting)
     for simple, hook in ((str, _strict_str), (int, _strict_int), (float, _strict_float),
                          (bool, _strict_bool)):
         converter.register_structure_hook(simple, hook)
@@ -356,7 +363,7 @@ def _lease_seconds(value: Any) -> float:
 
 def _lease_id(value: Any) -> str:
     lease_id = _strict_str(value, str)
-    if not LEASE_ID_RE.match(lease_id):
+    if not LEASE_ID_RE.fullmatch(lease_id):
         raise FieldError("is not a lease id this agent gives out")
     return lease_id
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import attrs
 
 from deploy_agent import __version__
+from deploy_agent.api import EVENTS_LIMIT_DEFAULT, FLAG_VALUES, LOG_TAIL_DEFAULT, LOG_TAIL_MAX
 from deploy_agent.convert import (
     FIELD_SCHEMAS,
     MANIFEST_DEPLOY,
@@ -29,7 +30,7 @@ from deploy_agent.convert import (
     MANIFEST_REQUIRES,
     REQUEST_KEY_SCHEMAS,
 )
-from deploy_agent.events import Event
+from deploy_agent.events import MEMORY_EVENTS, Event
 from deploy_agent.gpus import GpuView, ServiceVram
 from deploy_agent.models import (
     DeployAnswer,
@@ -46,7 +47,7 @@ from deploy_agent.models import (
 
 DOCUMENT = Path(__file__).with_name("openapi.json")
 ERROR = {"$ref": "#/components/schemas/Error"}
-FLAG = {"type": "string", "enum": ["0", "1", "true", "false"], "default": "0"}
+FLAG = {"type": "string", "enum": list(FLAG_VALUES), "default": "0"}
 
 # The answers, by the component name the document gives them.
 ANSWERS: dict[str, type] = {
@@ -165,6 +166,8 @@ def answer_schema(model: type) -> JSONObject:
         properties[field.name] = schema
     described: JSONObject = {"type": "object", "additionalProperties": False, "required": required,
                              "properties": properties}
+    if model.__doc__:  # its first paragraph, on one line
+        described["description"] = " ".join(model.__doc__.split("\n\n")[0].split())
     return described
 
 
@@ -221,8 +224,13 @@ def deploy_schemas() -> dict[str, JSONObject]:
         "StopRequest": {"type": "object", "additionalProperties": False, "required": ["name"],
                         "properties": {"name": flat["name"]}},
         "RenewRequest": {"type": "object", "additionalProperties": False, "required": ["lease_id"],
-                         "properties": {"lease_id": _without_null(request_keys["lease_id"]),
-                                        "lease_s": request_keys["lease_s"]}},
+                         "properties": {
+                             "lease_id": {**_without_null(request_keys["lease_id"]),
+                                          "description": "The lease to extend: the id a leased "
+                                                         "deploy answered."},
+                             "lease_s": {**request_keys["lease_s"],
+                                         "description": "Its new length in seconds, at most "
+                                                        "--max-lease; its own length when absent."}}},
     }
 
 
@@ -296,7 +304,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                                "deploy's."},),
         answers={200: ("Running and healthy", {
             **json_of({"oneOf": [ref("DeployAnswer"), ref("DryRunAnswer")]}),
-            "application/x-ndjson": {"schema": {"type": "string"}}})},
+            "application/x-ndjson": {
+                "schema": {"type": "string"},
+                "description": 'Events: {"event": "pull"|"created"|"started"|"health", ...}; last '
+                               "line: DeployAnswer or Error."}})},
         errors={**BAD_BODY, 403: "Mount or image not allowed by the node's policy, or a Host name "
                                  "not the agent's (host_not_allowed).",
                 404: "lease_id is not a lease held on that service (lease_not_found).",
@@ -321,7 +332,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("get", "/services/{name}/logs"): Operation(
         "serviceLogs", "A service's recent output; follow=1 streams it",
         query=({"name": "tail", "in": "query",
-                "schema": {"type": "integer", "minimum": 0, "maximum": 100000, "default": 100}},
+                "schema": {"type": "integer", "minimum": 0, "maximum": LOG_TAIL_MAX,
+                           "default": LOG_TAIL_DEFAULT}},
                {"name": "follow", "in": "query", "schema": FLAG}),
         answers={200: ("Log text, stdout and stderr interleaved", TEXT)},
         errors={400: "Bad tail or follow.", 404: NOT_HERE, 503: "The Docker engine is unreachable.",
@@ -344,7 +356,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         query=({"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0},
                 "description": "Only events with a larger id."},
                {"name": "limit", "in": "query",
-                "schema": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 100}},
+                "schema": {"type": "integer", "minimum": 0, "maximum": MEMORY_EVENTS,
+                           "default": EVENTS_LIMIT_DEFAULT}},
                {"name": "follow", "in": "query", "schema": FLAG}),
         answers={200: ("Events (with follow=1: one JSON event per line, as they happen)", {
             **json_of(array_of("Event")), "application/x-ndjson": {"schema": ref("Event")}})},

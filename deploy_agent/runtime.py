@@ -45,21 +45,22 @@ def no_progress(event: JSONObject) -> None:
 
 
 async def on_a_free_port(reserve: Callable[[frozenset[int]], Awaitable[int]],
-                         run: Callable[[int], Awaitable[Service]], where: str, name: str,
+                         run: Callable[[int], Awaitable[Service]], refuser: str, name: str,
                          refuse: Callable[[int], None] = lambda port: None) -> Service:
     """`run` on the host port `reserve` holds for it, skipping the ports refused so far; the
     next port each time the engine finds the port taken after all (PortTaken, where `refuse`
-    hears of it); NoPortAvailable after PORT_ATTEMPTS. Both backends launch through here."""
+    hears of it); NoPortAvailable, naming the `refuser`, after PORT_ATTEMPTS. Both backends
+    launch through here."""
     refused: set[int] = set()
     for _ in range(PORT_ATTEMPTS):
         port = await reserve(frozenset(refused))
         try:
             return await run(port)
         except PortTaken:
-            _LOGGER.info("Host port %s was taken on %s; trying the next", port, where)
+            _LOGGER.info("Host port %s was taken under us (%s); trying the next", port, refuser)
             refused.add(port)
             refuse(port)
-    raise NoPortAvailable(f"{where} refused {PORT_ATTEMPTS} host ports in a row for {name}.")
+    raise NoPortAvailable(f"{refuser} refused {PORT_ATTEMPTS} host ports in a row for {name}.")
 
 
 def not_ours(what: str, name: str) -> Conflict:

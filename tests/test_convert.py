@@ -120,6 +120,11 @@ class TestInvalidBodies:
         ({"name": "a" * 64}, "name"),
         ({"name": "-a"}, "name"),
         ({"name": ""}, "name"),
+        ({"name": "yolo\n"}, "name"),  # a regex's $ would let a final newline through
+        ({"image": "img:1\n"}, "image"),
+        ({"lease_s": 60, "lease_id": "abc\n"}, "lease_id"),
+        ({"volumes": ["models\n:/m"]}, "volumes"),
+        ({"health": "/health\n"}, "health"),
         ({"port": 0}, "port"),
         ({"port": 65536}, "port"),
         ({"port": "8000"}, "port"),

@@ -141,7 +141,7 @@ class DockerRuntime:
                 lambda refused: self._table.reserve_port(owner, spec.port, published, refused),
                 lambda port: self._create_and_start(_Attempt(spec, owner, port, lease), assignment,
                                                     binds, progress),
-                "this node", spec.name)
+                "The engine", spec.name)
         except BaseException:
             if assignment is not None:
                 self._table.release_gpu(owner)

@@ -10,10 +10,12 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from aiohttp import http_exceptions, web
 
+from deploy_agent.api import RECONCILER_KEY
 from deploy_agent.app import create_app
 from deploy_agent.auth import settle_auth
 from deploy_agent.config import Config, config_from, parse_args
@@ -125,11 +127,26 @@ async def serve(config: Config) -> None:
 
                 await stack.enter_async_context(advertised(config.advertise_host, config.port))
             notify("READY=1")
-            await stop.wait()
+            displaced = runner.app[RECONCILER_KEY].displaced
+            await _first(stop.wait(), displaced.wait())
             notify("STOPPING=1")
             _LOGGER.info("Shutting down")
     finally:
         await runner.cleanup()
+    if displaced.is_set():
+        told = "; ".join(w.message for w in runner.app[RECONCILER_KEY].warnings())
+        raise SystemExit(f"deploy-agent: stopped serving: {told or 'another agent took its place'}")
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Until the first of `waits` is done; the others are cancelled."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 if __name__ == "__main__":

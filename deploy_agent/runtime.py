@@ -178,6 +178,9 @@ class Reconciler(Protocol):
     resync_seconds: float  # their time, added up
     refusals: dict[str, str]  # what the engine refused in the last pass, by what it was about
     refusals_total: int
+    # Set when another agent took this one's place (a swarm's lock taken over while this
+    # agent was frozen or cut off): it must stop serving at once.
+    displaced: asyncio.Event
 
     async def start_up(self) -> None:
         """Rebuild the table from what runs (and services.json), before the API serves;

@@ -346,6 +346,31 @@ class TestTheLock:
         assert time.monotonic() - killed < bound + 15  # + one start and a refused try
         assert f"port {second.port}" in lock_labels(lab)["describe"]
 
+    def test_a_thawed_holder_whose_lock_was_taken_stops_serving(self, unstarted: Any,
+                                                                  lab: SwarmLab) -> None:
+        """Frozen past the bound, another agent took over: thawed, it exits non-zero saying so,
+        and never places services beside the one that serves now."""
+        frozen = unstarted()
+        frozen.start()
+        assert frozen.process is not None
+        frozen.process.send_signal(signal.SIGSTOP)
+        try:
+            bound = HEARTBEAT_S * (STALE_BEATS + WATCH_BEATS)
+            deadline = time.monotonic() + bound + 60
+            while True:  # refused while the frozen one's heartbeat is fresh
+                second = unstarted()
+                second.start(wait=False)
+                if outcome(second, bound + 30) is None:
+                    break
+                assert time.monotonic() < deadline, second.log.read_text()
+        finally:
+            frozen.process.send_signal(signal.SIGCONT)
+        code = frozen.process.wait(timeout=HEARTBEAT_S * 2 + 30)
+        frozen.process = None
+        said = frozen.log.read_text()
+        assert code not in (0, None) and "stopped serving" in said and f"port {second.port}" in said
+        assert answers(second.url) and f"port {second.port}" in lock_labels(lab)["describe"]
+
     def test_agents_started_at_once_one_serves(self, unstarted: Any) -> None:
         racers = [unstarted() for _ in range(3)]
         for agent in racers:

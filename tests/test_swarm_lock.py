@@ -235,10 +235,11 @@ class TestHeartbeat:
         await frozen.take("node-1")
         clock.now += BEAT_S * STALE_BEATS + 1
         await new_lock("b", "beta port 8080").take("node-2")
-        assert frozen.warnings() == []
+        assert frozen.warnings() == [] and not frozen.lost.is_set()
         caplog.set_level(logging.ERROR, "deploy_agent.backends.swarm.lock")
         async with beating(frozen):  # it thaws
             await asyncio.sleep(BEAT_S * 3)
+        assert frozen.lost.is_set()  # it must stop serving
         [warning] = frozen.warnings()
         assert warning.code == "swarm_lock_lost" and "beta port 8080" in warning.message
         errors = [r for r in caplog.records if r.levelno == logging.ERROR]

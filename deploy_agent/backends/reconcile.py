@@ -60,6 +60,7 @@ class ReconcilerBase(abc.ABC):
         self.refusals: dict[str, str] = {}
         self._refused_now: dict[str, str] = {}
         self.refusals_total = 0
+        self.displaced = asyncio.Event()  # never set on one engine: nothing can take its place
 
     @abc.abstractmethod
     async def start_up(self) -> None:

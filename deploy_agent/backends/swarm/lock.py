@@ -128,6 +128,7 @@ class SwarmLock:
         self._watch_s = heartbeat_s * WATCH_BEATS
         self._clock = clock
         self.taken_by: Claim | None = None  # who took the lock from this running agent
+        self.lost = asyncio.Event()  # set once another agent took it: this one must stop serving
 
     def _labels(self) -> dict[str, str]:
         return {"holder": self._holder.id, "describe": self._describe, "instance": self._instance,
@@ -207,9 +208,10 @@ class SwarmLock:
         if claim.holder not in (self._holder.id, ""):
             if self.taken_by is None or self.taken_by.holder != claim.holder:
                 _LOGGER.error("ANOTHER AGENT HOLDS THIS SWARM'S LOCK: %s took it over (this agent "
-                              "was silent too long, frozen or cut off). Two agents now place services "
-                              "on this swarm: stop one of them.", claim.who())
+                              "was silent too long, frozen or cut off). This agent stops serving, "
+                              "so that one agent places services on this swarm.", claim.who())
             self.taken_by = claim
+            self.lost.set()
             return
         if await self._store.update_config_labels(claim.config_id, claim.version, self._labels()) \
                 and self.taken_by is not None:
@@ -234,5 +236,5 @@ class SwarmLock:
             return []
         return [HealthWarning(
             "swarm_lock_lost", f"Another agent took over this swarm's lock: {self.taken_by.who()}. "
-            "Both place services on the swarm now; stop one of them.")]
+            "This agent is stopping; that one serves the swarm.")]
 

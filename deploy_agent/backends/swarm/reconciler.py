@@ -58,6 +58,7 @@ class SwarmReconciler(ReconcilerBase):
         self._runtime = runtime
         self._node_grace_s = node_grace_s
         self._lock = lock  # taken at start-up, kept fresh by a loop, released by close()
+        self.displaced = lock.lost
         self._down_since: dict[str, float] = {}  # node id -> when it was first seen down
         self._running_task: dict[str, str] = {}  # service id -> the task last seen running
         self._reported_crashes: set[str] = set()  # tasks already reported as crashed

@@ -36,6 +36,15 @@ class _NameLock:
     users: int = 0  # holding or waiting
 
 
+@attrs.frozen
+class Held:
+    """What an abandoned attempt reserved: its owner, and its port on a node (None: this one)."""
+
+    owner: Owner
+    node: str | None
+    port: int
+
+
 @attrs.define
 class Observation:
     """A background pass's view of the table: which names changed since it began."""
@@ -61,6 +70,7 @@ class ServiceTable:
         self._changed: dict[str, int] = {}  # name -> generation of its last change
         self._observers = 0
         self._abandoned: dict[str, Abandoned] = {}
+        self._held: dict[str, tuple[Held, float]] = {}  # by attempt: what it left may use, since when
         self._mounting: dict[str, tuple[str, tuple[str, ...]]] = {}  # deploys in flight: name, volumes
         self._leases: dict[str, Lease] = {}  # by id
         # Lease id -> time.monotonic() when it runs out: a wall-clock step never expires a lease.
@@ -260,22 +270,39 @@ class ServiceTable:
 
     # -- abandoned deploy attempts -------------------------------------------------------
 
-    def abandon(self, attempt: str, name: str) -> None:
-        """A deploy attempt that may have left a container: remove it later, never adopt it."""
+    def abandon(self, attempt: str, name: str, holding: Held | None = None) -> None:
+        """A deploy attempt that may have left a container: remove it later, never adopt it.
+        `holding`: the reservations what it left may still use (a Swarm task on another node,
+        where no reading shows it), kept until a resync finds it removed or never there."""
         self._abandoned[attempt] = Abandoned(attempt=attempt, name=name, since=time.time())
+        if holding is not None:
+            self._held[attempt] = (holding, time.monotonic())
         self._dirty = True
 
     def is_abandoned(self, attempt: str | None) -> bool:
         return attempt is not None and attempt in self._abandoned
 
-    def settle(self, attempts_seen: set[str], removed: set[str]) -> None:
-        """After a resync: drop attempts whose container was removed or never showed up."""
+    def holds(self, owner: Owner) -> bool:
+        """Whether a record, or an abandoned attempt's leftover, still holds what `owner` reserved."""
+        service = self._services.get(owner.name)
+        return (service is not None and service.owner == owner) or any(
+            held.owner == owner for held, _ in self._held.values())
+
+    def settle(self, attempts_seen: set[str], removed: set[str], listed_at: float = 0.0) -> None:
+        """After a resync whose listing began at `listed_at` (time.monotonic()): drop attempts
+        whose container was removed or never showed up; let go of what an abandoned attempt
+        held once it is removed, or once a listing made after it was abandoned lacks it."""
         now = time.time()
         for attempt, entry in list(self._abandoned.items()):
             gone = attempt not in attempts_seen and now - entry.since > ABANDONED_TTL_S
             if attempt in removed or gone:
                 del self._abandoned[attempt]
                 self._dirty = True
+        for attempt, (held, since) in list(self._held.items()):
+            if attempt in removed or (attempt not in attempts_seen and listed_at > since):
+                del self._held[attempt]
+                self._ports.on(held.node).release(held.owner, held.port)
+                self._gpus.release(held.owner)
 
     # -- leases --------------------------------------------------------------------------
 

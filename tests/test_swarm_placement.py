@@ -22,7 +22,13 @@ from deploy_agent.backends.swarm.lock import SwarmLock
 from deploy_agent.backends.swarm.reconciler import SwarmReconciler
 from deploy_agent.backends.swarm.runtime import ENDING_LABEL, SwarmRuntime, service_from_swarm
 from deploy_agent.convert import make_converter
-from deploy_agent.errors import EngineError, EngineUnavailable, HealthTimeout, TaskStillRunning
+from deploy_agent.errors import (
+    EngineError,
+    EngineUnavailable,
+    HealthTimeout,
+    NoGpuCapacity,
+    TaskStillRunning,
+)
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import GpuPool
 from deploy_agent.models import DeploySpec, JSONObject, Lease, Owner, Service
@@ -296,15 +302,38 @@ async def _launch(lab: Lab, name: str, **fields: Any) -> Service:
 class TestUnknownCreates:
     """A create that timed out may still have happened: abandoned, never adopted."""
 
-    async def test_a_timed_out_create_is_abandoned(self, lab: Lab) -> None:
-        lab.see(node("n1", "host1"))
+    async def test_a_timed_out_create_is_abandoned(self, lab: Lab, tmp_path: Path) -> None:
+        """It may run a task on its node, where no reading shows it: its port and GPU stay
+        held (nobody else is placed there) until the resync has removed it."""
+        nodes = [node("n1", "host1")]
+        lab.manager.swarm_nodes = nodes
+        lab.see(*nodes)
         await lab.refresh()
         lab.manager.create_fails = EngineUnavailable("The Docker engine did not answer")
         with pytest.raises(EngineUnavailable):
-            await _launch(lab, "ghost", gpu=True, vram_gb=8)
+            await _launch(lab, "ghost", gpu=True, vram_gb=24)
         [created] = lab.manager.services.values()  # it exists at the manager all the same
         assert lab.table.is_abandoned(created["Spec"]["Labels"][ATTEMPT_LABEL])
         assert lab.table.get("ghost") is None
+        assert lab.table.port_holder(8000, "n1") is not None
+        with pytest.raises(NoGpuCapacity):  # its GPU is not handed to the next deploy
+            lab.table.reserve_gpu(Owner("next", "x"), 24)
+        await reconciler_for(lab, tmp_path).resync_logged()
+        assert not lab.manager.services  # removed, never adopted
+        assert lab.table.port_holder(8000, "n1") is None
+        assert all(v.vram_reserved_gb == 0 for v in lab.table.gpus.views())
+
+    async def test_what_a_create_that_never_happened_held_comes_back(
+            self, lab: Lab, tmp_path: Path) -> None:
+        nodes = [node("n1", "host1")]
+        lab.manager.swarm_nodes = nodes
+        lab.see(*nodes)
+        await lab.refresh()
+        lab.manager.create_fails = engine_error(500, "context deadline exceeded")  # never stored
+        with pytest.raises(EngineError):
+            await _launch(lab, "never", gpu=True, vram_gb=24)
+        assert lab.table.port_holder(8000, "n1") is not None
+        await reconciler_for(lab, tmp_path).resync_logged()  # the manager lists no such service
         assert lab.table.port_holder(8000, "n1") is None
         assert all(v.vram_reserved_gb == 0 for v in lab.table.gpus.views())
 
@@ -321,7 +350,7 @@ class TestUnknownCreates:
             await launching
         [created] = lab.manager.services.values()
         assert lab.table.is_abandoned(created["Spec"]["Labels"][ATTEMPT_LABEL])
-        assert lab.table.port_holder(8000, "n1") is None
+        assert lab.table.port_holder(8000, "n1") is not None  # held until a resync knows
 
     async def test_a_server_error_on_create_is_abandoned_a_refusal_is_not(
             self, lab: Lab, tmp_path: Path) -> None:
@@ -460,9 +489,11 @@ def reconciler_for(lab: Lab, tmp_path: Path, node_grace_s: float = 60.0) -> Swar
     probe = MagicMock(spec=HealthProbe)
     probe.healthy_all = AsyncMock(side_effect=lambda targets, timeout: [True] * len(targets))
     engine: Any = lab.manager
+    lock = MagicMock(spec=SwarmLock)
+    lock.lost = asyncio.Event()
     return SwarmReconciler(
         lab.table, engine, probe, StateFile(tmp_path, CONVERTER), CONVERTER, lab.events, 1.0,
-        "default", runtime=lab.runtime, node_grace_s=node_grace_s, lock=MagicMock(spec=SwarmLock))
+        "default", runtime=lab.runtime, node_grace_s=node_grace_s, lock=lock)
 
 
 class TestStopsThatCannotFinishYet:

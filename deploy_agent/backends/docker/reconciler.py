@@ -199,6 +199,7 @@ class DockerReconciler(ReconcilerBase):
         Names that a deploy or stop touched while the containers were being listed are
         left alone: the listing is already stale for them.
         """
+        listed_at = time.monotonic()
         with self._table.observe() as seen:
             infos = await self._engine.list_managed()
             self._engine_is(reachable=True)
@@ -226,7 +227,7 @@ class DockerReconciler(ReconcilerBase):
                 async with self._each(f"container {summary['Id'][:12]} ({name})"):
                     if gone := await self._adopt_or_remove(summary, "resync", seen):
                         removed.add(gone)
-        self._table.settle(attempts, removed)
+        self._table.settle(attempts, removed, listed_at)
         async with self._each("the PID namespace check"):
             await self._check_pids()
         for name in [n for n in self._failures if self._table.get(n) is None]:

@@ -136,6 +136,7 @@ class SwarmReconciler(ReconcilerBase):
         return None
 
     async def resync(self) -> None:
+        listed_at = time.monotonic()
         with self._table.observe() as seen:
             await self._look_at_nodes()
             found = {s["ID"]: s for s in await self._swarm.managed_services()}
@@ -160,7 +161,7 @@ class SwarmReconciler(ReconcilerBase):
                 async with self._each(f"Swarm service {untracked['ID'][:12]} ({name})"):
                     if gone := await self._adopt_or_remove_service(untracked, "resync", seen):
                         removed.add(gone)
-        self._table.settle(attempts, removed)
+        self._table.settle(attempts, removed, listed_at)
         for service in ending:
             async with self._each(service.spec.name):
                 await self._finish_stop(service)

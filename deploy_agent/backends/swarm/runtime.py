@@ -64,7 +64,7 @@ from deploy_agent.runtime import (
     wait_healthy,
 )
 from deploy_agent.state import attempt_of, labels_for, lease_of, recorded_in
-from deploy_agent.table import ServiceTable
+from deploy_agent.table import Held, ServiceTable
 from deploy_agent.volumes import Mount, mounts_of, volume_labels
 
 _LOGGER = logging.getLogger(__name__)
@@ -211,8 +211,8 @@ class SwarmRuntime:
                 lambda port: self._create_and_wait(launch, port, progress),
                 node.hostname, spec.name, refuse=lambda port: self._table.refuse_port(port, node.id))
         except BaseException:
-            kept = self._table.get(spec.name)  # a rollback that left it stopping keeps its GPU
-            if assignment is not None and (kept is None or kept.owner != owner):
+            # A rollback that left it stopping, or abandoned it, keeps its GPU held.
+            if assignment is not None and not self._table.holds(owner):
                 self._table.release_gpu(owner)
             raise
 
@@ -298,11 +298,15 @@ class SwarmRuntime:
         _LOGGER.info("Deploy of %s failed or was cancelled (%s); removing its Swarm service",
                      name, type(cause).__name__)
         kept = False
+        # What an abandoned service may still use on its node, where no reading shows it: held
+        # until a resync finds it removed, or finds it never was.
+        held = Held(launch.owner, launch.node.id, port)
         try:
             if created_unknown or (service is not None and isinstance(cause, EngineUnavailable)):
                 if service is not None:
                     self._table.untrack(service)
-                self._table.abandon(attempt, name)
+                self._table.abandon(attempt, name, holding=held)
+                kept = True
             elif service is not None:
                 try:
                     await self._end(service.container_id)
@@ -318,7 +322,8 @@ class SwarmRuntime:
                             "be removed when the manager answers", name, getattr(err, "message", err))
             if service is not None:
                 self._table.untrack(service)
-            self._table.abandon(attempt, name)
+            self._table.abandon(attempt, name, holding=held)
+            kept = True
         finally:
             if not kept:
                 self._table.release_port(launch.owner, port, launch.node.id)

@@ -130,6 +130,12 @@ class Lab:
     def see(self, *nodes: SwarmNode) -> None:
         self.runtime.saw(list(nodes))
 
+    async def up(self, *nodes: SwarmNode) -> None:
+        """These nodes, as the manager lists them and the runtime and GPU pool saw them."""
+        self.manager.swarm_nodes = list(nodes)
+        self.see(*nodes)
+        await self.refresh()
+
     async def refresh(self) -> None:
         await self.table.refresh_gpus()
 
@@ -305,10 +311,7 @@ class TestUnknownCreates:
     async def test_a_timed_out_create_is_abandoned(self, lab: Lab, tmp_path: Path) -> None:
         """It may run a task on its node, where no reading shows it: its port and GPU stay
         held (nobody else is placed there) until the resync has removed it."""
-        nodes = [node("n1", "host1")]
-        lab.manager.swarm_nodes = nodes
-        lab.see(*nodes)
-        await lab.refresh()
+        await lab.up(node("n1", "host1"))
         lab.manager.create_fails = EngineUnavailable("The Docker engine did not answer")
         with pytest.raises(EngineUnavailable):
             await _launch(lab, "ghost", gpu=True, vram_gb=24)
@@ -325,10 +328,7 @@ class TestUnknownCreates:
 
     async def test_what_a_create_that_never_happened_held_comes_back(
             self, lab: Lab, tmp_path: Path) -> None:
-        nodes = [node("n1", "host1")]
-        lab.manager.swarm_nodes = nodes
-        lab.see(*nodes)
-        await lab.refresh()
+        await lab.up(node("n1", "host1"))
         lab.manager.create_fails = engine_error(500, "context deadline exceeded")  # never stored
         with pytest.raises(EngineError):
             await _launch(lab, "never", gpu=True, vram_gb=24)
@@ -447,10 +447,7 @@ class TestOneRefusalPerService:
     the others are still followed in the same pass."""
 
     async def test_a_vanished_service_does_not_skip_the_pass(self, lab: Lab, tmp_path: Path) -> None:
-        nodes = [node("n1", "host1")]
-        lab.manager.swarm_nodes = nodes
-        lab.see(*nodes)
-        await lab.refresh()
+        await lab.up(node("n1", "host1"))
         gone = lab.adopt("gone", "n1", 8000)
         crashing = lab.adopt("crashing", "n1", 8001)
         lab.manager.task_list[crashing.container_id] = [
@@ -504,9 +501,7 @@ class TestStopsThatCannotFinishYet:
             self, lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr("deploy_agent.backends.swarm.runtime.TASK_GONE_MARGIN_S", 0.05)
         nodes = [node("n1", "host1"), node("n2", "host2")]
-        lab.manager.swarm_nodes = nodes
-        lab.see(*nodes)
-        await lab.refresh()
+        await lab.up(*nodes)
         stuck = lab.adopt("stuck", "n1", 8000, gpu=0, vram_gb=24)
         lab.manager.task_list[stuck.container_id] = [running_task(stuck, "n1")]
         with pytest.raises(TaskStillRunning):
@@ -528,9 +523,7 @@ class TestStopsThatCannotFinishYet:
             self, lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr("deploy_agent.backends.swarm.runtime.TASK_GONE_MARGIN_S", 0.05)
         nodes = [node("n1", "host1"), node("n2", "host2")]
-        lab.manager.swarm_nodes = nodes
-        lab.see(*nodes)
-        await lab.refresh()
+        await lab.up(*nodes)
         stuck = lab.adopt("stuck", "n1", 8000)
         lab.manager.task_list[stuck.container_id] = [running_task(stuck, "n1")]
         with pytest.raises(TaskStillRunning):

@@ -40,8 +40,9 @@ def add_global_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     parser.add_argument("--node", action="append", metavar="URL", **unset,
                         help="agent to talk to (repeatable; default: COMPUTE_NODES, else "
                         f"{DEFAULT_NODE})")
-    parser.add_argument("--token", **unset, help="bearer token for every node (default: "
-                        "DEPLOY_AGENT_TOKEN; for a loopback node, the local agent's own)")
+    parser.add_argument("--token", **unset, help="bearer token for every node; discouraged: "
+                        "other users see a command line (ps), so prefer DEPLOY_AGENT_TOKEN or "
+                        "--token-file (default: those; for a loopback node, the local agent's own)")
     parser.add_argument("--token-file", **unset, metavar="PATH",
                         help="file holding the bearer token (default: DEPLOY_AGENT_TOKEN_FILE)")
     parser.add_argument("--json", action="store_true", **unset, help="print JSON instead of tables")

@@ -23,6 +23,8 @@ import json
 import os
 import sys
 import threading
+import urllib.parse
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +35,7 @@ import yaml
 
 from deploy_agent import errors
 from deploy_agent.models import LIVE_STATUSES
-from deploy_agent.tokens import token_for
+from deploy_agent.tokens import is_loopback, token_for
 
 T = TypeVar("T")
 Manifest = Mapping[str, Any] | str | Path
@@ -42,6 +44,10 @@ NDJSON = "application/x-ndjson"
 
 
 # -- errors ---------------------------------------------------------------------------------
+
+
+class PlainHttpToken(UserWarning):
+    """The bearer token is sent to a node beyond loopback without TLS."""
 
 
 class AgentRequestError(Exception):
@@ -105,6 +111,16 @@ class PullStalledError(AgentRequestError):
 
 class NodeUnreachable(AgentRequestError):
     """The node could not be reached: the request never got to it."""
+
+
+class BadAnswer(AgentRequestError):
+    """The node answered, but not as a deploy-agent does: no JSON where JSON was due (another
+    program on that port, a proxy's error page)."""
+
+
+def _bad_answer(url: str, status: int) -> BadAnswer:
+    return BadAnswer(status, "bad_answer", f"{url} answered {status or 'a stream'} with something "
+                     "that is not a deploy-agent's JSON; is the URL right?", node=url)
 
 
 class DeployInterrupted(AgentRequestError):
@@ -182,10 +198,23 @@ class AsyncAgentClient:
 
     def __init__(self, url: str = DEFAULT_NODE, token: str | None = None, timeout: float = 300.0,
                  session: aiohttp.ClientSession | None = None, stall_timeout: float = 150.0,
-                 token_file: str | Path | None = None) -> None:
+                 token_file: str | Path | None = None, trusted: bool = True) -> None:
+        """`trusted`: whether the node may get the caller's token. A node nobody listed (one
+        found over mDNS, which any host on the LAN can advertise) gets at most the local
+        agent's own token, when it is on loopback."""
         self.url = url.rstrip("/")
-        token = self._token = token_for(self.url, token, token_file, os.environ)
+        if trusted:
+            token = token_for(self.url, token, token_file, os.environ)
+        else:
+            token = token_for(self.url, None, None, {k: v for k, v in os.environ.items()
+                                                     if not k.startswith("DEPLOY_AGENT_TOKEN")})
+        self._token = token
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        parts = urllib.parse.urlsplit(self.url)
+        if token and parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+            warnings.warn(f"The agent token goes to {parts.hostname} over plain HTTP, readable on the "
+                          "network: put TLS in front of the agent (README, Security).",
+                          PlainHttpToken, stacklevel=2)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._stall_timeout = stall_timeout
         self._session = session
@@ -216,9 +245,12 @@ class AsyncAgentClient:
                 content_type = response.content_type
                 status = response.status
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
-            raise NodeUnreachable(0, "unreachable", f"{self.url} did not answer: {err!r}",
+            raise NodeUnreachable(0, "unreachable", f"{self.url} did not answer: {said(err, self._token)}",
                                   node=self.url) from err
-        payload = json.loads(text) if content_type == "application/json" and text else text
+        try:
+            payload = json.loads(text) if content_type == "application/json" and text else text
+        except ValueError:
+            raise _bad_answer(self.url, status) from None
         if status >= 400:
             raise error_from(status, payload, self.url)
         return payload
@@ -344,13 +376,16 @@ class AsyncAgentClient:
                 async for line in response.content:
                     if not line.strip():
                         continue
-                    event: dict[str, Any] = json.loads(line)
+                    try:
+                        event: dict[str, Any] = json.loads(line)
+                    except ValueError:
+                        raise _bad_answer(self.url, 0) from None
                     yield event
                     if event.get("ok") is False:
                         code = str(event.get("error", "error"))
                         raise error_from(STATUS_BY_CODE.get(code, 500), event, self.url)
             except (TimeoutError, aiohttp.ClientError, OSError) as err:
-                raise _interrupted(self.url, err) from err
+                raise _interrupted(self.url, err, self._token) from err
 
     def _stream(self, method: str, path: str, body: Any = None, accept: str | None = None,
                 stall_timeout: float | None = None) -> _StreamContext:
@@ -358,9 +393,16 @@ class AsyncAgentClient:
         return _StreamContext(self, method, path, body, headers, stall_timeout)
 
 
-def _interrupted(url: str, err: BaseException) -> DeployInterrupted:
+def _interrupted(url: str, err: BaseException, token: str | None) -> DeployInterrupted:
     return DeployInterrupted(0, "interrupted", f"{url} stopped answering during the deploy "
-                             f"({err!r}); it may still finish there.", node=url)
+                             f"({said(err, token)}); it may still finish there.", node=url)
+
+
+def said(err: BaseException, token: str | None) -> str:
+    """What went wrong, for a message: the error's type and text, never its repr (aiohttp's
+    carries the request's headers, the token among them), and never the token itself."""
+    text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    return text.replace(token, "***") if token else text
 
 
 class _StreamContext:
@@ -380,16 +422,22 @@ class _StreamContext:
                 self._method, client.url + self._path, json=self._body, headers=self._headers,
                 timeout=self._timeout)
         except aiohttp.ClientConnectorError as err:  # it never got to the node
-            raise NodeUnreachable(0, "unreachable", f"{client.url} did not answer: {err!r}",
+            raise NodeUnreachable(0, "unreachable",
+                                  f"{client.url} did not answer: {said(err, client._token)}",
                                   node=client.url) from err
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
             if self._method == "POST":
-                raise _interrupted(client.url, err) from err
-            raise NodeUnreachable(0, "unreachable", f"{client.url} did not answer: {err!r}",
+                raise _interrupted(client.url, err, client._token) from err
+            raise NodeUnreachable(0, "unreachable",
+                                  f"{client.url} did not answer: {said(err, client._token)}",
                                   node=client.url) from err
         if self._response.status >= 400:
-            body = await self._response.json(content_type=None)
-            self._response.release()
+            try:
+                body = await self._response.json(content_type=None)
+            except ValueError:
+                raise _bad_answer(client.url, self._response.status) from None
+            finally:
+                self._response.release()
             raise error_from(self._response.status, body, client.url)
         return self._response
 
@@ -583,12 +631,16 @@ class AsyncComputeNodes:
     """Several agents: find a service, or deploy it where it fits best. Dead nodes are skipped."""
 
     def __init__(self, urls: list[str], token: str | None = None, probe_timeout: float = 2.0,
-                 stall_timeout: float = 150.0, token_file: str | Path | None = None) -> None:
+                 stall_timeout: float = 150.0, token_file: str | Path | None = None,
+                 discovered: bool = False) -> None:
+        """`discovered`: the urls came from mDNS, not from the operator; their nodes get no
+        token unless DEPLOY_AGENT_TRUST_MDNS=1 says the LAN is trusted."""
         if not urls:
             raise ValueError("no compute nodes: set COMPUTE_NODES=http://host:9000,... "
                              "or run the agents with --mdns")
+        trusted = not discovered or os.environ.get("DEPLOY_AGENT_TRUST_MDNS") == "1"
         self._clients = [AsyncAgentClient(url, token, stall_timeout=stall_timeout,
-                                          token_file=token_file) for url in urls]
+                                          token_file=token_file, trusted=trusted) for url in urls]
         self._probe_timeout = probe_timeout
 
     @classmethod
@@ -598,8 +650,12 @@ class AsyncComputeNodes:
 
     @classmethod
     async def discover(cls, token: str | None = None, timeout_s: float = 2.0) -> AsyncComputeNodes:
-        """COMPUTE_NODES when set, else the agents advertising over mDNS (--mdns)."""
-        return cls(nodes_from_env() or await discover_nodes(timeout_s), token)
+        """COMPUTE_NODES when set, else the agents advertising over mDNS (--mdns), which get
+        no token unless DEPLOY_AGENT_TRUST_MDNS=1."""
+        listed = nodes_from_env()
+        if listed:
+            return cls(listed, token)
+        return cls(await discover_nodes(timeout_s), token, discovered=True)
 
     @property
     def urls(self) -> list[str]:
@@ -733,15 +789,20 @@ class ComputeNodes:
     """Several agents from synchronous code: find, ensure, status."""
 
     def __init__(self, urls: list[str], token: str | None = None, probe_timeout: float = 2.0,
-                 stall_timeout: float = 150.0, token_file: str | Path | None = None) -> None:
-        self._async = AsyncComputeNodes(urls, token, probe_timeout, stall_timeout, token_file)
+                 stall_timeout: float = 150.0, token_file: str | Path | None = None,
+                 discovered: bool = False) -> None:
+        self._async = AsyncComputeNodes(urls, token, probe_timeout, stall_timeout, token_file,
+                                        discovered)
         self._runner = _SyncRunner(self._async.close)
 
     @classmethod
     def from_env(cls, token: str | None = None, timeout_s: float = 2.0) -> ComputeNodes:
-        """COMPUTE_NODES when set, else the agents advertising over mDNS (--mdns)."""
-        urls = nodes_from_env() or asyncio.run(discover_nodes(timeout_s))
-        return cls(urls, token)
+        """COMPUTE_NODES when set, else the agents advertising over mDNS (--mdns), which get
+        no token unless DEPLOY_AGENT_TRUST_MDNS=1."""
+        listed = nodes_from_env()
+        if listed:
+            return cls(listed, token)
+        return cls(asyncio.run(discover_nodes(timeout_s)), token, discovered=True)
 
     @property
     def urls(self) -> list[str]:

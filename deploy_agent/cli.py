@@ -26,7 +26,6 @@ from deploy_agent.client import (
     CapacityError,
     NodeUnreachable,
     ServiceNotFoundError,
-    already_running_answer,
     load_manifest,
     nodes_from_env,
 )
@@ -112,15 +111,13 @@ class Ctl:
         sys.stdout.write(json.dumps(value, indent=2) + "\n")
 
     async def deploy(self) -> None:
-        """Where some node has it live, there (or already running); else the best node."""
+        """Where some node has it live, there (the agent answers already running, or 409 for a
+        changed spec); else the best node. Always sent, so a spec change is never hidden."""
         body = load_manifest(self.args.file)
         name = str(body.get("name", ""))
         located = await self.nodes.locate(name)
         if located is not None:
-            client, entry = located
-            if (entry["status"] == "healthy" and not self.args.replace and self.args.lease is None
-                    and not self.args.dry_run):
-                return self.show_deployed(already_running_answer({**entry, "node": client.url}))
+            client = located[0]
         else:
             candidates = await self.nodes.candidates(body)
             if not candidates:

@@ -726,10 +726,12 @@ class AsyncComputeNodes:
 
     async def ensure(self, manifest: Manifest, replace: bool = False,
                      lease_s: float | None = None) -> dict[str, Any]:
-        """The running service if some node has it healthy, else a deploy on the best node.
+        """A deploy on the node that has the service, else on the best node.
 
         A node that has it in any live status (starting, healthy, unhealthy) is the only
-        place it is deployed: one service is never placed on two nodes. Elsewhere, best
+        place it is deployed: one service is never placed on two nodes. The deploy is always
+        sent (instant, `already_running`, when the spec matches), so a changed spec gets the
+        agent's ConflictError with `differing_fields`, or with `replace` a new one. Elsewhere, best
         is, for GPU services, the node whose GPU has the most free VRAM that fits; for the
         rest, the node running the fewest services. The answer includes `node`. With
         `lease_s` the caller takes a lease on it wherever it runs (`lease_id` in the answer).
@@ -738,10 +740,7 @@ class AsyncComputeNodes:
         name = str(body.get("name", ""))
         located = await self.locate(name)
         if located is not None:
-            client, entry = located
-            if entry["status"] == "healthy" and not replace and lease_s is None:
-                return already_running_answer({**entry, "node": client.url})
-            return await self._deploy_on(client, name, body, replace, lease_s)
+            return await self._deploy_on(located[0], name, body, replace, lease_s)
         last_error: AgentRequestError | None = None
         for client in await self.candidates(body):
             try:

@@ -63,6 +63,19 @@ class TestDeployctl:
         assert stopped.returncode == 0 and "stopped t-ctl" in stopped.stdout
         assert json.loads(ctl("--json", "ps", nodes=node.url).stdout) == []
 
+    def test_a_changed_spec_is_never_called_already_running(self, node: AgentProcess,
+                                                            tmp_path: Path) -> None:
+        path = tmp_path / "service.yaml"
+        path.write_text(yaml.safe_dump(manifest("t-drift", env={"V": "1"})))
+        assert ctl("deploy", str(path), nodes=node.url).returncode == 0
+        path.write_text(yaml.safe_dump(manifest("t-drift", env={"V": "2"})))
+        changed = ctl("deploy", str(path), nodes=node.url)
+        assert changed.returncode == 1 and "already running" not in changed.stdout
+        assert "different env" in changed.stderr and "replace" in changed.stderr
+        replaced = ctl("--json", "deploy", "--replace", str(path), nodes=node.url)
+        assert replaced.returncode == 0 and json.loads(replaced.stdout)["already_running"] is False
+        assert ctl("stop", "t-drift", nodes=node.url).returncode == 0
+
     def test_stop_unknown_fails_with_message(self, node: AgentProcess) -> None:
         result = ctl("stop", "t-nothing", nodes=node.url)
         assert result.returncode == 1

@@ -219,6 +219,20 @@ class TestComputeNodes:
             assert nodes.find("t-multi")["node"] == big.url  # type: ignore[index]
             assert nodes.find("t-nowhere") is None
 
+    def test_a_changed_spec_gets_the_agents_409(
+        self, two_nodes: tuple[AgentProcess, AgentProcess, str]
+    ) -> None:
+        """ensure always asks the node that has it: a changed spec is never 'already running'."""
+        small, big, _dead = two_nodes
+        with ComputeNodes([small.url, big.url], probe_timeout=1.0) as nodes:
+            first = nodes.ensure(manifest("t-drift", env={"V": "1"}))
+            with pytest.raises(ConflictError) as conflict:
+                nodes.ensure(manifest("t-drift", env={"V": "2"}))
+            assert conflict.value.body["differing_fields"] == ["env"]
+            assert conflict.value.node == first["node"]
+            moved = nodes.ensure(manifest("t-drift", env={"V": "2"}), replace=True)
+            assert (moved["node"], moved["already_running"]) == (first["node"], False)
+
     def test_gpu_service_goes_to_most_free_vram(
         self, two_nodes: tuple[AgentProcess, AgentProcess, str]
     ) -> None:

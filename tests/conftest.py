@@ -49,12 +49,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def remove_test_containers() -> None:
+    """Remove every test container; bounded, so an engine wedged on one fails the test at
+    once instead of hanging the run."""
     names = subprocess.run(
         ["docker", "ps", "-aq", "--filter", f"name=^/tidybot-{TEST_NAME_PREFIX}"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, timeout=60,
     ).stdout.split()
     if names:
-        subprocess.run(["docker", "rm", "-f", *names], capture_output=True, check=True)
+        subprocess.run(["docker", "rm", "-f", *names], capture_output=True, check=True, timeout=120)
 
 
 @pytest.fixture(scope="session")

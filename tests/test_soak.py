@@ -11,6 +11,7 @@ back near a warmed-up baseline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -115,7 +116,7 @@ def engine_containers(instance: str) -> dict[str, str]:
     """Name -> state of the agent instance's containers, as the engine reports them."""
     out = subprocess.run(["docker", "ps", "-a", "--filter", f"label=tidybot.deploy-agent={instance}",
                           "--format", "{{.Names}} {{.State}}"], capture_output=True, text=True,
-                         check=True).stdout
+                         check=True, timeout=60).stdout
     return dict(line.split(" ", 1) for line in out.splitlines())
 
 
@@ -123,7 +124,7 @@ def published_ports(names: list[str]) -> dict[str, int]:
     ports = {}
     for name in names:
         out = subprocess.run(["docker", "inspect", "-f", "{{json .HostConfig.PortBindings}}",
-                              f"tidybot-{name}"], capture_output=True, text=True).stdout
+                              f"tidybot-{name}"], capture_output=True, text=True, timeout=60).stdout
         if out.strip():
             bindings = json.loads(out)
             ports[name] = int(next(iter(bindings.values()))[0]["HostPort"])
@@ -202,7 +203,9 @@ class TestSoak:
 
         def kills(rng: random.Random) -> None:
             time.sleep(rng.uniform(1, 3))
-            subprocess.run(["docker", "kill", f"tidybot-{rng.choice(NAMES)}"], capture_output=True)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # bounded like every wait here
+                subprocess.run(["docker", "kill", f"tidybot-{rng.choice(NAMES)}"], capture_output=True,
+                               timeout=30)
 
         workers = [traffic.worker(step, seed) for seed, step in enumerate(
             [deploys, deploys, deploys, stops, reads, follows, follows, kills])]

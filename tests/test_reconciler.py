@@ -15,7 +15,7 @@ from deploy_agent.backends.docker.hostview import HostView
 from deploy_agent.backends.docker.reconciler import DockerReconciler
 from deploy_agent.backends.engine import Engine
 from deploy_agent.convert import make_converter
-from deploy_agent.errors import EngineError, PortTaken
+from deploy_agent.errors import EngineError, EngineUnavailable, PortTaken
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import FakeGpus, GpuPool
 from deploy_agent.models import DeploySpec, Owner, Service
@@ -163,3 +163,32 @@ class TestLateEvents:
         await asyncio.wait_for(seen.wait(), 5)
         following.cancel()
         assert running.status == "healthy" and running.restarts == 0
+
+
+class TestOneContainerHangs:
+    """The engine answers but hangs on one container: that container's refusal, not
+    "engine lost", and the rest of the pass goes on."""
+
+    async def test_a_removal_that_times_out_is_a_refusal(self, tmp_path: Path) -> None:
+        gpus = GpuPool(FakeGpus("RTX 4090:24"))
+        await gpus.refresh({})
+        table = ServiceTable(NodePorts((29300, 29310)), gpus, StateFile(tmp_path, CONVERTER))
+        table.abandon("stuck-attempt", "stuck")
+        labels = labels_for(CONVERTER, spec(), 29300, 0, INSTANCE, "stuck-attempt")
+        engine = MagicMock(spec=Engine)
+        engine.list_managed = AsyncMock(return_value=[{"Id": "5" * 64, "State": "created",
+                                                       "Labels": labels}])
+        engine.remove = AsyncMock(side_effect=EngineUnavailable("The Docker engine did not answer"))
+        engine.ping = AsyncMock(return_value=True)
+        probe = MagicMock(spec=HealthProbe)
+        probe.healthy_all = AsyncMock(side_effect=lambda targets, timeout: [True] * len(targets))
+        events = EventLog(tmp_path)
+        reconciler = DockerReconciler(table, engine, probe, StateFile(tmp_path, CONVERTER), CONVERTER,
+                                      events, 5.0, INSTANCE, HostView())
+        for _ in range(2):
+            await reconciler.resync_logged()
+        assert reconciler.resyncs == 2 and list(reconciler.refusals) == [f"container {'5' * 12} (a)"]
+        assert not {"engine_lost", "engine_back"} & {e.kind for e in events.since(None, 100)}
+        engine.ping = AsyncMock(return_value=False)  # now the engine itself is gone
+        await reconciler.resync_logged()
+        assert reconciler.resyncs == 2 and "engine_lost" in {e.kind for e in events.since(None, 100)}

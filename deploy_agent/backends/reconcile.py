@@ -164,11 +164,14 @@ class ReconcilerBase(abc.ABC):
     @contextlib.asynccontextmanager
     async def _each(self, subject: str) -> AsyncIterator[None]:
         """One item of a pass: an engine refusal stays with it; an engine that is gone ends
-        the pass (EngineUnavailable goes on up)."""
+        the pass (EngineUnavailable goes on up). A call about this item that timed out while
+        the engine still answers a ping (it hangs on one container) is this item's refusal."""
         try:
             yield
-        except EngineUnavailable:
-            raise
+        except EngineUnavailable as err:
+            if not await self._engine.ping():
+                raise
+            self._refused(subject, err)
         except AgentError as err:
             self._refused(subject, err)
 

@@ -199,9 +199,16 @@ def deploy_schemas() -> dict[str, JSONObject]:
     request_keys = {key: dict(schema) for key, schema in REQUEST_KEY_SCHEMAS.items()}
 
     def section(mapping: dict[str, str | None]) -> JSONObject:
-        return {key: (_without_default(flat[target]) if key in ("gpu", "vram_gb") else flat[target])
-                if target is not None else dict(MANIFEST_EXTRA_SCHEMAS[key])
-                for key, target in mapping.items()}
+        """A manifest section's keys: each the flat field it lands in, or a known extra."""
+        properties = {}
+        for key, target in mapping.items():
+            if target is None:
+                properties[key] = dict(MANIFEST_EXTRA_SCHEMAS[key])
+            elif mapping is MANIFEST_REQUIRES:  # `requires` states needs: no defaults shown
+                properties[key] = _without_default(flat[target])
+            else:
+                properties[key] = flat[target]
+        return properties
 
     manifest_top = {"name": flat["name"], "version": flat["version"],
                     "description": flat["description"], "client": dict(MANIFEST_EXTRA_SCHEMAS["client"])}

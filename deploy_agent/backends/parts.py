@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import aiodocker
 import attrs
 import cattrs
 
-from deploy_agent.backends.engine import Engine, open_engine
+from deploy_agent.backends.engine import E, open_engine
 from deploy_agent.config import Config
 from deploy_agent.gpus import GpuInventory, GpuPool
 from deploy_agent.ports import NodePorts
 from deploy_agent.probe import HealthProbe
 from deploy_agent.state import StateFile
 from deploy_agent.table import ServiceTable
-
-E = TypeVar("E", bound=Engine)
 
 
 @attrs.frozen

@@ -19,7 +19,7 @@ from deploy_agent.api import RECONCILER_KEY
 from deploy_agent.app import create_app
 from deploy_agent.auth import settle_auth
 from deploy_agent.config import Config, config_from, parse_args
-from deploy_agent.errors import SwarmTaken
+from deploy_agent.errors import StartingUp, SwarmTaken
 from deploy_agent.gpus import gpu_label, open_inventory
 from deploy_agent.systemd import notify
 from deploy_agent.tokens import TOKEN_FILE, TokenError, read_token_file
@@ -113,7 +113,11 @@ async def serve(config: Config) -> None:
     """
     runner = web.AppRunner(create_app(config), access_log=None,
                            shutdown_timeout=config.shutdown_timeout_s)
-    await runner.setup()  # runs the cleanup contexts' start-up: engine, GPUs, reconcile
+    placeholder = await answer_starting(config)
+    try:
+        await runner.setup()  # runs the cleanup contexts' start-up: engine, GPUs, reconcile
+    finally:
+        await placeholder.cleanup()
     try:
         await web.TCPSite(runner, config.host, config.port).start()
         _LOGGER.info("Serving on %s:%s", config.host, config.port)
@@ -136,6 +140,28 @@ async def serve(config: Config) -> None:
     if displaced.is_set():
         told = "; ".join(w.message for w in runner.app[RECONCILER_KEY].warnings())
         raise SystemExit(f"deploy-agent: stopped serving: {told or 'another agent took its place'}")
+
+
+async def answer_starting(config: Config) -> web.AppRunner:
+    """While start-up runs (adopting what the engine runs can take a while), the port answers
+    503 `starting_up` to everything, so a caller can tell a restarting agent, which may run
+    the service it looks for, from a node that is down."""
+    body = StartingUp("The agent is starting: it is adopting what runs on this node; ask "
+                      "again in a moment.").to_json()
+
+    async def starting(request: web.Request) -> web.Response:
+        return web.json_response(body, status=StartingUp.status, headers={"Retry-After": "1"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", starting)
+    placeholder = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await placeholder.setup()
+    try:
+        await web.TCPSite(placeholder, config.host, config.port).start()
+    except BaseException:
+        await placeholder.cleanup()
+        raise
+    return placeholder
 
 
 async def _first(*waits: Coroutine[Any, Any, Any]) -> None:

@@ -43,7 +43,7 @@ from deploy_agent.models import (
 )
 from deploy_agent.runtime import Progress, Reconciler, no_progress
 from deploy_agent.streams import Streams, relay
-from deploy_agent.table import ServiceTable
+from deploy_agent.table import InFlight, ServiceTable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -190,12 +190,14 @@ async def list_services(request: web.Request) -> web.Response:
     for uptime.
     """
     table, now = request.app[TABLE_KEY], time.time()
-    services, gpus = table.services(), table.gpus
-    key = (int(now), table.leases_changed, gpus.readings_taken,
+    services, gpus, in_flight = table.services(), table.gpus, table.in_flight()
+    key = (int(now), table.leases_changed, gpus.readings_taken, tuple(in_flight),
            tuple((s.container_id, s.status, s.restarts, s.exit_code, s.started_at) for s in services))
     cache = request.app[LISTING_KEY]
     if cache.key != key:
-        views = [service_view(request, s, now) for s in services]
+        views = sorted([*(service_view(request, s, now) for s in services),
+                        *(deploying_view(request, entry) for entry in in_flight)],
+                       key=lambda view: view.name)
         cache.body = _dumps(request.app[CONVERTER_KEY].unstructure(views)).encode()
         cache.key = key
     return web.Response(body=cache.body, content_type="application/json")
@@ -208,8 +210,17 @@ def service_view(request: web.Request, service: Service, now: float | None = Non
                           socket.gethostname())
 
 
+def deploying_view(request: web.Request, entry: InFlight) -> ServiceView:
+    return ServiceView.deploying(entry.spec, entry.gpu, entry.host_port,
+                                 request.app[CONFIG_KEY].advertise_host, socket.gethostname())
+
+
 async def get_service(request: web.Request) -> web.Response:
-    return answer(request, service_view(request, request.app[TABLE_KEY].service(request.match_info["name"])))
+    table, name = request.app[TABLE_KEY], request.match_info["name"]
+    deploying = next((entry for entry in table.in_flight() if entry.spec.name == name), None)
+    if deploying is not None:
+        return answer(request, deploying_view(request, deploying))
+    return answer(request, service_view(request, table.service(name)))
 
 
 async def deploy(request: web.Request) -> web.StreamResponse:
@@ -248,9 +259,10 @@ async def dry_run(request: web.Request, deploy_request: DeployRequest) -> DryRun
 
 
 def deploy_answer(request: web.Request, outcome: DeployOutcome) -> DeployAnswer:
-    view, lease = service_view(request, outcome.service), outcome.lease
-    return DeployAnswer(name=view.name, host=view.host, port=view.port, gpu=view.gpu,
-                        status=view.status, already_running=outcome.already_running,
+    service, lease = outcome.service, outcome.lease
+    host = service_url(service.node_addr or request.app[CONFIG_KEY].advertise_host, service.host_port)
+    return DeployAnswer(name=service.spec.name, host=host, port=service.host_port, gpu=service.gpu,
+                        status=service.status, already_running=outcome.already_running,
                         lease_id=lease.id if lease else None,
                         lease_expires_at=rfc3339(lease.expires_at) if lease else None)
 

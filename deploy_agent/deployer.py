@@ -47,6 +47,15 @@ def running_differently(name: str, differing: list[str]) -> Conflict:
                     'or send "replace": true.', name=name, differing_fields=differing)
 
 
+def _waiting_for(name: str, progress: Progress) -> Callable[[float], None]:
+    """Keep-alive progress while a deploy waits for another deploy or stop of its name, so a
+    caller's stall timer measures a node that went away, not one that is busy."""
+    def say(waited_s: float) -> None:
+        progress({"event": "waiting", "reason": "name_busy", "waited_s": round(waited_s, 1),
+                  "message": f"another deploy or stop of {name} is under way"})
+    return say
+
+
 class Deployer:
     """Deploys and stops; serialises work per name, runs different names in parallel.
 
@@ -79,13 +88,17 @@ class Deployer:
     async def _deploy(self, request: DeployRequest, progress: Progress) -> DeployOutcome:
         spec = request.spec
         self._check_request(request)
+        lease_id = None
+        if request.lease_s is not None:  # said at once, so a caller that is cut off can renew it
+            lease_id = request.lease_id or secrets.token_urlsafe(12)
+            progress({"event": "lease", "lease_id": lease_id})
         try:
             others = self._table.volumes_beside(spec.name)
-            with self._table.mounting(spec):  # no await in between: racing deploys see each other
+            with self._table.deploying(spec):  # no await in between: racing deploys see each other
                 await asyncio.to_thread(check_deploy, spec, self._config, others)  # resolves host paths
-                async with self._table.locked(spec.name):
-                    service, already_running, launched_under = await self._deploy_locked(request, progress)
-                    lease = self._hold(service, request, launched_under)
+                async with self._table.locked(spec.name, _waiting_for(spec.name, progress)):
+                    service, already_running = await self._deploy_locked(request, lease_id, progress)
+                    lease = self._hold(service, request, lease_id)
             return DeployOutcome(service, already_running, lease)
         except AgentError as err:
             self._events.emit("deploy_failed", spec.name, err.code, image=spec.image,
@@ -94,16 +107,16 @@ class Deployer:
         finally:  # one write of what changed (launched, replaced, a new holder), before the answer
             await self._table.persist_if_dirty()
 
-    async def _deploy_locked(self, request: DeployRequest,
-                             progress: Progress) -> tuple[Service, bool, str | None]:
-        """The service, whether it was already running, and the lease it was launched under."""
+    async def _deploy_locked(self, request: DeployRequest, lease_id: str | None,
+                             progress: Progress) -> tuple[Service, bool]:
+        """The service, and whether it was already running; launched under `lease_id`."""
         spec = request.spec
         existing = self._table.get(spec.name)
         if existing is not None:
             differing = existing.spec.differing_fields(spec)
             if existing.status == "healthy":
                 if not differing:
-                    return existing, True, None
+                    return existing, True
                 if not request.replace:
                     raise running_differently(spec.name, differing)
             _LOGGER.info("Replacing %s (status %s)", spec.name, existing.status)
@@ -113,13 +126,12 @@ class Deployer:
         else:
             await self._runtime.remove_stray(spec)
         lease = None
-        if request.lease_s is not None:  # the creator's lease goes into the labels
-            lease = Lease(id=request.lease_id or secrets.token_urlsafe(12), service=spec.name,
-                          lease_s=request.lease_s, expires_at=0.0)
+        if lease_id is not None and request.lease_s is not None:  # the creator's, into the labels
+            lease = Lease(id=lease_id, service=spec.name, lease_s=request.lease_s, expires_at=0.0)
         service = await self._runtime.launch(spec, progress, lease)
         self._events.emit("deployed", spec.name, image=spec.image, port=service.host_port,
                           gpu=service.gpu)
-        return service, False, lease.id if lease else None
+        return service, False
 
     def _check_request(self, request: DeployRequest) -> None:
         """Before anything runs: a lease_s within --max-lease, a lease_id that is held, and
@@ -145,23 +157,20 @@ class Deployer:
         self._check_lease_length(lease_s)
         return self._table.renew_lease(name, lease_id, lease_s)
 
-    def _hold(self, service: Service, request: DeployRequest, launched_under: str | None) -> Lease | None:
+    def _hold(self, service: Service, request: DeployRequest, lease_id: str | None) -> Lease | None:
         """The caller's claim after a deploy: a lease (new, or renewed), or none (pinned).
 
         A container launched for this deploy carries the lease's id in its labels; the
         lease recorded here has that id, so it can come back from the labels alone.
         """
         name = service.spec.name
-        if request.lease_s is None:
+        if request.lease_s is None or lease_id is None:
             self._table.pin(service)  # deployed without a lease: runs until stopped
             return None
-        lease_id = request.lease_id or launched_under
-        if lease_id is not None:
-            try:
-                return self._table.renew_lease(name, lease_id, request.lease_s)
-            except LeaseNotFound:  # new, or lapsed during a long deploy: the same holder, again
-                pass
-        return self._table.add_lease(name, request.lease_s, lease_id)
+        try:
+            return self._table.renew_lease(name, lease_id, request.lease_s)
+        except LeaseNotFound:  # new, or lapsed during a long deploy: the same holder, again
+            return self._table.add_lease(name, request.lease_s, lease_id)
 
     # -- dry run -------------------------------------------------------------------------
 

@@ -128,6 +128,13 @@ class EngineUnavailable(AgentError):
     code = "engine_unavailable"
 
 
+class StartingUp(AgentError):
+    """The agent is starting (adopting what runs): it answers every request so until it serves."""
+
+    status = 503
+    code = "starting_up"
+
+
 def may_have_happened(err: BaseException) -> bool:
     """Whether a create that raised `err` may still take effect: the engine didn't answer
     (or answered a server error), or the call was cancelled on its way. Only a refusal the

@@ -452,6 +452,11 @@ class GpuPool:
     def holds(self, owner: Owner) -> bool:
         return owner in self._reservations
 
+    def reserved_for(self, name: str) -> int | None:
+        """The GPU some deploy of `name` has reserved (the lowest index), if any."""
+        return min((a.index for owner, a in self._reservations.items() if owner.name == name),
+                   default=None)
+
     def release(self, owner: Owner) -> bool:
         """Free what `owner` holds; whether it held anything. Other owners' reservations stay."""
         if self._reservations.pop(owner, None) is None:

@@ -140,11 +140,12 @@ class Service:
 
 @attrs.frozen
 class ServiceView:
-    """A `/services` entry."""
+    """A `/services` entry. A first deploy still on its way is listed `starting` with reason
+    `deploying`, its host and port null until a port is reserved for it."""
 
     name: str
-    host: str
-    port: int
+    host: str | None = attrs.field(metadata={"schema": URI})
+    port: int | None
     container_port: int
     gpu: int | None
     vram_gb: float
@@ -184,6 +185,19 @@ class ServiceView:
             node_name=service.node_name or node_name,
             node_id=service.node_id,
             reason=service.reason,
+        )
+
+    @classmethod
+    def deploying(cls, spec: DeploySpec, gpu: int | None, host_port: int | None,
+                  advertise_host: str, node_name: str = "") -> ServiceView:
+        """A first deploy in flight, with what it has reserved so far."""
+        return cls(
+            name=spec.name,
+            host=None if host_port is None else service_url(advertise_host, host_port),
+            port=host_port, container_port=spec.port, gpu=gpu, vram_gb=spec.vram_gb,
+            status="starting", uptime=0, image=spec.image, restarts=0, exit_code=None, leases=0,
+            lease_expires_at=None, vram_used_gb=None, vram_over=False, node_name=node_name,
+            node_id=None, reason="deploying",
         )
 
 

@@ -313,8 +313,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             **json_of({"oneOf": [ref("DeployAnswer"), ref("DryRunAnswer")]}),
             "application/x-ndjson": {
                 "schema": {"type": "string"},
-                "description": 'Events: {"event": "pull"|"created"|"started"|"health", ...}; last '
-                               "line: DeployAnswer or Error."}})},
+                "description": 'Events: {"event": "lease"|"waiting"|"pull"|"created"|"started"|'
+                               '"health", ...} (lease: first, with lease_s, its lease_id; waiting: '
+                               "every 5 s while another deploy or stop of the name is under way); "
+                               "last line: DeployAnswer or Error."}})},
         errors={**BAD_BODY, 403: "Mount or image not allowed by the node's policy, or a Host name "
                                  "not the agent's (host_not_allowed).",
                 404: "lease_id is not a lease held on that service (lease_not_found).",

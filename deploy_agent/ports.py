@@ -99,6 +99,10 @@ class PortAllocator:
     def holder(self, port: int) -> Owner | None:
         return self._reserved.get(port)
 
+    def reserved_for(self, name: str) -> int | None:
+        """A port some deploy of `name` holds (its lowest), if any."""
+        return min((port for port, owner in self._reserved.items() if owner.name == name), default=None)
+
     def refuse(self, port: int, for_s: float = REFUSED_COOLDOWN_S) -> None:
         """The engine refused `port` here: don't offer it again for a while."""
         self._refused[port] = time.monotonic() + for_s

@@ -37,7 +37,8 @@ MAX_POLL_S = 1.0
 LOG_TAIL_LINES = 20  # of a service that failed to start, in its error
 
 Progress = Callable[[JSONObject], None]
-"""Receives deploy progress events ({"event": "pull" | "created" | "started" | "health", ...})."""
+"""Receives deploy progress events: {"event": "lease" | "waiting" | "pull" | "created" |
+"started" | "health", ...}."""
 
 
 def no_progress(event: JSONObject) -> None:

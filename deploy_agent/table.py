@@ -12,7 +12,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import attrs
 
@@ -28,6 +28,23 @@ _LOGGER = logging.getLogger(__name__)
 # engine that was away when it was created has long since answered or dropped the request.
 ABANDONED_TTL_S = 3600.0
 STATE_RETRY_S = 2.0
+WAITING_EVERY_S = 5.0  # how often a deploy waiting for its name's lock says so
+
+
+async def _acquire(lock: asyncio.Lock, waiting: Callable[[float], None] | None, every_s: float) -> None:
+    """lock.acquire(), telling `waiting` how long it has waited, every `every_s`."""
+    if waiting is None or not lock.locked():
+        await lock.acquire()
+        return
+    started = time.monotonic()
+    acquiring = asyncio.ensure_future(lock.acquire())
+    try:
+        while not (await asyncio.wait({acquiring}, timeout=every_s))[0]:
+            waiting(time.monotonic() - started)
+    except BaseException:
+        if not acquiring.cancel() and not acquiring.cancelled() and acquiring.exception() is None:
+            lock.release()  # it was taken just as this wait was cancelled
+        raise
 
 
 @attrs.define
@@ -43,6 +60,15 @@ class Held:
     owner: Owner
     node: str | None
     port: int
+
+
+@attrs.frozen
+class InFlight:
+    """A first deploy of a name, before its record exists: what it has reserved so far."""
+
+    spec: DeploySpec
+    gpu: int | None
+    host_port: int | None
 
 
 @attrs.define
@@ -71,7 +97,7 @@ class ServiceTable:
         self._observers = 0
         self._abandoned: dict[str, Abandoned] = {}
         self._held: dict[str, tuple[Held, float]] = {}  # by attempt: what it left may use, since when
-        self._mounting: dict[str, tuple[str, tuple[str, ...]]] = {}  # deploys in flight: name, volumes
+        self._in_flight: dict[str, DeploySpec] = {}  # deploys in flight, by a token of each
         self._leases: dict[str, Lease] = {}  # by id
         # Lease id -> time.monotonic() when it runs out: a wall-clock step never expires a lease.
         self._deadlines: dict[str, float] = {}
@@ -103,15 +129,20 @@ class ServiceTable:
     # -- locks and generations -----------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def locked(self, name: str) -> AsyncIterator[None]:
-        """Serialise deploy, stop and reconcile of one name; the lock lives while used."""
+    async def locked(self, name: str, waiting: Callable[[float], None] | None = None,
+                     every_s: float = WAITING_EVERY_S) -> AsyncIterator[None]:
+        """Serialise deploy, stop and reconcile of one name; the lock lives while used.
+        `waiting` is told the seconds waited so far, every `every_s` while another holds it."""
         entry = self._locks.get(name)
         if entry is None:
             entry = self._locks[name] = _NameLock()
         entry.users += 1
         try:
-            async with entry.lock:
+            await _acquire(entry.lock, waiting, every_s)
+            try:
                 yield
+            finally:
+                entry.lock.release()
         finally:
             entry.users -= 1
             if entry.users == 0:
@@ -251,22 +282,32 @@ class ServiceTable:
         """The volumes of every other service, and of every other deploy in flight, by name."""
         found: dict[str, tuple[str, ...]] = {n: s.spec.volumes for n, s in self._services.items()
                                              if n != name and s.spec.volumes}
-        for other, volumes in self._mounting.values():
-            if other != name:
-                found[other] = found.get(other, ()) + volumes
+        for other in self._in_flight.values():
+            if other.name != name and other.volumes:
+                found[other.name] = found.get(other.name, ()) + other.volumes
         return found
 
     @contextlib.contextmanager
-    def mounting(self, spec: DeploySpec) -> Iterator[None]:
-        """A deploy in flight: its volumes count for volumes_beside() until it is done (then
-        its record has them, or it failed). Taken with no await after volumes_beside(), so
-        two deploys racing never both miss each other."""
+    def deploying(self, spec: DeploySpec) -> Iterator[None]:
+        """A deploy in flight, until it is done (then its record stands for it, or it failed):
+        its volumes count for volumes_beside(), and deploying() lists it. Taken with no await
+        after volumes_beside(), so two deploys racing never both miss each other."""
         token = secrets.token_hex(8)
-        self._mounting[token] = (spec.name, spec.volumes)
+        self._in_flight[token] = spec
         try:
             yield
         finally:
-            del self._mounting[token]
+            del self._in_flight[token]
+
+    def in_flight(self) -> list[InFlight]:
+        """First deploys of names with no record yet, by name, with the GPU and host port
+        reserved for them so far: for listings, which show them from the start."""
+        found: dict[str, InFlight] = {}
+        for spec in self._in_flight.values():
+            if spec.name not in self._services and spec.name not in found:
+                found[spec.name] = InFlight(spec, self._gpus.reserved_for(spec.name),
+                                            self._ports.on(None).reserved_for(spec.name))
+        return sorted(found.values(), key=lambda entry: entry.spec.name)
 
     # -- abandoned deploy attempts -------------------------------------------------------
 

@@ -120,8 +120,8 @@ const COLUMNS = [
   { label: "Name", cell: (s) => el("th", { scope: "row", text: s.name }) },
   { label: "Status", cell: (s) => el("td", { class: `status status-${s.status}`, title: s.reason,
     text: s.exit_code !== null ? `${s.status} (${s.exit_code})` : s.reason ? `${s.status}: ${s.reason}` : s.status }) },
-  { label: "URL", cell: (s) => el("td", {}, el("a", { href: s.host, rel: "noopener", text: s.host,
-    "data-key": `url:${s.name}` })) },
+  { label: "URL", cell: (s) => s.host === null ? el("td", { text: "–" })
+    : el("td", {}, el("a", { href: s.host, rel: "noopener", text: s.host, "data-key": `url:${s.name}` })) },
   { label: "Node", when: (all) => new Set(all.map((s) => s.node_name)).size > 1,
     cell: (s) => el("td", { text: s.node_name }) },
   { label: "GPU", cell: (s) => el("td", { class: "num", text: s.gpu === null ? "–" : String(s.gpu) }) },

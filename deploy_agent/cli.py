@@ -2,7 +2,9 @@
 
 Nodes come from --node, else COMPUTE_NODES, else http://127.0.0.1:9000. With several
 nodes, `deploy` places the service like ComputeNodes.ensure, and `stop` and `logs` find
-the node that runs it. Exit status 0 on success; 1 with the agent's message on stderr.
+the node that runs it. Exit status 0 on success; 1 with one line on stderr (with --json,
+also the error as JSON on stdout) for any failure; 2 for bad input (an unreadable or invalid
+manifest, a bad URL or argument); 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,10 +27,11 @@ from deploy_agent.client import (
     AsyncAgentClient,
     AsyncComputeNodes,
     CapacityError,
+    InvalidRequestError,
     NodeUnreachable,
-    ServiceNotFoundError,
     load_manifest,
     nodes_from_env,
+    said,
 )
 from deploy_agent.models import parse_duration
 
@@ -106,6 +110,7 @@ class Ctl:
         self.err = Console(stderr=True)
         self.nodes = AsyncComputeNodes(args.node or nodes_from_env() or [DEFAULT_NODE], args.token,
                                        token_file=args.token_file)
+        self.deploying: dict[str, Any] | None = None  # node, name, lease_id of a deploy under way
 
     def print_json(self, value: Any) -> None:
         sys.stdout.write(json.dumps(value, indent=2) + "\n")
@@ -116,17 +121,21 @@ class Ctl:
         body = load_manifest(self.args.file)
         name = str(body.get("name", ""))
         located = await self.nodes.locate(name)
-        if located is not None:
-            client = located[0]
-        else:
-            candidates = await self.nodes.candidates(body)
-            if not candidates:
-                raise CapacityError(503, "no_capacity", f"No reachable node can run {name!r}.")
-            client = candidates[0]
+        targets = [located[0]] if located is not None else await self.nodes.candidates(body)
+        if not targets:
+            raise CapacityError(503, "no_capacity", f"No reachable node can run {name!r}.")
         if self.args.dry_run:
+            client = targets[0]
             return self.show_dry_run({**await client.dry_run(body, self.args.replace), "node": client.url})
-        answer = await self.follow_deploy(client, body)
-        self.show_deployed({**answer, "node": client.url})
+        for client in targets:
+            try:
+                answer = await self.follow_deploy(client, name, body)
+            except (CapacityError, NodeUnreachable) as err:  # nothing placed there
+                if located is not None or client is targets[-1]:
+                    raise
+                self.err.print(f"[yellow]warning:[/] {err.message}; trying the next node", highlight=False)
+                continue
+            return self.show_deployed({**answer, "node": client.url})
 
     def show_dry_run(self, answer: dict[str, Any]) -> None:
         if self.args.json:
@@ -139,14 +148,19 @@ class Ctl:
         self.out.print(f"{answer['name']} would run at {answer['host']}{gpu} on {answer['node']}"
                        f"{pull} (dry run: nothing deployed)")
 
-    async def follow_deploy(self, client: AsyncAgentClient, body: dict[str, Any]) -> dict[str, Any]:
+    async def follow_deploy(self, client: AsyncAgentClient, name: str,
+                            body: dict[str, Any]) -> dict[str, Any]:
         """Stream the deploy's events into a live view; the final answer."""
         view = DeployView(self.err, quiet=self.args.json)
+        self.deploying = {"node": client.url, "name": name, "lease_id": None}
         with view:
             async for event in client.deploy_events(body, self.args.replace, self.args.lease):
+                if event.get("event") == "lease":
+                    self.deploying["lease_id"] = event.get("lease_id")
                 if "event" in event:
                     view.show(event)
                 elif event.get("ok"):
+                    self.deploying = None
                     return event
                 # an error answer: deploy_events raises it as the stream ends
         raise AgentRequestError(0, "no_answer", "The agent closed the stream without an answer.")
@@ -179,49 +193,47 @@ class Ctl:
                           *([row["node"]] if len(statuses) > 1 else []))
         self.out.print(table if rows else "no services")
 
-    async def node_running(self, name: str) -> AsyncAgentClient:
-        """The node that has `name`, in any status; 404 when none has it."""
-        located = await self.nodes.locate(name, statuses=())
-        if located is None:
-            raise ServiceNotFoundError(404, "not_found", f"No service named {name!r} "
-                                       f"on {', '.join(self.nodes.urls)}.")
-        return located[0]
-
     async def stop(self) -> None:
-        client = await self.node_running(self.args.name)
-        answer = {**await client.stop(self.args.name), "node": client.url}
+        answer = await self.nodes.stop(self.args.name)
         if self.args.json:
             return self.print_json(answer)
-        self.out.print(f"stopped {self.args.name} on {client.url}")
+        self.out.print(f"stopped {self.args.name} on {answer['node']}")
 
     async def renew(self) -> None:
-        client = await self.node_running(self.args.name)
-        answer = await client.renew(self.args.name, self.args.lease_id, self.args.lease)
+        answer = await self.nodes.renew(self.args.name, self.args.lease_id, self.args.lease)
         if self.args.json:
-            return self.print_json({**answer, "node": client.url})
+            return self.print_json(answer)
         self.out.print(f"lease {answer['lease_id']} on {answer['name']} until "
                        f"{answer['lease_expires_at']}", highlight=False)
 
     async def release(self) -> None:
-        client = await self.node_running(self.args.name)
-        answer = await client.release(self.args.name, self.args.lease_id)
+        answer = await self.nodes.release(self.args.name, self.args.lease_id)
         if self.args.json:
-            return self.print_json({**answer, "node": client.url})
+            return self.print_json(answer)
         after = "; it was the last one: stopped" if answer["stopped"] else ""
         self.out.print(f"released {self.args.lease_id} on {self.args.name}{after}", highlight=False)
 
     async def events(self) -> None:
-        """The recent events of every node, in time order; with -f, then as they come."""
+        """The recent events of every node, in time order; with -f, then as they come, until
+        a node's stream fails (then that failure, and a non-zero exit)."""
         if not self.args.follow:
             for event in await self.nodes.events(self.args.limit):
-                self.show_event(event)
+                self.show_event(event.raw)
             return
 
         async def follow(client: AsyncAgentClient) -> None:
             async for event in client.follow_events(since=None):
-                self.show_event({**event, "node": client.url})
+                self.show_event({**event.raw, "node": client.url})
 
-        await asyncio.gather(*(follow(c) for c in self.nodes.clients), return_exceptions=True)
+        following = [asyncio.ensure_future(follow(c)) for c in self.nodes.clients]
+        try:
+            done, _ = await asyncio.wait(following, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in following:
+                task.cancel()
+            await asyncio.gather(*following, return_exceptions=True)
+        for task in done:
+            task.result()  # raises the failure that ended it
 
     def show_event(self, event: dict[str, Any]) -> None:
         if self.args.json:
@@ -252,7 +264,7 @@ class Ctl:
         self.out.print(table if rows else "no GPUs")
 
     async def logs(self) -> None:
-        client = await self.node_running(self.args.name)
+        client = await self.nodes.holder(self.args.name)
         if not self.args.follow:
             sys.stdout.write(await client.logs(self.args.name, self.args.tail))
             return
@@ -313,6 +325,11 @@ class DeployView:
                                       description=f"done {layer}")
             elif not layer:
                 self._progress.console.print(f"  {event['status']}")
+        elif kind == "waiting":
+            self._progress.console.print(f"  waiting {event['waited_s']:g} s: {event['message']}",
+                                         highlight=False)
+        elif kind == "lease":
+            self._progress.console.print(f"  lease {event['lease_id']}", highlight=False)
         elif kind == "created":
             gpu = f", GPU {event['gpu']}" if event.get("gpu") is not None else ""
             self._progress.console.print(f"  created container {event['container']} on port "
@@ -363,32 +380,70 @@ def _uptime(seconds: int) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
 
 
-async def run(args: argparse.Namespace) -> int:
-    ctl = Ctl(args)
-    command = {"nodes": ctl.nodes_}.get(args.command) or getattr(ctl, args.command)
+BAD_INPUT = 2
+INTERRUPTED = 130
+
+
+async def run(ctl: Ctl) -> int:
+    command = {"nodes": ctl.nodes_}.get(ctl.args.command) or getattr(ctl, ctl.args.command)
     try:
         await command()
-    except AgentRequestError as err:
-        ctl.err.print(f"[red]deployctl:[/] {err.message}", highlight=False)
-        for detail in err.body.get("details", []):
-            ctl.err.print(f"  {detail['field']}: {detail['message']}", highlight=False)
-        for line in err.body.get("logs", [])[-10:]:
-            ctl.err.print(f"  | {line}", highlight=False, markup=False)
-        return 1
     finally:
         await ctl.nodes.close()
     return 0
 
 
+def report(json_wanted: bool, err: BaseException, token: str | None) -> int:
+    """One line on stderr (and with --json, the error as JSON on stdout); the exit status."""
+    if isinstance(err, AgentRequestError):
+        code, message = err.code, err.message
+        status = BAD_INPUT if isinstance(err, InvalidRequestError) else 1
+        details = [f"{d.get('field')}: {d.get('message')}" for d in err.body.get("details", [])
+                   if isinstance(d, dict)]
+        body: dict[str, Any] = {**err.body, "ok": False, "error": code, "message": message, "node": err.node}
+    elif isinstance(err, (OSError, ValueError)):  # an unreadable or malformed manifest, a bad URL
+        code, message, status, details = "bad_input", str(err), BAD_INPUT, []
+        body = {"ok": False, "error": code, "message": message}
+    else:
+        code, message, status, details = "internal_error", f"unexpected {said(err, token)}", 1, []
+        body = {"ok": False, "error": code, "message": message}
+    if json_wanted:
+        sys.stdout.write(json.dumps(body) + "\n")
+    line = " ".join((message + (f" ({'; '.join(details)})" if details else "")).split())
+    sys.stderr.write(f"deployctl: {line}\n")
+    if isinstance(err, AgentRequestError):
+        for log_line in err.body.get("logs", [])[-10:]:
+            sys.stderr.write(f"  | {log_line}\n")
+    return status
+
+
+def interrupted(ctl: Ctl | None) -> int:
+    """Ctrl-C: what goes on without us."""
+    deploying = ctl.deploying if ctl is not None else None
+    if deploying is None:
+        sys.stderr.write("deployctl: interrupted\n")
+        return INTERRUPTED
+    lease = deploying["lease_id"]
+    held = (f"; it will hold lease {lease}: renew it with `deployctl renew {deploying['name']} "
+            f"{lease}`, or release it with `deployctl release {deploying['name']} {lease}`"
+            if lease else "")
+    sys.stderr.write(f"deployctl: interrupted; the deploy of {deploying['name']} goes on at "
+                     f"{deploying['node']}{held}\n")
+    return INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    ctl = None
     try:
-        return asyncio.run(run(args))
-    except (OSError, ValueError) as err:  # unreadable manifest or token file, malformed manifest
-        sys.stderr.write(f"deployctl: {err}\n")
-        return 2
+        ctl = Ctl(args)
+        return asyncio.run(run(ctl))
     except KeyboardInterrupt:
-        return 130
+        return interrupted(ctl)
+    except Exception as err:
+        if os.environ.get("DEPLOYCTL_DEBUG") == "1":
+            raise
+        return report(bool(args.json), err, args.token or os.environ.get("DEPLOY_AGENT_TOKEN"))
 
 
 if __name__ == "__main__":

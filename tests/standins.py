@@ -45,7 +45,13 @@ class ServedInThread:
         return self
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(10)
+        async def shut() -> None:
+            await self._runner.cleanup()
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pending:  # handlers told to hang
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 
@@ -61,6 +67,7 @@ class StandInNode:
         self.listing: list[dict[str, Any]] = []
         self.delay_s = 0.0
         self.starting = False
+        self.refuse_token = False
         self.renew = "ok"
         self.deploy_status = 200
         self.events: list[dict[str, Any]] = []
@@ -81,6 +88,8 @@ class StandInNode:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path_qs
         self.calls.append((request.method, path))
+        if self.refuse_token:
+            return web.json_response({"ok": False, "error": "unauthorized", "message": "wrong"}, status=401)
         if self.starting:
             return web.json_response({"ok": False, "error": "starting_up", "message": "starting"},
                                      status=503, headers={"Retry-After": "1"})

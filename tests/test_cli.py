@@ -4,25 +4,38 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.agent_process import AgentProcess, free_port, installed
+from tests.agent_process import AgentProcess, AgentProcesses, free_port, installed
+from tests.standins import stand_in_node
 from tests.test_client import manifest
 
 pytestmark = pytest.mark.docker
 DEPLOYCTL = installed("deployctl")
 
 
-def ctl(*args: str, nodes: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def ctl(*args: str, nodes: str | None = None, stdin: str | None = None,
+        token: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("COMPUTE_NODES", "DEPLOY_AGENT_TOKEN")}
     if nodes:
         env["COMPUTE_NODES"] = nodes
-    return subprocess.run([DEPLOYCTL, *args], capture_output=True, text=True, timeout=120,
+    if token:
+        env["DEPLOY_AGENT_TOKEN"] = token
+    return subprocess.run([DEPLOYCTL, *args], capture_output=True, text=True, timeout=timeout,
                           env=env, input=stdin)
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The failure's stderr: one line, no traceback."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
 
 
 class TestDeployctl:
@@ -85,8 +98,9 @@ class TestDeployctl:
         good = ctl("--node", node.url, "deploy", "-", stdin=yaml.safe_dump(manifest("t-stdin")))
         assert good.returncode == 0, good.stderr
         bad = ctl("--node", node.url, "deploy", "-", stdin=json.dumps({"name": "Bad", "image": ""}))
-        assert bad.returncode == 1
+        assert bad.returncode == 2  # bad input
         assert "invalid" in bad.stderr and "name:" in bad.stderr and "image:" in bad.stderr
+        one_line(bad)
         crash = ctl("--node", node.url, "deploy", "-",
                     stdin=yaml.safe_dump(manifest("t-crash", command="sh -c 'echo boom; exit 9'")))
         assert crash.returncode == 1 and "exited with code 9" in crash.stderr and "boom" in crash.stderr
@@ -133,3 +147,110 @@ class TestFlagsAnywhere:
         mixed = ctl("--json", "ps", "--node", node.url)
         assert mixed.returncode == 0, mixed.stderr
         assert json.loads(mixed.stdout) == []
+
+
+TOKEN = "cli-right-token-0d9f"
+
+
+class TestSaysWhatIsWrong:
+    """Every failure: a non-zero exit and one line that names the problem (#22, point 6)."""
+
+    def test_token_missing_or_wrong(self, agent_processes: AgentProcesses) -> None:
+        agent = agent_processes.start(env={"DEPLOY_AGENT_TOKEN": TOKEN})
+        missing = ctl("ps", nodes=agent.url)
+        assert missing.returncode == 1 and "wants a token (401)" in one_line(missing)
+        assert "DEPLOY_AGENT_TOKEN" in missing.stderr and "No node answered" not in missing.stderr
+        wrong = ctl("ps", nodes=agent.url, token="cli-wrong-token-77e1")
+        assert wrong.returncode == 1 and "refused the token (401)" in one_line(wrong)
+        assert "cli-wrong-token-77e1" not in wrong.stderr + wrong.stdout
+        as_json = ctl("--json", "deploy", "-", nodes=agent.url, token="cli-wrong-token-77e1",
+                      stdin=yaml.safe_dump(manifest("t-never")))
+        assert json.loads(as_json.stdout)["error"] == "unauthorized" and as_json.returncode == 1
+        assert "cli-wrong-token-77e1" not in as_json.stdout + as_json.stderr
+        assert ctl("ps", nodes=agent.url, token=TOKEN).returncode == 0
+
+    def test_bad_input_is_2(self, tmp_path: Path) -> None:
+        broken = tmp_path / "service.yaml"
+        broken.write_text("name: [unclosed\n")
+        result = ctl("deploy", str(broken), nodes="http://127.0.0.1:1")
+        assert result.returncode == 2 and "not valid YAML" in one_line(result)
+        odd = ctl("ps", "--node", "ftp://somewhere")
+        assert odd.returncode == 2 and "http://HOST:PORT" in one_line(odd)
+        as_json = ctl("--json", "deploy", str(tmp_path / "nope.yaml"), nodes="http://127.0.0.1:1")
+        assert as_json.returncode == 2 and json.loads(as_json.stdout)["error"] == "bad_input"
+
+    def test_url_without_scheme(self, node: AgentProcess) -> None:
+        plain = ctl("--json", "ps", "--node", f"127.0.0.1:{node.port}")
+        assert plain.returncode == 0 and json.loads(plain.stdout) == [], plain.stderr
+
+    def test_json_errors(self, node: AgentProcess) -> None:
+        result = ctl("--json", "stop", "t-nothing", nodes=node.url)
+        assert result.returncode == 1
+        assert json.loads(result.stdout) | {"node": None} == {
+            "ok": False, "error": "not_found", "node": None,
+            "message": f"No service named 't-nothing' on {node.url}."}
+
+    def test_follows_fail_loudly(self, agent_processes: AgentProcesses) -> None:
+        dead = ctl("events", "-f", nodes=f"http://127.0.0.1:{free_port()}", timeout=30)
+        assert dead.returncode == 1 and "could not be reached" in one_line(dead)
+        agent = agent_processes.start()
+        assert ctl("deploy", "-", nodes=agent.url, stdin=yaml.safe_dump(manifest("t-follow-cli"))
+                   ).returncode == 0
+        env = {k: v for k, v in os.environ.items() if k != "DEPLOY_AGENT_TOKEN"}
+        events = subprocess.Popen([DEPLOYCTL, "events", "-f", "--node", agent.url], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        logs = subprocess.Popen([DEPLOYCTL, "logs", "-f", "t-follow-cli", "--node", agent.url], env=env,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            time.sleep(2)  # both are following
+            agent.stop(signal.SIGKILL)
+            _, events_err = events.communicate(timeout=30)
+            _, logs_err = logs.communicate(timeout=30)
+        finally:
+            events.kill()
+            logs.kill()
+        for code, err in ((events.returncode, events_err), (logs.returncode, logs_err)):
+            assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+            assert agent.url in err
+
+    def test_deploy_falls_over_on_503(self, node: AgentProcess, tmp_path: Path) -> None:
+        """A node with the most free VRAM that refuses (503) is followed by the next."""
+        with stand_in_node() as full:
+            full.gpus = [{"id": 0, "name": "A100", "vram_total_gb": 80, "vram_free_gb": 80}]
+            full.deploy_status = 503
+            path = tmp_path / "service.yaml"
+            path.write_text(yaml.safe_dump(manifest("t-ctl-503", gpu=True, vram_gb=4)))
+            placed = ctl("--json", "deploy", str(path), nodes=f"{full.url},{node.url}")
+            assert placed.returncode == 0, placed.stderr
+            assert json.loads(placed.stdout)["node"] == node.url
+            assert full.called("POST", "/deploy") == 1 and "trying the next node" in placed.stderr
+        assert ctl("stop", "t-ctl-503", nodes=node.url).returncode == 0
+
+    def test_ctrl_c_says_the_deploy_goes_on_and_names_its_lease(self, node: AgentProcess,
+                                                                tmp_path: Path) -> None:
+        path = tmp_path / "service.yaml"
+        path.write_text(yaml.safe_dump(manifest("t-ctl-int", env={"DELAY": "4"})))
+        env = {k: v for k, v in os.environ.items() if k != "DEPLOY_AGENT_TOKEN"}
+        deploying = subprocess.Popen([DEPLOYCTL, "deploy", "--lease", "5m", str(path), "--node", node.url],
+                                     env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert deploying.stderr is not None
+            seen = ""
+            while "started" not in seen:  # the lease line came first
+                line = deploying.stderr.readline()
+                assert line, seen
+                seen += line
+            deploying.send_signal(signal.SIGINT)
+            _, rest = deploying.communicate(timeout=30)
+        finally:
+            deploying.kill()
+        assert deploying.returncode == 130
+        said = rest.strip().splitlines()[-1]
+        assert f"the deploy of t-ctl-int goes on at {node.url}" in said and "Traceback" not in rest
+        lease_id = said.split("lease ")[1].split(":")[0]
+        assert lease_id in seen
+        deadline = time.monotonic() + 20
+        while node.services().get("t-ctl-int", {}).get("status") != "healthy":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert ctl("release", "t-ctl-int", lease_id, nodes=node.url).returncode == 0

@@ -59,9 +59,9 @@ class TestSyncClient:
             first = agent.deploy(path)
             assert (first["already_running"], first["gpu"], first["status"]) == (False, 0, "healthy")
             assert agent.deploy(path)["already_running"] is True
-            assert [s["name"] for s in agent.services()] == ["t-cli-yaml"]
-            assert agent.service("t-cli-yaml")["host"] == first["host"]
-            assert agent.gpus()[0]["services"] == ["t-cli-yaml"]
+            assert [s.name for s in agent.services()] == ["t-cli-yaml"]
+            assert agent.service("t-cli-yaml").host == first["host"]
+            assert agent.gpus()[0].services == ["t-cli-yaml"]
             assert agent.health()["services_running"] == 1
             assert "listening on 8000" in agent.logs("t-cli-yaml", tail=50)
             assert agent.stop("t-cli-yaml") == {"ok": True, "name": "t-cli-yaml"}
@@ -128,8 +128,8 @@ class TestAsyncClient:
         async with AsyncAgentClient(str(agent.make_url(""))) as client:
             answer = await client.deploy({"name": "t-async", "image": TEST_IMAGE})
             assert answer["status"] == "healthy"
-            assert [s["name"] for s in await client.services()] == ["t-async"]
-            assert (await client.service("t-async"))["port"] == answer["port"]
+            assert [s.name for s in await client.services()] == ["t-async"]
+            assert (await client.service("t-async")).port == answer["port"]
             assert (await client.health())["services_running"] == 1
             await client.stop("t-async")
             assert await client.services() == []
@@ -216,7 +216,8 @@ class TestComputeNodes:
             assert (first["node"], first["already_running"]) == (big.url, False)
             again = nodes.ensure(manifest("t-multi", gpu=True, vram_gb=40))
             assert (again["node"], again["already_running"], again["host"]) == (big.url, True, first["host"])
-            assert nodes.find("t-multi")["node"] == big.url  # type: ignore[index]
+            found = nodes.find("t-multi")
+            assert found is not None and found.node == big.url
             assert nodes.find("t-nowhere") is None
 
     def test_a_changed_spec_gets_the_agents_409(
@@ -288,7 +289,7 @@ class TestNeverTwice:
         first.start()  # someone else's deploy, still waiting for health on `small`
         with AgentClient(small.url) as agent:
             for _ in range(200):
-                if any(s["name"] == "t-twice" for s in agent.services()):
+                if any(s.name == "t-twice" for s in agent.services()):
                     break
                 time.sleep(0.02)
         with ComputeNodes([big.url, small.url], stall_timeout=1.0) as nodes, \
@@ -312,10 +313,10 @@ class TestNeverTwice:
         subprocess.run(["docker", "exec", "tidybot-t-where", "rm", "/www/health"], check=True)
         with AgentClient(small.url) as agent:
             for _ in range(100):
-                if agent.service("t-where")["status"] == "unhealthy":
+                if agent.service("t-where").status == "unhealthy":
                     break
                 time.sleep(0.1)
-            assert agent.service("t-where")["status"] == "unhealthy"
+            assert agent.service("t-where").status == "unhealthy"
         with ComputeNodes([big.url, small.url]) as nodes:
             assert nodes.find("t-where") is None  # find() means healthy, as before
             placed = nodes.ensure(body)  # big is emptier, but small has it: replaced there

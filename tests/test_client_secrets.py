@@ -3,8 +3,10 @@ and plain HTTP beyond loopback is called out. Stand-in servers on 127.0.0.1 play
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -15,11 +17,17 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from deploy_agent.client import (
+    AgentClient,
     AgentRequestError,
     AsyncAgentClient,
     AsyncComputeNodes,
+    AuthError,
+    ComputeNodes,
+    LeaseLost,
+    NodeUncertain,
     PlainHttpToken,
 )
+from tests.standins import stand_in_node
 
 MARKER = "tok-MARKER-5f0c1e"
 
@@ -161,3 +169,28 @@ class TestPlainHttp:
             AsyncAgentClient("http://10.0.0.5:9000", token=MARKER)
         assert caught and all(MARKER not in str(w.message) for w in caught)
 
+
+
+class TestNoTokenInLeaseAndPlacementErrors:
+    """The newer failure paths: a lease lost, a node unsure, a token refused, and the log
+    lines they write."""
+
+    def test_every_path(self, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.DEBUG)
+        with stand_in_node() as node:
+            node.renew = "garbage"
+            with pytest.raises(LeaseLost) as lost, AgentClient(node.url, token=MARKER) as client, \
+                    client.leased({"name": "t-x", "image": "img:1"}, lease_s=1) as lease:
+                deadline = time.monotonic() + 5
+                while not lease.lost and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            node.starting = True
+            with pytest.raises(NodeUncertain) as unsure:
+                ComputeNodes([node.url], token=MARKER, locate_timeout=1).ensure({"name": "t-x", "image": "i"})
+            node.starting, node.refuse_token = False, True
+            with pytest.raises(AuthError) as refused:
+                ComputeNodes([node.url], token=MARKER).ensure({"name": "t-x", "image": "i"})
+        for caught in (lost, unsure, refused):
+            assert MARKER not in texts_of(caught.value)
+        assert "refused the token" in str(refused.value)
+        assert caplog.records and all(MARKER not in r.getMessage() for r in caplog.records)

@@ -225,9 +225,9 @@ class TestClientLeases:
     def test_sync_leased_renews_and_releases(self, agent: AgentProcess) -> None:
         with AgentClient(agent.url) as client:
             with client.leased({"name": "t-ctx", "image": TEST_IMAGE}, lease_s=1) as service:
-                assert service["lease_id"]
+                assert service.lease_id
                 time.sleep(2.5)  # longer than the lease: only renewals keep it
-                assert client.service("t-ctx")["status"] == "healthy"
+                assert client.service("t-ctx").status == "healthy"
             assert "t-ctx" not in agent.services()  # released on exit: its last lease
             with pytest.raises(RuntimeError, match="boom"), \
                     client.leased({"name": "t-ctx-err", "image": TEST_IMAGE}, lease_s=30):
@@ -240,10 +240,10 @@ class TestClientLeases:
         async with AsyncAgentClient(agent.url) as client:
             async with client.leased({"name": "t-actx", "image": TEST_IMAGE}, lease_s=1) as service:
                 await asyncio.sleep(2.5)
-                assert (await client.service("t-actx"))["leases"] == 1
-                assert service["name"] == "t-actx"
+                assert (await client.service("t-actx")).leases == 1
+                assert service.name == "t-actx"
             assert "t-actx" not in agent.services()
-            assert [e["reason"] for e in await client.events() if e["service"] == "t-actx"][-1] \
+            assert [e.reason for e in await client.events() if e.service == "t-actx"][-1] \
                 == "lease_expired"
 
     def test_deployctl_lease_renew_and_events(self, agent: AgentProcess, tmp_path: Path) -> None:

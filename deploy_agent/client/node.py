@@ -1,0 +1,350 @@
+"""AsyncAgentClient: one agent, from asyncio code."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import urllib.parse
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from deploy_agent.client.errors import (
+    STATUS_BY_CODE,
+    AgentRequestError,
+    DeployInterrupted,
+    NodeUnreachable,
+    PlainHttpToken,
+    bad_answer,
+    error_from,
+    interrupted,
+    refused_token,
+    said,
+)
+from deploy_agent.client.lease import Lease, LeaseCallback, hold
+from deploy_agent.client.manifests import Manifest, deploy_body
+from deploy_agent.client.results import A, Event, Gpu, Service
+from deploy_agent.tokens import is_loopback, token_for
+
+DEFAULT_NODE = "http://127.0.0.1:9000"
+NDJSON = "application/x-ndjson"
+NEVER_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+def node_url(url: str) -> str:
+    """`url` without a trailing slash; `host:port` (no scheme) taken as http://host:port.
+    ValueError for what can't be an agent's URL."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an agent's URL: write it as http://HOST:PORT "
+                         "(or https:// behind TLS)")
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        raise ValueError(f"{url!r} has no valid port: write it as http://HOST:PORT") from None
+    return url
+
+
+class AsyncAgentClient:
+    """One agent, from asyncio code. Use `async with`, or call close().
+
+    `timeout` bounds each plain request (each method also takes its own `timeout`). A deploy
+    has no wall-clock bound (a pull and a slow model load may take long): it follows the
+    NDJSON progress and gives up only when the node says nothing for `stall_timeout`
+    seconds, longer than any silence the agent allows itself (it says something at least
+    every 5 s while it waits, and --pull-stall-timeout, 120 s by default, bounds a pull).
+    """
+
+    def __init__(self, url: str = DEFAULT_NODE, token: str | None = None, timeout: float = 300.0,
+                 session: aiohttp.ClientSession | None = None, stall_timeout: float = 150.0,
+                 token_file: str | Path | None = None, trusted: bool = True,
+                 connect_timeout: float = 10.0) -> None:
+        """`trusted`: whether the node may get the caller's token. A node nobody listed (one
+        found over mDNS, which any host on the LAN can advertise) gets at most the local
+        agent's own token, when it is on loopback. `connect_timeout`: how long a connection
+        may take before the node counts as down."""
+        self.url = node_url(url)
+        if trusted:
+            token = token_for(self.url, token, token_file, os.environ)
+        else:
+            token = token_for(self.url, None, None, {k: v for k, v in os.environ.items()
+                                                     if not k.startswith("DEPLOY_AGENT_TOKEN")})
+        self._token = token
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        parts = urllib.parse.urlsplit(self.url)
+        if token and parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+            warnings.warn(f"The agent token goes to {parts.hostname} over plain HTTP, readable on the "
+                          "network: put TLS in front of the agent (README, Security).",
+                          PlainHttpToken, stacklevel=2)
+        self.timeout = timeout
+        self.stall_timeout = stall_timeout
+        self.connect_timeout = connect_timeout
+        self._session = session
+        self._owns_session = session is None
+
+    async def __aenter__(self) -> AsyncAgentClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+            self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+            self._owns_session = True
+        return self._session
+
+    def unreachable(self, err: BaseException) -> NodeUnreachable:
+        """The error for a call that got no answer: never connected, or went quiet."""
+        connected = not isinstance(err, NEVER_CONNECTED)
+        what = "did not answer" if connected else "could not be reached"
+        return NodeUnreachable(0, "unreachable", f"{self.url} {what}: {said(err, self._token)}",
+                               node=self.url, connected=connected)
+
+    def error(self, status: int, body: Any) -> AgentRequestError:
+        """The typed error for an error answer; a 401 says whether a token went."""
+        if status == 401 and isinstance(body, dict):
+            return refused_token(self.url, bool(self._token), body)
+        return error_from(status, body, self.url)
+
+    async def _request(self, method: str, path: str, body: Any = None,
+                       timeout: float | None = None, as_text: bool = False) -> Any:
+        """The answer's JSON (its text, with `as_text`); BadAnswer for anything else."""
+        limit = self.timeout if timeout is None else timeout
+        try:
+            async with self._client().request(
+                    method, self.url + path, json=body, headers=self._headers,
+                    timeout=aiohttp.ClientTimeout(total=limit, sock_connect=min(limit, self.connect_timeout))
+            ) as response:
+                text = await response.text()
+                content_type = response.content_type
+                status = response.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+            raise self.unreachable(err) from err
+        try:
+            payload = json.loads(text) if content_type == "application/json" and text else text
+        except ValueError:
+            raise bad_answer(self.url, status) from None
+        if status >= 400:
+            raise self.error(status, payload)
+        if not as_text and content_type != "application/json":
+            raise bad_answer(self.url, status)
+        return payload
+
+    def _each(self, kind: type[A], payload: Any) -> list[A]:
+        if not isinstance(payload, list) or not all(isinstance(entry, dict) for entry in payload):
+            raise bad_answer(self.url, 200)
+        return [kind.of(entry) for entry in payload]
+
+    def _one(self, kind: type[A], payload: Any) -> A:
+        if not isinstance(payload, dict):
+            raise bad_answer(self.url, 200)
+        return kind.of(payload)
+
+    async def health(self, timeout: float | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("GET", "/health", timeout=timeout)
+        return result
+
+    async def services(self, timeout: float | None = None) -> list[Service]:
+        return self._each(Service, await self._request("GET", "/services", timeout=timeout))
+
+    async def service(self, name: str, timeout: float | None = None) -> Service:
+        return self._one(Service, await self._request("GET", f"/services/{_quoted(name)}", timeout=timeout))
+
+    async def gpus(self, timeout: float | None = None) -> list[Gpu]:
+        return self._each(Gpu, await self._request("GET", "/gpus", timeout=timeout))
+
+    async def deploy(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
+                     lease_id: str | None = None) -> dict[str, Any]:
+        """Deploy and wait until healthy; the answer has host, port, gpu, already_running,
+        and with `lease_s` the caller's `lease_id` (or renews `lease_id`).
+
+        DeployInterrupted when the node goes quiet for stall_timeout or the connection drops
+        after the request reached it (the deploy may still finish there; with `lease_s`, its
+        `body["lease_id"]` is the lease the deploy will hold once done).
+        """
+        answer: dict[str, Any] | None = None
+        async for event in self.deploy_events(manifest, replace, lease_s, lease_id):
+            answer = event
+        if answer is None or "event" in answer:
+            raise DeployInterrupted(0, "interrupted", f"{self.url} closed the deploy stream "
+                                    "without an answer.", node=self.url)
+        return answer
+
+    async def stop(self, name: str, timeout: float | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("POST", "/stop", {"name": name}, timeout)
+        return result
+
+    async def dry_run(self, manifest: Manifest, replace: bool = False,
+                      timeout: float | None = None) -> dict[str, Any]:
+        """Where a deploy would go now (port, gpu, pull_needed), deploying and reserving
+        nothing; the same errors a deploy would raise."""
+        result: dict[str, Any] = await self._request("POST", "/deploy?dry_run=1",
+                                                     deploy_body(manifest, replace), timeout)
+        return result
+
+    async def renew(self, name: str, lease_id: str, lease_s: float | None = None,
+                    timeout: float | None = None) -> dict[str, Any]:
+        """Extend a lease to lease_s from now (its own lease_s when not given)."""
+        body: dict[str, Any] = {"lease_id": lease_id}
+        if lease_s is not None:
+            body["lease_s"] = lease_s
+        result: dict[str, Any] = await self._request("POST", f"/services/{_quoted(name)}/renew", body,
+                                                     timeout)
+        return result
+
+    async def release(self, name: str, lease_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Drop a lease; `stopped` says whether it was the service's last one."""
+        result: dict[str, Any] = await self._request(
+            "DELETE", f"/services/{_quoted(name)}/leases/{_quoted(lease_id)}", timeout=timeout)
+        return result
+
+    def leased(self, manifest: Manifest, lease_s: float = 60.0, *, retake: bool = False,
+               on_lost: LeaseCallback | None = None,
+               on_retake: LeaseCallback | None = None) -> contextlib.AbstractAsyncContextManager[Lease]:
+        """Deploy with a lease and hold it while the block runs: renewed in the background,
+        released on exit (an exception or a cancellation too).
+
+        The Lease it yields is kept current: `host`, `port` and `lease_id` change if it is
+        retaken; `lost` and `error` say when it has ended. A service stopped by someone (an
+        operator, --vram-overuse stop, a replace) is never brought back: the lease ends,
+        `on_lost(lease)` is called, and leaving the block raises LeaseLost with the reason
+        from the node's event log. With `retake=True`, a lease the node no longer knows
+        (it lapsed: a long pause, a lost state file) or one that ran out and stopped the
+        service is taken again by deploying anew, and `on_retake(lease)` is called.
+        """
+        return hold(self, manifest, lease_s, retake=retake, on_lost=on_lost, on_retake=on_retake)
+
+    async def events(self, since: int | None = None, limit: int | None = None,
+                     timeout: float | None = None) -> list[Event]:
+        """Recent events, oldest first: after `since` when given, else the latest `limit`."""
+        query = "&".join(f"{key}={value}" for key, value in (("since", since), ("limit", limit))
+                         if value is not None)
+        found = await self._request("GET", "/events" + (f"?{query}" if query else ""), timeout=timeout)
+        return self._each(Event, found)
+
+    async def follow_events(self, since: int | None = None) -> AsyncIterator[Event]:
+        """Events as they happen (after `since`, else from now), until you stop reading.
+
+        NodeUnreachable when the node can't be reached, or ends the stream (it is shutting
+        down) or drops it."""
+        query = f"&since={since}" if since is not None else "&limit=0"
+        async with self._stream("GET", f"/events?follow=1{query}") as response:
+            async for line in self._lines(response):
+                if line.strip():
+                    try:
+                        yield Event.of(json.loads(line))
+                    except (ValueError, TypeError):
+                        raise bad_answer(self.url, 0) from None
+        raise NodeUnreachable(0, "stream_ended", f"{self.url} ended the event stream (shutting "
+                              "down?)", node=self.url, connected=True)
+
+    async def logs(self, name: str, tail: int = 100, timeout: float | None = None) -> str:
+        result: str = await self._request("GET", f"/services/{_quoted(name)}/logs?tail={tail}",
+                                          timeout=timeout, as_text=True)
+        return result
+
+    async def follow_logs(self, name: str, tail: int = 100) -> AsyncIterator[str]:
+        """The service's output as it is written, until the service stops or you stop reading.
+        NodeUnreachable when the node drops the stream."""
+        async with self._stream("GET", f"/services/{_quoted(name)}/logs?tail={tail}&follow=1") as response:
+            try:
+                async for chunk in response.content.iter_any():
+                    yield chunk.decode(errors="replace")
+            except (TimeoutError, aiohttp.ClientError, OSError) as err:
+                raise self.unreachable(err) from err
+
+    async def _lines(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        try:
+            async for line in response.content:
+                yield line
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+            raise self.unreachable(err) from err
+
+    async def deploy_events(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
+                            lease_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Progress events of a deploy (lease, waiting, pull, created, started, health); the
+        last is the answer.
+
+        An error answer as the last event raises its AgentRequestError after being yielded;
+        silence for stall_timeout, or a dropped connection, raises DeployInterrupted.
+        """
+        held = lease_id
+        async with self._stream("POST", "/deploy", deploy_body(manifest, replace, lease_s, lease_id),
+                                accept=NDJSON, stall_timeout=self.stall_timeout) as response:
+            try:
+                async for line in response.content:
+                    if not line.strip():
+                        continue
+                    try:
+                        event: dict[str, Any] = json.loads(line)
+                    except ValueError:
+                        raise bad_answer(self.url, 0) from None
+                    if event.get("event") == "lease":
+                        held = str(event.get("lease_id"))
+                    yield event
+                    if event.get("ok") is False:
+                        code = str(event.get("error", "error"))
+                        raise error_from(STATUS_BY_CODE.get(code, 500), event, self.url)
+            except (TimeoutError, aiohttp.ClientError, OSError) as err:
+                raise interrupted(self.url, err, self._token, held) from err
+
+    def _stream(self, method: str, path: str, body: Any = None, accept: str | None = None,
+                stall_timeout: float | None = None) -> _StreamContext:
+        headers = {**self._headers, **({"Accept": accept} if accept else {})}
+        return _StreamContext(self, method, path, body, headers, stall_timeout)
+
+
+def _quoted(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
+
+
+class _StreamContext:
+    """`async with` a streamed response; errors before the stream starts raise as usual."""
+
+    def __init__(self, client: AsyncAgentClient, method: str, path: str, body: Any,
+                 headers: dict[str, str], stall_timeout: float | None) -> None:
+        self._client, self._method, self._path = client, method, path
+        self._body, self._headers = body, headers
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=client.connect_timeout,
+                                              sock_read=stall_timeout)
+        self._response: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        client = self._client
+        try:
+            self._response = await client._client().request(
+                self._method, client.url + self._path, json=self._body, headers=self._headers,
+                timeout=self._timeout)
+        except NEVER_CONNECTED as err:  # it never got to the node
+            raise client.unreachable(err) from err
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+            if self._method == "POST":
+                raise interrupted(client.url, err, client._token) from err
+            raise client.unreachable(err) from err
+        if self._response.status >= 400:
+            try:
+                body = await self._response.json(content_type=None)
+            except (ValueError, aiohttp.ClientError):
+                raise bad_answer(client.url, self._response.status) from None
+            finally:
+                self._response.release()
+            raise client.error(self._response.status, body)
+        return self._response
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._response is not None:
+            self._response.release()
+

@@ -1,0 +1,372 @@
+"""A client skill agents can trust (#22): leases that never undo a stop, one copy across
+nodes, a sync client safe anywhere, typed answers. Real agents where a deploy runs; the
+stand-ins of tests/standins.py where a failure needs a node that misbehaves."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import pytest
+
+from deploy_agent.client import (
+    AgentClient,
+    AsyncAgentClient,
+    AsyncComputeNodes,
+    ComputeNodes,
+    Lease,
+    LeaseLost,
+    NodeUncertain,
+    NodeUnreachable,
+    Service,
+)
+from deploy_agent.gpus import GpuView
+from deploy_agent.models import ServiceView
+from tests.agent_process import AgentProcess, free_port, post_json
+from tests.conftest import TEST_IMAGE
+from tests.standins import SilentProxy, StandInNode, stand_in_node
+
+
+def wait_for(check: Any, timeout: float = 15, every: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)
+    return found
+
+
+@pytest.fixture
+def stand_in() -> Iterator[StandInNode]:
+    with stand_in_node() as node:
+        yield node
+
+
+def body(name: str, **more: Any) -> dict[str, Any]:
+    return {"name": name, "image": TEST_IMAGE, **more}
+
+
+# -- leases against a real agent -----------------------------------------------------------
+
+
+@pytest.mark.docker
+class TestLeasesNeverUndoAStop:
+    """An operator's stop ends the holder's lease: the service stays stopped, and the holder
+    learns why, while inside (lost, a callback) and on leaving (LeaseLost)."""
+
+    def test_sync_holder_learns_and_does_not_redeploy(self, node: AgentProcess) -> None:
+        told: list[Lease] = []
+        with AgentClient(node.url) as client:
+            with pytest.raises(LeaseLost) as caught, \
+                    client.leased(body("t-held"), lease_s=1.5, on_lost=told.append) as lease:
+                assert post_json(node.url + "/stop", {"name": "t-held"})[0] == 200
+                wait_for(lambda: lease.lost, timeout=5)
+                time.sleep(1.5)  # three renewal periods: none may bring it back
+                assert "t-held" not in node.services()
+                assert lease.error is not None and lease.error.reason == "request"
+            assert caught.value.reason == "request" and caught.value.event is not None
+            assert caught.value.event["kind"] == "stopped"
+            assert "stopped" in str(caught.value) and "not brought back" in str(caught.value)
+            wait_for(lambda: told, timeout=5)
+            assert told == [lease]
+        assert "t-held" not in node.services()
+
+    async def test_async_holder_the_same(self, node: AgentProcess) -> None:
+        told: list[str] = []
+
+        async def on_lost(lease: Lease) -> None:
+            told.append(lease.name)
+
+        async with AsyncAgentClient(node.url) as client:
+            with pytest.raises(LeaseLost) as caught:
+                async with client.leased(body("t-aheld"), lease_s=1.5, on_lost=on_lost) as lease:
+                    await client.stop("t-aheld")
+                    for _ in range(100):
+                        if lease.lost:
+                            break
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(1.5)
+            assert caught.value.reason == "request" and told == ["t-aheld"]
+        assert "t-aheld" not in node.services()
+
+    def test_retake_is_explicit_and_the_holder_sees_the_new_lease(self, node: AgentProcess) -> None:
+        """The node drops a lease while the service runs for someone else (pinned here):
+        without retake that ends the holder's lease; with it, a new one, seen in place."""
+        assert post_json(node.url + "/deploy", body("t-retake"))[0] == 200  # pinned
+        with AgentClient(node.url) as client:
+            with pytest.raises(LeaseLost) as caught, client.leased(body("t-retake"), lease_s=1.5) as lease:
+                client.release("t-retake", lease.lease_id)
+                wait_for(lambda: lease.lost, timeout=5)
+            assert caught.value.reason == "lease_not_found"
+            retaken: list[str] = []
+            with client.leased(body("t-retake"), lease_s=1.5, retake=True,
+                               on_retake=lambda held: retaken.append(held.lease_id)) as lease:
+                first = lease.lease_id
+                client.release("t-retake", first)
+                wait_for(lambda: lease.retakes == 1, timeout=5)
+                assert lease.lease_id != first and retaken == [lease.lease_id] and not lease.lost
+                assert client.service("t-retake").leases == 1
+            assert client.service("t-retake").leases == 0  # released on the way out
+            client.stop("t-retake")
+
+    def test_ctrl_c_releases(self, node: AgentProcess) -> None:
+        script = ("import sys, time\nfrom deploy_agent.client import AgentClient\n"
+                  f"with AgentClient({node.url!r}).leased({body('t-sigint')!r}, lease_s=60) as lease:\n"
+                  "    print(lease.lease_id, flush=True)\n    time.sleep(120)\n")
+        holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip()
+            assert node.services()["t-sigint"]["leases"] == 1
+            holder.send_signal(signal.SIGINT)
+            holder.wait(timeout=10)
+        finally:
+            holder.kill()
+        assert "t-sigint" not in node.services()  # its only lease released: stopped at once
+
+    def test_nodes_wide_lease(self, node: AgentProcess) -> None:
+        with ComputeNodes([f"http://127.0.0.1:{free_port()}", node.url]) as nodes:
+            with nodes.leased(body("t-nodes-lease"), lease_s=2) as lease:
+                assert (lease.node, lease.lease_id is not None) == (node.url, True)
+                time.sleep(2.5)
+                located = nodes.locate("t-nodes-lease")
+                assert located is not None and located[0] == node.url and located[1].leases == 1
+            assert nodes.locate("t-nodes-lease") is None
+
+
+# -- leases against stand-ins: renewals that hang, fail, or answer nonsense -------------------
+
+
+class TestRenewals:
+    def test_a_hung_renewal_is_bounded_retried_and_exit_is_prompt(self, stand_in: StandInNode) -> None:
+        with AgentClient(stand_in.url) as client:
+            with client.leased(body("t-hang"), lease_s=3) as lease:
+                stand_in.renew = "hang"
+                wait_for(lambda: lease.trouble is not None, timeout=4)  # bounded well inside 3 s
+                assert isinstance(lease.trouble, NodeUnreachable) and not lease.lost
+                stand_in.renew = "ok"
+                wait_for(lambda: lease.trouble is None, timeout=3)  # retried, not a whole period later
+                stand_in.renew = "hang"
+                time.sleep(1.2)  # a renewal is hanging now
+                started = time.monotonic()
+            assert time.monotonic() - started < 3  # left at once, releasing
+        assert stand_in.called("DELETE", "/services/t-hang/leases/") == 1
+
+    def test_renewals_that_never_get_through_end_the_lease(self, stand_in: StandInNode) -> None:
+        with AgentClient(stand_in.url) as client, pytest.raises(LeaseLost) as caught, \
+                client.leased(body("t-out"), lease_s=1.5) as lease:
+            stand_in.renew = "hang"
+            wait_for(lambda: lease.lost, timeout=5)
+        assert caught.value.reason == "lease_expired" and "ran out" in str(caught.value)
+
+    def test_a_renewer_that_fails_never_dies_silently(self, stand_in: StandInNode) -> None:
+        stand_in.renew = "garbage"
+        async def hold() -> None:
+            async with AsyncAgentClient(stand_in.url) as client, \
+                    client.leased(body("t-bad"), lease_s=1) as lease:
+                for _ in range(60):
+                    if lease.lost:
+                        break
+                    await asyncio.sleep(0.05)
+                assert lease.lost
+        with pytest.raises(LeaseLost) as caught:
+            asyncio.run(hold())
+        assert caught.value.reason == "renew_failed" and isinstance(caught.value.__cause__, AttributeError)
+
+    def test_gone_is_only_retaken_when_its_own_lease_ran_out(self, stand_in: StandInNode) -> None:
+        stand_in.renew = "gone"
+        stand_in.events = [{"id": 1, "time": "2026-12-06T00:00:00Z", "service": "t-gone", "kind": "stopped",
+                            "reason": "vram_overuse", "details": {}}]
+        with AgentClient(stand_in.url) as client:
+            with pytest.raises(LeaseLost) as caught, \
+                    client.leased(body("t-gone"), lease_s=1, retake=True) as lease:
+                wait_for(lambda: lease.lost, timeout=5)
+            assert caught.value.reason == "vram_overuse"
+            assert stand_in.called("POST", "/deploy") == 1  # never deployed again
+            stand_in.events[0]["reason"] = "lease_expired"  # it ran out while we were away
+            with client.leased(body("t-gone"), lease_s=1, retake=True) as lease:
+                wait_for(lambda: lease.retakes >= 1, timeout=5)
+                assert lease.lease_id.startswith("lease-")
+            assert stand_in.called("POST", "/deploy") >= 3
+
+    def test_a_silent_node_then_back(self, node: AgentProcess) -> None:
+        """Through a proxy that goes silent longer than the lease: without retake the lease
+        ends when it runs out; with retake, once the node is back, a new lease (the agent
+        stopped the service when the old one ran out), with the service's new address."""
+        proxy = SilentProxy(node.port)
+        try:
+            with AgentClient(proxy.url) as client, \
+                    client.leased(body("t-away"), lease_s=1.5, retake=True) as lease:
+                proxy.go_silent()
+                wait_for(lambda: "t-away" not in node.services(), timeout=10)
+                proxy.go_silent(False)
+                wait_for(lambda: lease.retakes == 1, timeout=10)
+                assert node.services()["t-away"]["port"] == lease.port and not lease.lost
+        finally:
+            proxy.close()
+
+
+# -- one copy across nodes: slow, starting and odd nodes -------------------------------------
+
+
+def listed(name: str) -> dict[str, Any]:
+    return {"name": name, "host": "http://127.0.0.1:28999", "port": 28999, "status": "healthy",
+            "gpu": None}
+
+
+class TestLocating:
+    def test_a_node_slower_than_the_probe_is_waited_for(self) -> None:
+        with stand_in_node() as slow, stand_in_node() as empty:
+            slow.listing, slow.delay_s = [listed("t-slow")], 2.5
+            placed = AsyncComputeNodes([empty.url, slow.url], probe_timeout=1, locate_timeout=10)
+            answer = asyncio.run(_ensure(placed, body("t-slow")))
+            assert answer["node"] == slow.url
+            assert empty.called("POST", "/deploy") == 0 and slow.called("POST", "/deploy") == 1
+
+    def test_a_starting_node_may_have_it(self) -> None:
+        with stand_in_node() as starting, stand_in_node() as empty:
+            starting.starting = True
+            nodes = AsyncComputeNodes([empty.url, starting.url], locate_timeout=1.5)
+            with pytest.raises(NodeUncertain) as caught:
+                asyncio.run(_ensure(nodes, body("t-restart")))
+            assert starting.url in str(caught.value) and "starting" in str(caught.value)
+            assert empty.called("POST", "/deploy") == 0
+            starting.listing = [listed("t-restart")]
+            threading.Timer(1.0, lambda: setattr(starting, "starting", False)).start()
+            nodes = AsyncComputeNodes([empty.url, starting.url], locate_timeout=10)
+            assert asyncio.run(_ensure(nodes, body("t-restart")))["node"] == starting.url
+            assert empty.called("POST", "/deploy") == 0
+
+    def test_down_and_foreign_nodes_are_skipped(self, raw_http: str) -> None:
+        with stand_in_node() as empty:
+            nodes = AsyncComputeNodes([f"http://127.0.0.1:{free_port()}", raw_http, empty.url],
+                                      locate_timeout=5)
+            started = time.monotonic()
+            assert asyncio.run(_ensure(nodes, body("t-skip")))["node"] == empty.url
+            assert time.monotonic() - started < 4
+
+
+@pytest.fixture
+def raw_http() -> Iterator[str]:
+    """Something on a port that speaks HTTP but is no agent (a web server's error page)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def serve() -> None:
+        for _ in range(10):
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 5\r\n"
+                                   b"Connection: close\r\n\r\nhello")
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+async def _ensure(nodes: AsyncComputeNodes, manifest: dict[str, Any]) -> dict[str, Any]:
+    async with nodes:
+        return await nodes.ensure(manifest)
+
+
+# -- the sync client anywhere, typed answers ---------------------------------------------------
+
+
+class TestSyncClient:
+    def test_shared_by_threads(self, stand_in: StandInNode) -> None:
+        client, failures = AgentClient(stand_in.url), []
+
+        def calls() -> None:
+            for _ in range(8):
+                try:
+                    client.health()
+                except Exception as err:
+                    failures.append(err)
+        threads = [threading.Thread(target=calls) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        client.close()
+        assert failures == [] and stand_in.called("GET", "/health") == 32
+
+    def test_inside_a_running_loop(self, stand_in: StandInNode) -> None:
+        async def notebook_cell() -> dict[str, Any]:
+            with AgentClient(stand_in.url) as client:
+                return client.health()
+        assert asyncio.run(notebook_cell())["ok"] is True
+
+    def test_per_call_timeout(self, stand_in: StandInNode) -> None:
+        stand_in.delay_s = 3
+        with AgentClient(stand_in.url) as client:
+            started = time.monotonic()
+            with pytest.raises(NodeUnreachable) as caught:
+                client.health(timeout=0.3)
+            assert time.monotonic() - started < 2 and caught.value.connected
+
+    def test_scheme_less_url(self, stand_in: StandInNode) -> None:
+        with AgentClient(stand_in.url.removeprefix("http://")) as client:
+            assert client.url == stand_in.url and client.health()["ok"] is True
+        with pytest.raises(ValueError, match="http://HOST:PORT"):
+            AgentClient("ftp://somewhere")
+
+    def test_from_env_takes_every_knob(self, monkeypatch: pytest.MonkeyPatch, stand_in: StandInNode) -> None:
+        monkeypatch.setenv("COMPUTE_NODES", stand_in.url)
+        nodes = AsyncComputeNodes.from_env(probe_timeout=0.5, locate_timeout=3, stall_timeout=9, timeout=7)
+        assert (nodes.probe_timeout, nodes.locate_timeout) == (0.5, 3)
+        assert (nodes.clients[0].stall_timeout, nodes.clients[0].timeout) == (9, 7)
+        with ComputeNodes.from_env(locate_timeout=3) as synced:
+            assert synced.urls == [stand_in.url] and synced.find("t-none") is None
+
+
+@pytest.mark.docker
+class TestSyncClientOnAnAgent:
+    def test_calls_inside_follow_events(self, node: AgentProcess) -> None:
+        assert post_json(node.url + "/deploy", body("t-follow"))[0] == 200
+        with AgentClient(node.url) as client:
+            for event in client.follow_events(since=0):
+                assert event.kind == "deployed" and event.service == "t-follow"
+                assert [s.name for s in client.services()] == ["t-follow"]
+                break
+            client.stop("t-follow")
+
+    def test_nodes_parity(self, node: AgentProcess) -> None:
+        with ComputeNodes([node.url]) as nodes:
+            answer = nodes.ensure(body("t-parity"), lease_s=30)
+            assert nodes.renew("t-parity", answer["lease_id"])["node"] == node.url
+            assert [e.kind for e in nodes.events() if e.service == "t-parity"] == ["deployed"]
+            assert "listening" in nodes.logs("t-parity")
+            assert nodes.release("t-parity", answer["lease_id"])["stopped"] is True
+
+
+class TestTypedAnswers:
+    def test_attributes_and_the_old_dict_reading(self) -> None:
+        service = Service.of({"name": "a", "host": "http://h:1", "port": 1, "status": "healthy",
+                              "brand_new": 1}, node="http://n:9000")
+        assert (service.name, service.port, service.node, service.gpu) == ("a", 1, "http://n:9000", None)
+        assert service.raw["brand_new"] == 1
+        with pytest.warns(DeprecationWarning, match=r"read \.port"):
+            assert service["port"] == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert dict(service.raw)["name"] == "a" and "port" in service and len(service) == 6
+
+    def test_every_field_the_agent_sends_is_an_attribute(self) -> None:
+        from deploy_agent.client import Gpu
+
+        assert {f.name for f in attrs.fields(ServiceView)} <= {f.name for f in attrs.fields(Service)}
+        assert {f.name for f in attrs.fields(GpuView)} <= {f.name for f in attrs.fields(Gpu)}
+
+

@@ -364,8 +364,9 @@ async def renew(request: web.Request) -> web.Response:
 async def release(request: web.Request) -> web.Response:
     """Drop the caller's lease; the service stops when it was the last one."""
     name, lease_id = request.match_info["name"], request.match_info["lease_id"]
-    stopped = await request.app[DEPLOYER_KEY].release(name, lease_id)
-    return answer(request, ReleaseAnswer(name, lease_id, stopped))
+    stopped, idle_until = await request.app[DEPLOYER_KEY].release(name, lease_id)
+    return answer(request, ReleaseAnswer(name, lease_id, stopped,
+                                         rfc3339(idle_until) if idle_until is not None else None))
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -384,7 +385,8 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 async def gpus(request: web.Request) -> web.Response:
-    return answer(request, request.app[TABLE_KEY].gpus.views())
+    table = request.app[TABLE_KEY]
+    return answer(request, table.gpus.views(table.idle_names()))
 
 
 async def metrics(request: web.Request) -> web.Response:

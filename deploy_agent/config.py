@@ -77,6 +77,8 @@ class Config:
     no_auth: bool = False
     service_pids_limit: int = 4096
     max_lease_s: float = 86400.0
+    keep_warm_s: float = 300.0  # a leased service's warm time after its last lease, by default
+    max_keep_warm_s: float = 3600.0
     vram_overuse: Literal["warn", "stop"] = "warn"
     swarm: bool = False
     node_grace_s: float = 30.0
@@ -174,6 +176,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "(default: %(default)s)")
     add("--max-lease", type=_duration, default=_env(environ, "max_lease", "24h"), metavar="DURATION",
         help="longest lease_s a deploy or renewal may ask for, e.g. 24h or 90m (default: 24h)")
+    add("--keep-warm", type=_duration_or_zero, default=_env(environ, "keep_warm", "5m"), metavar="DURATION",
+        help="how long a leased service stays running (idle, kept warm) after its last lease "
+        "ends, unless its deploy says keep_warm_s; 0 stops it at once (default: 5m)")
+    add("--max-keep-warm", type=_duration, default=_env(environ, "max_keep_warm", "1h"),
+        metavar="DURATION", help="cap on a deploy's keep_warm_s (default: 1h)")
     add("--vram-overuse", choices=["warn", "stop"], default=_env(environ, "vram_overuse", "warn"),
         help="a service seen using more VRAM than it declared (3 resyncs in a row): only "
         "flag it (warn), or also stop it (stop; GPU deploys must then declare vram_gb) "
@@ -225,6 +232,10 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _duration_or_zero(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0s", "0m", "0h") else _duration(text)
 
 
 def _instance_name(text: str) -> str:
@@ -299,6 +310,8 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         no_auth=args.no_auth,
         service_pids_limit=args.service_pids_limit,
         max_lease_s=args.max_lease,
+        keep_warm_s=min(args.keep_warm, args.max_keep_warm),
+        max_keep_warm_s=args.max_keep_warm,
         vram_overuse=args.vram_overuse,
         swarm=args.swarm,
         node_grace_s=args.node_grace,

@@ -59,7 +59,7 @@ MANIFEST_DEPLOY = {
     "runtime": None,
 }
 # Top-level keys of a deploy that are not the service's spec: the caller's intent.
-REQUEST_KEYS = ("replace", "lease_s", "lease_id")
+REQUEST_KEYS = ("replace", "lease_s", "lease_id", "keep_warm_s")
 MANIFEST_TOP = {"name", "version", "description", "client", "requires", "deploy", *REQUEST_KEYS}
 
 
@@ -229,6 +229,10 @@ REQUEST_KEY_SCHEMAS: dict[str, JSONObject] = {
     "lease_id": {"type": ["string", "null"], "pattern": LEASE_ID_RE.pattern,
                  "description": "Renew this lease (from an earlier leased deploy) instead of taking "
                                 "a new one; needs lease_s."},
+    "keep_warm_s": {"type": ["number", "null"], "minimum": 0,
+                    "description": "Seconds the service stays running (idle) after its last lease "
+                                   "ends; default --keep-warm, capped by --max-keep-warm, 0 stops it "
+                                   "then; the largest of its holders' applies. Needs lease_s."},
 }
 # Manifest keys that land nowhere in the flat body: accepted, never an error.
 MANIFEST_EXTRA_SCHEMAS: dict[str, JSONObject] = {
@@ -331,6 +335,11 @@ def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployReques
     lease_id = _optional_field(body.pop("lease_id", None), "lease_id", _lease_id, details)
     if lease_id is not None and lease_s is None:
         details.append({"field": "lease_id", "message": "comes with lease_s (renewing for how long?)"})
+    keep_warm_s = _optional_field(body.pop("keep_warm_s", None), "keep_warm_s", _keep_warm_seconds,
+                                  details)
+    if keep_warm_s is not None and lease_s is None:
+        details.append({"field": "keep_warm_s", "message": "comes with lease_s (an unleased deploy "
+                                                           "runs until stopped)"})
     spec: DeploySpec | None = None
     try:
         spec = converter.structure(body, DeploySpec)
@@ -345,7 +354,8 @@ def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployReques
     if details or spec is None:
         fields = ", ".join(sorted({d["field"] for d in details}))
         raise InvalidRequest(f"The deploy request is invalid ({fields}); see details.", details=details)
-    return DeployRequest(spec=spec, replace=replace, lease_s=lease_s, lease_id=lease_id)
+    return DeployRequest(spec=spec, replace=replace, lease_s=lease_s, lease_id=lease_id,
+                         keep_warm_s=keep_warm_s)
 
 
 def is_toolkit_key(key: str) -> bool:
@@ -358,6 +368,13 @@ def _lease_seconds(value: Any) -> float:
     seconds = _strict_float(value, float)
     if seconds <= 0:
         raise FieldError("must be more than 0 seconds")
+    return seconds
+
+
+def _keep_warm_seconds(value: Any) -> float:
+    seconds = _strict_float(value, float)
+    if seconds < 0:
+        raise FieldError("must be 0 (stop when the last lease ends) or more seconds")
     return seconds
 
 

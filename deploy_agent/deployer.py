@@ -23,7 +23,7 @@ from deploy_agent.errors import (
     ServiceNotFound,
 )
 from deploy_agent.events import EventLog
-from deploy_agent.models import DeployRequest, Lease, Service
+from deploy_agent.models import DeployRequest, Lease, Service, rfc3339
 from deploy_agent.policy import check_deploy
 from deploy_agent.runtime import DryRunOutcome, Progress, Runtime, no_progress
 from deploy_agent.table import ServiceTable
@@ -117,8 +117,8 @@ class Deployer:
             if existing.status == "healthy":
                 if not differing:
                     return existing, True
-                if not request.replace:
-                    raise running_differently(spec.name, differing)
+                if not request.replace and self._table.hold_of(existing) != "idle":
+                    raise running_differently(spec.name, differing)  # idle: no one holds it
             _LOGGER.info("Replacing %s (status %s)", spec.name, existing.status)
             await self._discard(existing)
             self._events.emit("replaced", spec.name, "spec_changed" if differing else existing.status,
@@ -170,7 +170,12 @@ class Deployer:
         try:
             return self._table.renew_lease(name, lease_id, request.lease_s)
         except LeaseNotFound:  # new, or lapsed during a long deploy: the same holder, again
-            return self._table.add_lease(name, request.lease_s, lease_id)
+            return self._table.add_lease(name, request.lease_s, lease_id, self._keep_warm(request))
+
+    def _keep_warm(self, request: DeployRequest) -> float:
+        """The warm time a leased deploy asks for, within --max-keep-warm; else --keep-warm."""
+        asked = request.keep_warm_s if request.keep_warm_s is not None else self._config.keep_warm_s
+        return min(asked, self._config.max_keep_warm_s)
 
     # -- dry run -------------------------------------------------------------------------
 
@@ -218,12 +223,18 @@ class Deployer:
 
     # -- leases --------------------------------------------------------------------------
 
-    async def release(self, name: str, lease_id: str) -> bool:
-        """A holder lets go; the service stops if that was its last lease. Whether it stopped."""
+    async def release(self, name: str, lease_id: str) -> tuple[bool, float | None]:
+        """A holder lets go. If that was the service's last lease it turns idle (kept warm),
+        or stops when no holder wanted it kept warm. Whether it stopped, and until when it
+        is kept warm."""
         self._table.release_lease(name, lease_id)  # 404 when not held
-        stopped = await self._stop_if_lapsed(name, released=lease_id)
+        if self._table.idle_if_unheld(name):
+            self._events.emit("idle", name, "released", released=lease_id,
+                              idle_until=rfc3339(self._table.service(name).idle_until or 0))
+        stopped = await self._stop_if_unheld(name, released=lease_id)
         await self._table.persist_if_dirty()  # the stop wrote it already
-        return stopped
+        service = self._table.get(name)
+        return stopped, service.idle_until if service is not None and not stopped else None
 
     async def enforce(self) -> None:
         """Stop each leased service whose last lease ran out, and (--vram-overuse stop) each
@@ -232,8 +243,13 @@ class Deployer:
         next pass."""
         while True:
             await asyncio.sleep(ENFORCE_INTERVAL_S)
-            for name in self._table.lapsed():
-                self._enforce_stop(name, "whose lease ran out", self._stop_if_lapsed)
+            idle_before = self._table.idle_names()
+            to_stop = self._table.settle_leases()
+            for name in sorted(self._table.idle_names() - idle_before):
+                self._events.emit("idle", name, "lease_expired",
+                                  idle_until=rfc3339(self._table.service(name).idle_until or 0))
+            for name in to_stop:
+                self._enforce_stop(name, "no one holds", self._stop_if_unheld)
             if self._config.vram_overuse == "stop":
                 for name in sorted(self._table.gpus.over):
                     self._enforce_stop(name, "above its VRAM", self._stop_if_overusing)
@@ -265,12 +281,13 @@ class Deployer:
             await self._stop_locked(service, "vram_overuse", declared_gb=service.spec.vram_gb,
                                     used_gb=None if used is None else round(used, 2))
 
-    async def _stop_if_lapsed(self, name: str, **details: Any) -> bool:
+    async def _stop_if_unheld(self, name: str, **details: Any) -> bool:
+        """Stop `name` if no one holds it and its warm time (if any) is over; whether it did."""
         async with self._table.locked(name):  # a deploy may have renewed or pinned it meanwhile
-            service = self._table.get(name)
-            if service is None or service.pinned or self._table.leases_of(name):
+            service, reason = self._table.get(name), self._table.stop_reason(name)
+            if service is None or reason is None:
                 return False
-            await self._stop_locked(service, "lease_expired", **details)
+            await self._stop_locked(service, reason, **details)
             return True
 
     async def logs(self, name: str, tail: int) -> str:

@@ -29,7 +29,8 @@ UNWRITTEN_MAX = 10_000  # events waiting for a disk that is full: the oldest go 
 WRITE_RETRY_S = 2.0
 
 KINDS = ("deployed", "replaced", "stopped", "crashed", "restarted", "adopted", "removed",
-         "deploy_failed", "engine_lost", "engine_back", "vram_overuse", "rescheduled", "pending")
+         "deploy_failed", "engine_lost", "engine_back", "vram_overuse", "rescheduled", "pending",
+         "idle")
 
 
 @attrs.frozen

@@ -275,6 +275,7 @@ class GpuView:
     vram_committed_gb: float
     vram_foreign_gb: float | None
     vram_free_gb: float
+    vram_idle_gb: float  # held by idle services: reclaimable by eviction
     utilization_pct: float | None
     services: list[str]
     service_vram: list[ServiceVram]
@@ -471,7 +472,9 @@ class GpuPool:
         """Env and DeviceRequests that give the container this GPU (the inventory knows how)."""
         return self.inventory.handoff(assignment)
 
-    def views(self) -> list[GpuView]:
+    def views(self, idle: frozenset[str] | set[str] = frozenset()) -> list[GpuView]:
+        """Each GPU as `/gpus` shows it; `idle`: the services kept warm that no one holds,
+        whose memory is reclaimable."""
         views = []
         for r in self._readings:
             reserved = self.reserved_gb(r.index)
@@ -483,6 +486,9 @@ class GpuPool:
                 vram_committed_gb=_gb(self.committed_gb(r)),
                 vram_foreign_gb=None if used is None else _gb(self.foreign_gb(r)),
                 vram_free_gb=_gb(max(0.0, self.free_gb(r))),
+                vram_idle_gb=_gb(sum(max(self.declared_gb(name, r.index),
+                                         self.observed_gb(name, r.index) or 0.0)
+                                     for name in services if name in idle)),
                 utilization_pct=r.utilization_pct, services=services,
                 service_vram=[ServiceVram(name, self.declared_gb(name, r.index),
                                           _gb_or_none(self.observed_gb(name, r.index)))

@@ -27,6 +27,9 @@ Command = NewType("Command", tuple[str, ...])
 Status = Literal["starting", "healthy", "unhealthy", "exited", "restarting",
                  "rescheduling", "pending"]  # the last two only in front of a swarm
 LIVE_STATUSES = ("starting", "healthy", "unhealthy")
+# Who keeps a service running: someone deployed it unleased (until stopped), live leases,
+# or no one (idle: kept warm until idle_until, then stopped or evicted).
+Hold = Literal["pinned", "leased", "idle"]
 
 CONTAINER_PREFIX = "tidybot-"
 DATE_TIME = {"format": "date-time"}  # a field's schema metadata: an RFC 3339 time (rfc3339())
@@ -83,6 +86,7 @@ class DeployRequest:
     replace: bool = False
     lease_s: float | None = None
     lease_id: str | None = None
+    keep_warm_s: float | None = None  # with lease_s: warm time after the last lease; default --keep-warm
 
 
 @attrs.define
@@ -93,6 +97,7 @@ class Lease:
     service: str
     lease_s: float
     expires_at: float
+    keep_warm_s: float = 0.0  # how long its service stays warm once no lease is left
 
 
 @attrs.frozen
@@ -130,12 +135,21 @@ class Service:
     node_addr: str | None = None
     node_id: str | None = None
     reason: str | None = None  # why it is pending
+    # Leased, then unheld: kept warm until idle_until (wall clock), for the largest keep_warm_s
+    # its holders asked for; idle_since orders evictions (least recently released first).
+    keep_warm_s: float = 0.0
+    idle_since: float | None = None
+    idle_until: float | None = None
     attempt: str = attrs.field(factory=new_attempt)  # the deploy that holds its reservations
 
     @property
     def owner(self) -> Owner:
         """Whose name its port and GPU reservations are held in."""
         return Owner(self.spec.name, self.attempt)
+
+    def hold(self, leased: bool) -> Hold:
+        """Who keeps it running, given whether it has live leases."""
+        return "pinned" if self.pinned else "leased" if leased else "idle"
 
 
 @attrs.frozen
@@ -161,6 +175,8 @@ class ServiceView:
     node_name: str
     node_id: str | None
     reason: str | None
+    hold: Hold | None = attrs.field(metadata={"schema": {"enum": ["pinned", "leased", "idle", None]}})
+    idle_until: str | None = attrs.field(metadata={"schema": DATE_TIME})
 
     @classmethod
     def of(cls, service: Service, advertise_host: str, now: float, leases: list[Lease],
@@ -185,6 +201,8 @@ class ServiceView:
             node_name=service.node_name or node_name,
             node_id=service.node_id,
             reason=service.reason,
+            hold=service.hold(bool(leases)),
+            idle_until=rfc3339(service.idle_until) if service.idle_until is not None else None,
         )
 
     @classmethod
@@ -197,7 +215,7 @@ class ServiceView:
             port=host_port, container_port=spec.port, gpu=gpu, vram_gb=spec.vram_gb,
             status="starting", uptime=0, image=spec.image, restarts=0, exit_code=None, leases=0,
             lease_expires_at=None, vram_used_gb=None, vram_over=False, node_name=node_name,
-            node_id=None, reason="deploying",
+            node_id=None, reason="deploying", hold=None, idle_until=None,
         )
 
 
@@ -255,11 +273,13 @@ class LeaseAnswer:
 
 @attrs.frozen
 class ReleaseAnswer:
-    """The answer to a lease's release: whether the service stopped with it."""
+    """The answer to a lease's release: whether the service stopped with it, or until when it
+    is kept warm (idle) now that no one holds it."""
 
     name: str
     lease_id: str
     stopped: bool
+    idle_until: str | None = attrs.field(metadata={"schema": DATE_TIME})
     ok: bool = always(True)
 
 

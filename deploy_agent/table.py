@@ -18,7 +18,7 @@ import attrs
 
 from deploy_agent.errors import LeaseNotFound, ServiceNotFound
 from deploy_agent.gpus import Assignment, GpuPool
-from deploy_agent.models import DeploySpec, Lease, Owner, Service, Status
+from deploy_agent.models import DeploySpec, Hold, Lease, Owner, Service, Status
 from deploy_agent.ports import NodePorts
 from deploy_agent.state import Abandoned, SavedState, StateFile
 
@@ -101,6 +101,7 @@ class ServiceTable:
         self._leases: dict[str, Lease] = {}  # by id
         # Lease id -> time.monotonic() when it runs out: a wall-clock step never expires a lease.
         self._deadlines: dict[str, float] = {}
+        self._idle_deadlines: dict[str, float] = {}  # name -> time.monotonic() its warm time ends
         self.leases_changed = 0  # bumped on every lease change, for caches of what shows them
         self._dirty = False
         self.state_error: str | None = None  # why the last write of services.json failed
@@ -194,6 +195,9 @@ class ServiceTable:
         if previous is not None and previous is not service:
             self.release(previous)
         self.track(service)
+        if service.idle_until is not None:  # kept warm before the restart: the rest of its time
+            self._idle_deadlines[service.spec.name] = time.monotonic() + max(
+                0.0, service.idle_until - time.time())
         if service.status == "pending":
             return
         self._ports.on(service.node_id).claim(service.owner, service.host_port)
@@ -222,15 +226,59 @@ class ServiceTable:
 
     def pin(self, service: Service) -> None:
         """Someone deployed it without a lease: it runs until stopped, whatever leases do."""
+        self._wake(service)
         if not service.pinned:
             service.pinned = True
             self._dirty = True
+
+    # -- holds: pinned, leased, idle -------------------------------------------------------
+
+    def hold_of(self, service: Service) -> Hold:
+        return service.hold(bool(self.leases_of(service.spec.name)))
+
+    def idle_names(self) -> set[str]:
+        """Services kept warm with no one holding them: what eviction may take."""
+        held = {lease.service for lease in self._leases.values()}
+        return {name for name, s in self._services.items()
+                if not s.pinned and name not in held and s.idle_until is not None}
+
+    def _wake(self, service: Service) -> None:
+        """Someone holds it again: no longer idle."""
+        if service.idle_until is not None or service.idle_since is not None:
+            service.idle_since = service.idle_until = None
+            self._idle_deadlines.pop(service.spec.name, None)
+            self._lease_changed()
+
+    def idle_if_unheld(self, name: str) -> bool:
+        """Its last lease has just ended: keep it warm for the largest keep_warm_s its holders
+        asked for. False (nothing changed) when it is held, pinned, idle already, or none
+        of its holders wanted it kept warm."""
+        service = self._services.get(name)
+        if (service is None or service.pinned or self.leases_of(name) or service.idle_until is not None
+                or service.keep_warm_s <= 0):
+            return False
+        now = time.time()
+        service.idle_since, service.idle_until = now, now + service.keep_warm_s
+        self._idle_deadlines[name] = time.monotonic() + service.keep_warm_s
+        self._lease_changed()
+        return True
+
+    def stop_reason(self, name: str) -> str | None:
+        """Why `name` should stop now, if it should: no holder and no warm time
+        (lease_expired), or its warm time is over (idle_expired)."""
+        service = self._services.get(name)
+        if service is None or service.pinned or self.leases_of(name):
+            return None
+        if service.idle_until is None:
+            return None if service.keep_warm_s > 0 else "lease_expired"
+        return "idle_expired" if self._idle_deadlines.get(name, 0.0) <= time.monotonic() else None
 
     def forget(self, service: Service) -> bool:
         """Drop a record whose container is gone, releasing what it held."""
         if not self.untrack(service):
             return False
         self.release(service)
+        self._idle_deadlines.pop(service.spec.name, None)
         return True
 
     # -- reservations --------------------------------------------------------------------
@@ -350,10 +398,17 @@ class ServiceTable:
     def leases_of(self, name: str) -> list[Lease]:
         return [lease for lease in self._leases.values() if lease.service == name]
 
-    def add_lease(self, name: str, lease_s: float, lease_id: str | None = None) -> Lease:
-        """A new holder's lease on `name`, for lease_s seconds from now."""
+    def add_lease(self, name: str, lease_s: float, lease_id: str | None = None,
+                  keep_warm_s: float = 0.0) -> Lease:
+        """A new holder's lease on `name`, for lease_s seconds from now. An idle service
+        wakes, kept warm afterwards as this holder asks; a leased one, as the most any asks."""
         lease = Lease(id=lease_id or secrets.token_urlsafe(12), service=name, lease_s=lease_s,
-                      expires_at=0.0)
+                      expires_at=0.0, keep_warm_s=keep_warm_s)
+        service = self._services.get(name)
+        if service is not None:
+            was_held = bool(self.leases_of(name))
+            self._wake(service)
+            service.keep_warm_s = max(service.keep_warm_s, keep_warm_s) if was_held else keep_warm_s
         self._leases[lease.id] = lease
         self._run_for(lease, lease_s)
         return lease
@@ -401,17 +456,21 @@ class ServiceTable:
         for lease in self.leases_of(name):
             self._drop_lease(lease)
 
-    def lapsed(self) -> list[str]:
-        """Drop leases that ran out; the services to stop: leased, none left, and idle.
+    def settle_leases(self) -> list[str]:
+        """Drop leases that ran out, keep warm the services left without a holder (those
+        that asked for it), and name the services to stop: unheld with no warm time, or
+        idle past it.
 
         Derived on each call, so a stop that failed (engine away) is simply tried again.
         """
         now = time.monotonic()
         for lease in [lease for lease in self._leases.values() if self._deadlines[lease.id] <= now]:
             self._drop_lease(lease)
-        held = {lease.service for lease in self._leases.values()}
-        return [name for name, service in sorted(self._services.items())
-                if not service.pinned and name not in held and not self.busy(name)]
+        for name in sorted(self._services):
+            if not self.busy(name):
+                self.idle_if_unheld(name)
+        return [name for name in sorted(self._services)
+                if not self.busy(name) and self.stop_reason(name) is not None]
 
     def _saved_leases(self) -> list[Lease]:
         """The leases as services.json holds them: wall-clock ends, from the time each has left."""

@@ -118,7 +118,8 @@ class TestLeasesNeverUndoAStop:
 
     def test_ctrl_c_releases(self, node: AgentProcess) -> None:
         script = ("import sys, time\nfrom deploy_agent.client import AgentClient\n"
-                  f"with AgentClient({node.url!r}).leased({body('t-sigint')!r}, lease_s=60) as lease:\n"
+                  f"with AgentClient({node.url!r}).leased({body('t-sigint', keep_warm_s=0)!r}, "
+                  "lease_s=60) as lease:\n"
                   "    print(lease.lease_id, flush=True)\n    time.sleep(120)\n")
         holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
         try:
@@ -132,7 +133,7 @@ class TestLeasesNeverUndoAStop:
 
     def test_nodes_wide_lease(self, node: AgentProcess) -> None:
         with ComputeNodes([f"http://127.0.0.1:{free_port()}", node.url]) as nodes:
-            with nodes.leased(body("t-nodes-lease"), lease_s=2) as lease:
+            with nodes.leased(body("t-nodes-lease", keep_warm_s=0), lease_s=2) as lease:
                 assert (lease.node, lease.lease_id is not None) == (node.url, True)
                 time.sleep(2.5)
                 located = nodes.locate("t-nodes-lease")
@@ -195,19 +196,26 @@ class TestRenewals:
                 assert lease.lease_id.startswith("lease-")
             assert stand_in.called("POST", "/deploy") >= 3
 
-    def test_a_silent_node_then_back(self, node: AgentProcess) -> None:
-        """Through a proxy that goes silent longer than the lease: without retake the lease
-        ends when it runs out; with retake, once the node is back, a new lease (the agent
-        stopped the service when the old one ran out), with the service's new address."""
+    @pytest.mark.docker
+    @pytest.mark.parametrize("keep_warm_s", [0, 30])
+    def test_a_silent_node_then_back(self, node: AgentProcess, keep_warm_s: float) -> None:
+        """Through a proxy that goes silent longer than the lease: with retake, once the node
+        is back, a new lease on the service, kept warm meanwhile or deployed again (the agent
+        stopped it when the old lease ran out), at its current address."""
         proxy = SilentProxy(node.port)
         try:
             with AgentClient(proxy.url) as client, \
-                    client.leased(body("t-away"), lease_s=1.5, retake=True) as lease:
+                    client.leased(body("t-away", keep_warm_s=keep_warm_s), lease_s=1.5,
+                                  retake=True) as lease:
                 proxy.go_silent()
-                wait_for(lambda: "t-away" not in node.services(), timeout=10)
+                if keep_warm_s:
+                    wait_for(lambda: node.services()["t-away"]["hold"] == "idle", timeout=10)
+                else:
+                    wait_for(lambda: "t-away" not in node.services(), timeout=10)
                 proxy.go_silent(False)
                 wait_for(lambda: lease.retakes == 1, timeout=10)
-                assert node.services()["t-away"]["port"] == lease.port and not lease.lost
+                entry = node.services()["t-away"]
+                assert (entry["port"], entry["hold"]) == (lease.port, "leased") and not lease.lost
         finally:
             proxy.close()
 
@@ -344,7 +352,7 @@ class TestSyncClientOnAnAgent:
 
     def test_nodes_parity(self, node: AgentProcess) -> None:
         with ComputeNodes([node.url]) as nodes:
-            answer = nodes.ensure(body("t-parity"), lease_s=30)
+            answer = nodes.ensure(body("t-parity", keep_warm_s=0), lease_s=30)
             assert nodes.renew("t-parity", answer["lease_id"])["node"] == node.url
             assert [e.kind for e in nodes.events() if e.service == "t-parity"] == ["deployed"]
             assert "listening" in nodes.logs("t-parity")

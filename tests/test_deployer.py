@@ -135,13 +135,20 @@ class TestStateWrites:
             await real_save(state_file, state)
 
         monkeypatch.setattr(StateFile, "save", recorded_save)
-        outcome = await deployer.deploy(request(lease_s=60))
+        outcome = await deployer.deploy(request(lease_s=60, keep_warm_s=0))
         assert outcome.lease is not None
         assert len(saved) == 1  # the service and its holder's lease, together
         assert [s.spec.name for s in saved[0].services] == ["svc"]
         assert [lease.id for lease in saved[0].leases] == [outcome.lease.id]
-        assert await deployer.release("svc", outcome.lease.id)  # the last holder: it stops
+        stopped, _ = await deployer.release("svc", outcome.lease.id)  # the last holder: it stops
+        assert stopped
         assert len(saved) == 2 and saved[1].services == [] and saved[1].leases == []
+        warm = await deployer.deploy(request(lease_s=60, keep_warm_s=30))
+        assert warm.lease is not None and len(saved) == 3
+        stopped, idle_until = await deployer.release("svc", warm.lease.id)  # kept warm: idle
+        assert not stopped and idle_until is not None
+        assert len(saved) == 4 and saved[3].leases == []
+        assert [s.idle_until for s in saved[3].services] == [idle_until]
 
 
 class TestOwnedDeploys:
@@ -190,7 +197,7 @@ class TestEnforcement:
                                  stop=AsyncMock(side_effect=stop))
         deployer, table = await deployer_with(engine, tmp_path)
         for name in ("a", "b"):  # both lapse by the first pass; "a" comes first
-            await deployer.deploy(request(name, gpu=False, vram_gb=0, lease_s=0.05))
+            await deployer.deploy(request(name, gpu=False, vram_gb=0, lease_s=0.05, keep_warm_s=0))
         enforcing = asyncio.create_task(deployer.enforce())
         try:
             for _ in range(300):

@@ -128,7 +128,7 @@ class TestLeases:
     """Caller-owned leases: expiry frees the GPU, holders renew and release independently."""
 
     def test_lease_expiry_stops_and_frees_the_gpu(self, agent: AgentProcess) -> None:
-        answer = deploy(agent, "t-lease", gpu=True, vram_gb=20, lease_s=2)
+        answer = deploy(agent, "t-lease", gpu=True, vram_gb=20, lease_s=2, keep_warm_s=0)
         assert answer["lease_id"] and answer["lease_expires_at"].endswith("Z")
         listed = agent.services()["t-lease"]
         assert listed["leases"] == 1 and listed["lease_expires_at"] == answer["lease_expires_at"]
@@ -140,10 +140,10 @@ class TestLeases:
 
     def test_second_holder_keeps_it_alive_then_it_goes(self, agent: AgentProcess) -> None:
         """The issue's check: lease_s 3, a second leased deploy at 2 s, alive at 4 s, then gone."""
-        first = deploy(agent, "t-two", lease_s=3)
+        first = deploy(agent, "t-two", lease_s=3, keep_warm_s=0)
         started = time.monotonic()
         time.sleep(2)
-        second = deploy(agent, "t-two", lease_s=3)
+        second = deploy(agent, "t-two", lease_s=3, keep_warm_s=0)
         assert second["already_running"] is True and second["lease_id"] != first["lease_id"]
         assert agent.services()["t-two"]["leases"] == 2
         time.sleep(max(0.0, 4 - (time.monotonic() - started)))
@@ -153,7 +153,7 @@ class TestLeases:
         assert test_containers() == []
 
     def test_renew_and_redeploy_with_the_lease_id_extend(self, agent: AgentProcess) -> None:
-        answer = deploy(agent, "t-renew", lease_s=2)
+        answer = deploy(agent, "t-renew", lease_s=2, keep_warm_s=0)
         lease_id = answer["lease_id"]
         for _ in range(3):
             time.sleep(1)
@@ -173,7 +173,7 @@ class TestLeases:
                                                       "lease_s": 2, "lease_id": "unknown"})
         assert status == 404
         assert request(agent, "DELETE", f"/services/t-renew/leases/{lease_id}") == (
-            200, {"ok": True, "name": "t-renew", "lease_id": lease_id, "stopped": True})
+            200, {"ok": True, "name": "t-renew", "lease_id": lease_id, "stopped": True, "idle_until": None})
         assert "t-renew" not in agent.services() and test_containers() == []
 
     def test_unleased_deploy_pins_a_leased_service(self, agent: AgentProcess) -> None:
@@ -193,7 +193,7 @@ class TestLeasesAcrossRestarts:
     """Expiries live in the state file; a lost file neither pins nor kills early."""
 
     def test_agent_down_longer_than_the_lease(self, agent: AgentProcess) -> None:
-        answer = deploy(agent, "t-down", lease_s=3)
+        answer = deploy(agent, "t-down", lease_s=3, keep_warm_s=0)
         agent.stop()
         time.sleep(4)  # the lease ran out while nobody could renew it
         agent.start()
@@ -224,13 +224,14 @@ class TestClientLeases:
 
     def test_sync_leased_renews_and_releases(self, agent: AgentProcess) -> None:
         with AgentClient(agent.url) as client:
-            with client.leased({"name": "t-ctx", "image": TEST_IMAGE}, lease_s=1) as service:
+            with client.leased({"name": "t-ctx", "image": TEST_IMAGE, "keep_warm_s": 0},
+                               lease_s=1) as service:
                 assert service.lease_id
                 time.sleep(2.5)  # longer than the lease: only renewals keep it
                 assert client.service("t-ctx").status == "healthy"
             assert "t-ctx" not in agent.services()  # released on exit: its last lease
             with pytest.raises(RuntimeError, match="boom"), \
-                    client.leased({"name": "t-ctx-err", "image": TEST_IMAGE}, lease_s=30):
+                    client.leased({"name": "t-ctx-err", "image": TEST_IMAGE, "keep_warm_s": 0}, lease_s=30):
                 raise RuntimeError("boom")
             assert "t-ctx-err" not in agent.services()
             with pytest.raises(LeaseNotFoundError):
@@ -238,7 +239,8 @@ class TestClientLeases:
 
     async def test_async_leased(self, agent: AgentProcess) -> None:
         async with AsyncAgentClient(agent.url) as client:
-            async with client.leased({"name": "t-actx", "image": TEST_IMAGE}, lease_s=1) as service:
+            async with client.leased({"name": "t-actx", "image": TEST_IMAGE, "keep_warm_s": 0},
+                                     lease_s=1) as service:
                 await asyncio.sleep(2.5)
                 assert (await client.service("t-actx")).leases == 1
                 assert service.name == "t-actx"
@@ -250,7 +252,8 @@ class TestClientLeases:
         env = {k: v for k, v in os.environ.items() if k not in ("COMPUTE_NODES", "DEPLOY_AGENT_TOKEN")}
         env["COMPUTE_NODES"] = agent.url
         manifest = tmp_path / "service.yaml"
-        manifest.write_text(json.dumps({"name": "t-ctl-lease", "deploy": {"image": TEST_IMAGE}}))
+        manifest.write_text(json.dumps({"name": "t-ctl-lease", "keep_warm_s": 0,
+                                        "deploy": {"image": TEST_IMAGE}}))
 
         def ctl(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run([installed("deployctl"), *args], capture_output=True, text=True,

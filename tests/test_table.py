@@ -198,19 +198,19 @@ class TestLeases:
         short = table.add_lease("a", 0.05)
         table.add_lease("a", 60)
         await asyncio.sleep(0.1)
-        assert table.lapsed() == []  # one holder is still there
+        assert table.settle_leases() == []  # one holder is still there
         assert [lease.id for lease in table.leases_of("a")] != [short.id]
         for lease in table.leases_of("a"):
             table.release_lease("a", lease.id)
-        assert table.lapsed() == ["a"]
+        assert table.settle_leases() == ["a"]
 
     async def test_pinned_and_busy_services_never_lapse(self, table: ServiceTable) -> None:
         self.unpinned(table, "a", 29300)
         table.pin(table.service("a"))
         self.unpinned(table, "b", 29301)
         async with table.locked("b"):  # a deploy of it is under way
-            assert table.lapsed() == []
-        assert table.lapsed() == ["b"]
+            assert table.settle_leases() == []
+        assert table.settle_leases() == ["b"]
 
     async def test_unknown_or_lapsed_lease_is_404(self, table: ServiceTable) -> None:
         from deploy_agent.errors import LeaseNotFound
@@ -245,12 +245,12 @@ class TestLeases:
         lease = table.add_lease("a", 60)
         clocks.wall += 3600  # the clock is stepped an hour forward
         clocks.monotonic_s += 1
-        assert table.lapsed() == [] and table.lease("a", lease.id) is lease
+        assert table.settle_leases() == [] and table.lease("a", lease.id) is lease
         await table.persist()  # the file says when in wall-clock time: from the time left
         saved = StateFile(tmp_path, CONVERTER).load()
         assert saved is not None and saved.leases[0].expires_at == pytest.approx(clocks.wall + 59)
         clocks.monotonic_s += 59  # its time is up
-        assert table.lapsed() == ["a"]
+        assert table.settle_leases() == ["a"]
         with pytest.raises(LeaseNotFound):
             table.lease("a", lease.id)
 

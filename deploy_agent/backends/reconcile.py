@@ -88,9 +88,11 @@ class ReconcilerBase(abc.ABC):
         lease_s: never stopped early, never made permanent."""
         recorded = self._recorded.get(service.container_id)
         if recorded is not None:
-            service.pinned = recorded.pinned
+            service.pinned, service.keep_warm_s = recorded.pinned, recorded.keep_warm_s
+            service.idle_since, service.idle_until = recorded.idle_since, recorded.idle_until
         created_with = lease_of(labels)
-        if created_with is not None and not service.pinned and not self._table.leases_of(service.spec.name):
+        if (created_with is not None and not service.pinned and service.idle_until is None
+                and not self._table.leases_of(service.spec.name)):
             lease_id, lease_s = created_with
             self._table.add_lease(service.spec.name, lease_s, lease_id)
 

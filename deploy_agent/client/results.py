@@ -78,6 +78,8 @@ class Service(Answer):
     node_name: str | None
     node_id: str | None
     reason: str | None
+    hold: str | None = None  # pinned, leased, idle (kept warm until idle_until)
+    idle_until: str | None = None
     node: str | None = None
 
 
@@ -94,6 +96,7 @@ class Gpu(Answer):
     vram_committed_gb: float | None
     vram_foreign_gb: float | None
     vram_free_gb: float
+    vram_idle_gb: float | None
     utilization_pct: float | None
     services: list[str] | None
     service_vram: list[dict[str, Any]] | None

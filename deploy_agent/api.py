@@ -255,7 +255,8 @@ async def dry_run(request: web.Request, deploy_request: DeployRequest) -> DryRun
         host=service_url(outcome.node_addr or request.app[CONFIG_KEY].advertise_host, outcome.host_port),
         port=outcome.host_port, gpu=outcome.gpu,
         status=outcome.service.status if outcome.service else None,
-        already_running=outcome.already_running, pull_needed=outcome.pull_needed)
+        already_running=outcome.already_running, pull_needed=outcome.pull_needed,
+        evicts=list(outcome.evicts))
 
 
 def deploy_answer(request: web.Request, outcome: DeployOutcome) -> DeployAnswer:

@@ -79,6 +79,7 @@ class Config:
     max_lease_s: float = 86400.0
     keep_warm_s: float = 300.0  # a leased service's warm time after its last lease, by default
     max_keep_warm_s: float = 3600.0
+    min_resident_s: float = 60.0  # an idle service younger than this is never evicted
     vram_overuse: Literal["warn", "stop"] = "warn"
     swarm: bool = False
     node_grace_s: float = 30.0
@@ -181,6 +182,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "ends, unless its deploy says keep_warm_s; 0 stops it at once (default: 5m)")
     add("--max-keep-warm", type=_duration, default=_env(environ, "max_keep_warm", "1h"),
         metavar="DURATION", help="cap on a deploy's keep_warm_s (default: 1h)")
+    add("--min-resident", type=_duration_or_zero, default=_env(environ, "min_resident", "60s"),
+        metavar="DURATION", help="an idle service is evicted for another deploy only once it has "
+        "run this long, so two callers can't swap each other out forever (default: 60s)")
     add("--vram-overuse", choices=["warn", "stop"], default=_env(environ, "vram_overuse", "warn"),
         help="a service seen using more VRAM than it declared (3 resyncs in a row): only "
         "flag it (warn), or also stop it (stop; GPU deploys must then declare vram_gb) "
@@ -312,6 +316,7 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         max_lease_s=args.max_lease,
         keep_warm_s=min(args.keep_warm, args.max_keep_warm),
         max_keep_warm_s=args.max_keep_warm,
+        min_resident_s=args.min_resident,
         vram_overuse=args.vram_overuse,
         swarm=args.swarm,
         node_grace_s=args.node_grace,

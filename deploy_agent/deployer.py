@@ -7,8 +7,10 @@ and the service table.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -20,10 +22,11 @@ from deploy_agent.errors import (
     Conflict,
     InvalidRequest,
     LeaseNotFound,
+    NoGpuCapacity,
     ServiceNotFound,
 )
 from deploy_agent.events import EventLog
-from deploy_agent.models import DeployRequest, Lease, Service, rfc3339
+from deploy_agent.models import DeployRequest, DeploySpec, Lease, Service, VramGb, rfc3339
 from deploy_agent.policy import check_deploy
 from deploy_agent.runtime import DryRunOutcome, Progress, Runtime, no_progress
 from deploy_agent.table import ServiceTable
@@ -128,10 +131,42 @@ class Deployer:
         lease = None
         if lease_id is not None and request.lease_s is not None:  # the creator's, into the labels
             lease = Lease(id=lease_id, service=spec.name, lease_s=request.lease_s, expires_at=0.0)
-        service = await self._runtime.launch(spec, progress, lease)
+        started = time.monotonic()
+        try:
+            if spec.gpu:
+                await self._make_room(spec)
+            service = await self._runtime.launch(spec, progress, lease)
+        finally:
+            self._table.gpus.drop_earmark(spec.name)  # taken by the launch, or unused
+        service.deploy_s = round(time.monotonic() - started, 3)
         self._events.emit("deployed", spec.name, image=spec.image, port=service.host_port,
                           gpu=service.gpu)
         return service, False
+
+    async def _make_room(self, spec: DeploySpec) -> None:
+        """If the GPU deploy fits nowhere now, evict the cheapest set of idle services on one
+        GPU that makes it fit; their room is the deploy's from the moment they are chosen."""
+        await self._table.refresh_gpus()
+        eviction = self._table.make_room(spec.name, spec.vram_gb, self._config.min_resident_s)
+        if eviction is None:
+            return
+        victims = [self._table.service(victim.name) for victim in eviction.victims]
+        async with contextlib.AsyncExitStack() as locks:
+            for victim in victims:  # free (not busy) when chosen: taken at once, before anyone
+                await locks.enter_async_context(self._table.locked(victim.spec.name))
+            for victim, chosen in zip(victims, eviction.victims, strict=True):
+                try:
+                    await self._runtime.stop(victim, self._config.stop_timeout)
+                except AgentError:
+                    for left in victims[victims.index(victim):]:
+                        self._table.restore_gpu(left)  # still running: it holds its room again
+                    raise
+                await self._discard(victim)
+                self._table.drop_leases(victim.spec.name)
+                self._events.emit("evicted", victim.spec.name, spec.name, gpu=victim.gpu,
+                                  freed_gb=round(chosen.gb, 2), needed_gb=spec.vram_gb)
+                _LOGGER.info("Evicted %s (idle) to make room for %s", victim.spec.name, spec.name)
+            await self._table.persist()
 
     def _check_request(self, request: DeployRequest) -> None:
         """Before anything runs: a lease_s within --max-lease, a lease_id that is held, and
@@ -192,9 +227,20 @@ class Deployer:
                                      pull_needed=False, service=existing,
                                      node_name=existing.node_name, node_addr=existing.node_addr,
                                      node_id=existing.node_id)
-            if existing.status == "healthy" and not request.replace:
+            if existing.status == "healthy" and not request.replace and \
+                    self._table.hold_of(existing) != "idle":
                 raise running_differently(spec.name, differing)
-        return await self._runtime.place(spec, existing)
+        try:
+            return await self._runtime.place(spec, existing)
+        except NoGpuCapacity:
+            if not spec.gpu:
+                raise
+            eviction = self._table.plan_room(spec.name, spec.vram_gb, self._config.min_resident_s)
+            if eviction is None:
+                raise
+        outcome = await self._runtime.place(attrs.evolve(spec, gpu=False, vram_gb=VramGb(0.0)), existing)
+        return attrs.evolve(outcome, gpu=self._table.gpus.local_index(eviction.gpu),
+                            evicts=tuple(victim.name for victim in eviction.victims))
 
     # -- stop ----------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ WRITE_RETRY_S = 2.0
 
 KINDS = ("deployed", "replaced", "stopped", "crashed", "restarted", "adopted", "removed",
          "deploy_failed", "engine_lost", "engine_back", "vram_overuse", "rescheduled", "pending",
-         "idle")
+         "idle", "evicted")
 
 
 @attrs.frozen

@@ -302,6 +302,9 @@ class GpuPool:
         self.inventory = inventory
         self._readings: list[GpuReading] = []
         self._reservations: dict[Owner, Assignment] = {}
+        # Room held for the next reservation of a name (a deploy that evicted for it): counted
+        # as taken for everyone else, as free for that name.
+        self._earmarks: dict[str, Assignment] = {}
         self._containers: dict[str, str] = {}  # name -> container id, as of the last reading
         self._over_streak: dict[str, int] = {}
         self.over: frozenset[str] = frozenset()  # services above their declaration, persistently
@@ -368,7 +371,9 @@ class GpuPool:
         return per_gpu.get(index, 0.0) if index is not None else sum(per_gpu.values())
 
     def reserved_gb(self, index: int) -> float:
-        return sum(a.vram_gb for a in self._reservations.values() if a.index == index)
+        """Declared on this GPU: reservations and earmarked room."""
+        return sum(a.vram_gb for a in [*self._reservations.values(), *self._earmarks.values()]
+                   if a.index == index)
 
     def services_on(self, index: int) -> list[str]:
         return sorted({owner.name for owner, a in self._reservations.items() if a.index == index})
@@ -399,23 +404,48 @@ class GpuPool:
         ours = sum(self._used.get(container, {}).get(reading.index, 0.0) for container in mine)
         return max(0.0, self._process_total.get(reading.index, 0.0) - ours)
 
-    def committed_gb(self, reading: GpuReading, freeing: Owner | None = None) -> float:
-        """What placement counts as taken: each reservation's max(declared, observed), plus foreign."""
+    def committed_gb(self, reading: GpuReading, freeing: Owner | None = None,
+                     for_name: str | None = None) -> float:
+        """What placement counts as taken: each reservation's max(declared, observed), plus
+        foreign, plus room earmarked for any name but `for_name`."""
         services = sum(max(a.vram_gb, self.observed_gb(owner.name, reading.index) or 0.0)
                        for owner, a in self._reservations.items()
                        if a.index == reading.index and owner != freeing)
-        return services + self.foreign_gb(reading, freeing)
+        earmarked = sum(a.vram_gb for name, a in self._earmarks.items()
+                        if a.index == reading.index and name != for_name)
+        return services + earmarked + self.foreign_gb(reading, freeing)
 
-    def free_gb(self, reading: GpuReading, freeing: Owner | None = None) -> float:
-        return reading.total_gb - self.committed_gb(reading, freeing)
+    def free_gb(self, reading: GpuReading, freeing: Owner | None = None,
+                for_name: str | None = None) -> float:
+        return reading.total_gb - self.committed_gb(reading, freeing, for_name)
 
-    def place(self, vram_gb: float, freeing: Owner | None = None) -> Assignment:
+    def free_by_gpu(self, for_name: str | None = None) -> dict[int, float]:
+        """Free memory of each available GPU now, as placement counts it for `for_name`."""
+        return {r.index: self.free_gb(r, None, for_name) for r in self._readings if r.available}
+
+    def earmark(self, name: str, index: int, vram_gb: float) -> None:
+        """Hold room on GPU `index` for the next reservation of `name`."""
+        reading = next(r for r in self._readings if r.index == index)
+        self._earmarks[name] = Assignment(index=index, uuid=reading.uuid, vram_gb=vram_gb,
+                                          node=reading.node, node_index=reading.node_index)
+
+    def drop_earmark(self, name: str) -> None:
+        self._earmarks.pop(name, None)
+
+    def place(self, vram_gb: float, freeing: Owner | None = None,
+              for_name: str | None = None) -> Assignment:
         """Where a service of vram_gb would go now, reserving nothing (a dry run, or the
         first half of reserve()). `freeing`: a reservation whose memory would be released
-        first (a replacement). NoGpu/NoGpuCapacity when nothing fits."""
+        first (a replacement); `for_name`: the deploy's name, for which room earmarked for it
+        is free (and where it goes). NoGpu/NoGpuCapacity when nothing fits."""
         if not self._readings:
             raise NoGpu("This node has no GPU; deploy it without gpu: true or on a GPU node.")
-        free = {r.index: self.free_gb(r, freeing) for r in self._readings}
+        free = {r.index: self.free_gb(r, freeing, for_name) for r in self._readings}
+        earmarked = self._earmarks.get(for_name or "")
+        if earmarked is not None:
+            reading = next((r for r in self._readings if r.index == earmarked.index), None)
+            if reading is not None and reading.available and free[reading.index] >= vram_gb:
+                return attrs.evolve(earmarked, vram_gb=vram_gb)
         counts = {r.index: len({o for o, a in self._reservations.items()
                                 if a.index == r.index and o != freeing}) for r in self._readings}
         fitting = [r for r in self._readings if r.available and free[r.index] >= vram_gb]
@@ -436,8 +466,9 @@ class GpuPool:
         (`freeing`: a reservation about to be released, counted as free already)."""
         if owner in self._reservations:
             raise ValueError(f"{owner} already holds a GPU reservation")
-        assignment = self.place(vram_gb, freeing)
-        self._reservations[owner] = assignment
+        assignment = self.place(vram_gb, freeing, owner.name)
+        self._reservations[owner] = assignment  # room earmarked for the name passes to it here
+        self._earmarks.pop(owner.name, None)
         return assignment
 
     def claim(self, owner: Owner, local_index: int, vram_gb: float, node: str | None = None) -> None:
@@ -452,6 +483,15 @@ class GpuPool:
 
     def holds(self, owner: Owner) -> bool:
         return owner in self._reservations
+
+    def local_index(self, index: int) -> int:
+        """The node's own number of pool GPU `index`."""
+        return next((r.local_index for r in self._readings if r.index == index), index)
+
+    def index_of(self, owner: Owner) -> int | None:
+        """The GPU (pool index) `owner` holds memory on, if any."""
+        found = self._reservations.get(owner)
+        return found.index if found is not None else None
 
     def reserved_for(self, name: str) -> int | None:
         """The GPU some deploy of `name` has reserved (the lowest index), if any."""

@@ -140,6 +140,7 @@ class Service:
     keep_warm_s: float = 0.0
     idle_since: float | None = None
     idle_until: float | None = None
+    deploy_s: float | None = None  # how long its deploy took to be healthy (eviction's cost)
     attempt: str = attrs.field(factory=new_attempt)  # the deploy that holds its reservations
 
     @property
@@ -248,6 +249,7 @@ class DryRunAnswer:
     status: Status | None
     already_running: bool
     pull_needed: bool | None  # None: another node pulls it, the agent can't know
+    evicts: list[str] = attrs.field(factory=list)  # idle services it would stop to fit
     ok: bool = always(True)
     dry_run: bool = always(True)
 

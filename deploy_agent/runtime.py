@@ -130,6 +130,7 @@ class DryRunOutcome:
     node_name: str | None = None
     node_addr: str | None = None
     node_id: str | None = None
+    evicts: tuple[str, ...] = ()  # the idle services it would stop to make room
 
 
 class Runtime(Protocol):

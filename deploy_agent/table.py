@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import attrs
 
-from deploy_agent.errors import LeaseNotFound, ServiceNotFound
+from deploy_agent.errors import LeaseNotFound, NoGpuCapacity, ServiceNotFound
+from deploy_agent.eviction import Candidate, Eviction, plan
 from deploy_agent.gpus import Assignment, GpuPool
 from deploy_agent.models import DeploySpec, Hold, Lease, Owner, Service, Status
 from deploy_agent.ports import NodePorts
@@ -262,6 +263,48 @@ class ServiceTable:
         self._idle_deadlines[name] = time.monotonic() + service.keep_warm_s
         self._lease_changed()
         return True
+
+    def make_room(self, name: str, vram_gb: float, min_resident_s: float) -> Eviction | None:
+        """For a GPU deploy of `name` that fits on no GPU now: plan_room(), carried out as far
+        as the table goes. The victims' GPU memory passes to `name` in this one step, with
+        no await: their reservations go, and the room is earmarked for the next reservation
+        of `name` (which GpuPool.reserve takes), so no concurrent deploy takes it and nothing
+        counts it twice. The caller stops the victims."""
+        chosen = self.plan_room(name, vram_gb, min_resident_s)
+        if chosen is None:
+            return None
+        for victim in chosen.victims:
+            self._gpus.release(victim.owner)
+        self._gpus.earmark(name, chosen.gpu, vram_gb)
+        return chosen
+
+    def plan_room(self, name: str, vram_gb: float, min_resident_s: float) -> Eviction | None:
+        """The cheapest set of idle services on one GPU whose memory makes a deploy of
+        `vram_gb` fit, changing nothing; None when it fits already, or when evicting every
+        eligible service would not make it fit.
+
+        Eligible: idle (no lease, not pinned), no deploy or stop of it under way, resident
+        at least `min_resident_s`.
+        """
+        try:
+            self._gpus.place(vram_gb, for_name=name)
+            return None
+        except NoGpuCapacity:
+            pass
+        now = time.time()
+        candidates = [
+            Candidate(name=s.spec.name, owner=s.owner, gpu=gpu, idle_since=s.idle_since or now,
+                      gb=max(s.spec.vram_gb, self._gpus.observed_gb(s.spec.name, gpu) or 0.0),
+                      deploy_s=s.deploy_s)
+            for s in (self._services[n] for n in sorted(self.idle_names()))
+            if (gpu := self._gpus.index_of(s.owner)) is not None and not self.busy(s.spec.name)
+            and now - s.started_at >= min_resident_s]
+        return plan(vram_gb, self._gpus.free_by_gpu(name), candidates, now)
+
+    def restore_gpu(self, service: Service) -> None:
+        """An eviction that could not stop `service`: it holds its GPU memory again."""
+        if service.gpu is not None and not self._gpus.holds(service.owner):
+            self._gpus.claim(service.owner, service.gpu, service.spec.vram_gb, service.node_id)
 
     def stop_reason(self, name: str) -> str | None:
         """Why `name` should stop now, if it should: no holder and no warm time

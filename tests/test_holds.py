@@ -121,3 +121,56 @@ class TestKeptWarm:
             status, answer = post_json(agent.url + "/deploy", {"name": "t-kw", "image": TEST_IMAGE, **body})
             assert status == 400 and [d["field"] for d in answer["details"]] == [field], answer
         assert agent.services() == {}
+
+
+@pytest.fixture
+def roomy(agent_processes: AgentProcesses) -> AgentProcess:
+    """One 24 GB GPU; idle services may be evicted as soon as they are idle."""
+    return agent_processes.start("--fake-gpus", "RTX 4090:24", "--min-resident", "0")
+
+
+def events_of(agent: AgentProcess, name: str) -> list[dict[str, Any]]:
+    return [e for e in get_json(agent.url + "/events?limit=1000") if e["service"] == name]
+
+
+class TestEviction:
+    """A GPU deploy that fits nowhere evicts the cheapest idle services, and only those."""
+
+    def test_evicts_exactly_the_least_recently_released(self, roomy: AgentProcess) -> None:
+        old = deploy(roomy, "t-old", gpu=True, vram_gb=10, lease_s=30, keep_warm_s=60)
+        new = deploy(roomy, "t-new", gpu=True, vram_gb=10, lease_s=30, keep_warm_s=60)
+        release(roomy, "t-old", old["lease_id"])
+        time.sleep(2)
+        release(roomy, "t-new", new["lease_id"])
+        planned = post_json(roomy.url + "/deploy?dry_run=1",
+                            {"name": "t-big", "image": TEST_IMAGE, "gpu": True, "vram_gb": 12})
+        assert planned[0] == 200 and planned[1]["evicts"] == ["t-old"], planned
+        assert set(roomy.services()) == {"t-old", "t-new"}  # a dry run evicts nothing
+        placed = deploy(roomy, "t-big", gpu=True, vram_gb=12)
+        assert placed["gpu"] == 0
+        assert set(roomy.services()) == {"t-new", "t-big"}
+        last = events_of(roomy, "t-old")[-1]
+        assert (last["kind"], last["reason"]) == ("evicted", "t-big")
+        assert (last["details"]["gpu"], last["details"]["freed_gb"]) == (0, 10)
+        gpu = get_json(roomy.url + "/gpus")[0]
+        assert (gpu["vram_reserved_gb"], gpu["vram_idle_gb"]) == (22, 10)
+
+    def test_never_leased_or_pinned_and_nothing_when_it_cannot_fit(self, roomy: AgentProcess) -> None:
+        deploy(roomy, "t-pinned", gpu=True, vram_gb=8)
+        deploy(roomy, "t-leased", gpu=True, vram_gb=8, lease_s=60)
+        idle = deploy(roomy, "t-idle", gpu=True, vram_gb=6, lease_s=30, keep_warm_s=60)
+        release(roomy, "t-idle", idle["lease_id"])
+        status, answer = post_json(roomy.url + "/deploy", {"name": "t-huge", "image": TEST_IMAGE,
+                                                           "gpu": True, "vram_gb": 10})
+        assert (status, answer["error"]) == (503, "no_gpu_capacity")  # 2 free + 6 idle < 10
+        assert set(roomy.services()) == {"t-pinned", "t-leased", "t-idle"}
+        assert not [e for e in get_json(roomy.url + "/events?limit=1000") if e["kind"] == "evicted"]
+        assert get_json(roomy.url + "/gpus")[0]["vram_reserved_gb"] == 22
+
+    def test_a_young_idle_service_stays(self, agent: AgentProcess) -> None:
+        """--min-resident (60 s by default) keeps two callers from swapping each other out."""
+        first = deploy(agent, "t-young", gpu=True, vram_gb=16, lease_s=30, keep_warm_s=60)
+        release(agent, "t-young", first["lease_id"])
+        status, _ = post_json(agent.url + "/deploy", {"name": "t-other", "image": TEST_IMAGE,
+                                                      "gpu": True, "vram_gb": 16})
+        assert status == 503 and set(agent.services()) == {"t-young"}

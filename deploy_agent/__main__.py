@@ -136,18 +136,35 @@ async def serve(config: Config) -> None:
             notify("STOPPING=1")
             _LOGGER.info("Shutting down")
     finally:
-        await runner.cleanup()
+        stopping = await stop_serving(runner, config)
+        try:
+            await runner.cleanup()  # deploys in flight get shutdown_timeout_s; rollback; flush
+        finally:
+            if stopping is not None:
+                await stopping.cleanup()
     if displaced.is_set():
         told = "; ".join(w.message for w in runner.app[RECONCILER_KEY].warnings())
         raise SystemExit(f"deploy-agent: stopped serving: {told or 'another agent took its place'}")
 
 
-async def answer_starting(config: Config) -> web.AppRunner:
+async def stop_serving(runner: web.AppRunner, config: Config) -> web.AppRunner | None:
+    """Stop taking requests; while shutdown lets deploys in flight finish, the port answers
+    503 `starting_up` (the agent is restarting, as far as a caller can tell), not a refusal."""
+    for site in list(runner.sites):
+        await site.stop()
+    try:
+        return await answer_starting(config, "The agent is stopping (to restart, most likely); "
+                                             "ask again in a moment.")
+    except OSError:
+        return None  # the port went to someone else: callers see it refused
+
+
+async def answer_starting(config: Config, message: str | None = None) -> web.AppRunner:
     """While start-up runs (adopting what the engine runs can take a while), the port answers
     503 `starting_up` to everything, so a caller can tell a restarting agent, which may run
     the service it looks for, from a node that is down."""
-    body = StartingUp("The agent is starting: it is adopting what runs on this node; ask "
-                      "again in a moment.").to_json()
+    body = StartingUp(message or "The agent is starting: it is adopting what runs on this "
+                      "node; ask again in a moment.").to_json()
 
     async def starting(request: web.Request) -> web.Response:
         return web.json_response(body, status=StartingUp.status, headers={"Retry-After": "1"})

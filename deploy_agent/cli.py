@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +32,6 @@ from deploy_agent.client import (
     NodeUnreachable,
     load_manifest,
     nodes_from_env,
-    said,
 )
 from deploy_agent.models import parse_duration
 
@@ -152,9 +152,10 @@ class Ctl:
                             body: dict[str, Any]) -> dict[str, Any]:
         """Stream the deploy's events into a live view; the final answer."""
         view = DeployView(self.err, quiet=self.args.json)
-        self.deploying = {"node": client.url, "name": name, "lease_id": None}
+        self.deploying = {"node": client.url, "name": name, "lease_id": None, "reached": False}
         with view:
             async for event in client.deploy_events(body, self.args.replace, self.args.lease):
+                self.deploying["reached"] = True
                 if event.get("event") == "lease":
                     self.deploying["lease_id"] = event.get("lease_id")
                 if "event" in event:
@@ -285,11 +286,13 @@ class Ctl:
 
     def warn_unreachable(self, statuses: list[dict[str, Any]]) -> None:
         """Warn of each dead node; fail when none answered at all."""
-        dead = [status["node"] for status in statuses if not status["reachable"]]
+        dead = [status for status in statuses if not status["reachable"]]
         if len(dead) == len(statuses):
-            raise NodeUnreachable(0, "unreachable", f"No node answered ({', '.join(dead)}).")
-        for node in dead:
-            self.err.print(f"[yellow]warning:[/] {node} did not answer")
+            raise NodeUnreachable(0, "unreachable", "No node answered: " + "; ".join(
+                status.get("error") or status["node"] for status in dead))
+        for status in dead:
+            told = status.get("error") or f"{status['node']} did not answer"
+            sys.stderr.write(f"deployctl: warning: {' '.join(told.split())}\n")
 
 
 class DeployView:
@@ -393,7 +396,7 @@ async def run(ctl: Ctl) -> int:
     return 0
 
 
-def report(json_wanted: bool, err: BaseException, token: str | None) -> int:
+def report(json_wanted: bool, err: BaseException, tokens: list[str]) -> int:
     """One line on stderr (and with --json, the error as JSON on stdout); the exit status."""
     if isinstance(err, AgentRequestError):
         code, message = err.code, err.message
@@ -405,7 +408,10 @@ def report(json_wanted: bool, err: BaseException, token: str | None) -> int:
         code, message, status, details = "bad_input", str(err), BAD_INPUT, []
         body = {"ok": False, "error": code, "message": message}
     else:
-        code, message, status, details = "internal_error", f"unexpected {said(err, token)}", 1, []
+        message = f"unexpected {type(err).__name__}: {err}"
+        for token in tokens:
+            message = message.replace(token, "***")
+        code, status, details = "internal_error", 1, []
         body = {"ok": False, "error": code, "message": message}
     if json_wanted:
         sys.stdout.write(json.dumps(body) + "\n")
@@ -417,33 +423,51 @@ def report(json_wanted: bool, err: BaseException, token: str | None) -> int:
     return status
 
 
-def interrupted(ctl: Ctl | None) -> int:
-    """Ctrl-C: what goes on without us."""
+def interrupted(ctl: Ctl | None, json_wanted: bool) -> int:
+    """Ctrl-C: what goes on without us (with --json, also as JSON on stdout)."""
     deploying = ctl.deploying if ctl is not None else None
-    if deploying is None:
-        sys.stderr.write("deployctl: interrupted\n")
-        return INTERRUPTED
-    lease = deploying["lease_id"]
-    held = (f"; it will hold lease {lease}: renew it with `deployctl renew {deploying['name']} "
-            f"{lease}`, or release it with `deployctl release {deploying['name']} {lease}`"
-            if lease else "")
-    sys.stderr.write(f"deployctl: interrupted; the deploy of {deploying['name']} goes on at "
-                     f"{deploying['node']}{held}\n")
+    body: dict[str, Any] = {"ok": False, "error": "interrupted"}
+    if deploying is None or not deploying["reached"]:
+        message = "interrupted" + (f"; the deploy of {deploying['name']} may not have reached "
+                                   f"{deploying['node']}: look with `deployctl ps`"
+                                   if deploying is not None else "")
+    else:
+        lease = deploying["lease_id"]
+        held = (f"; once it is done it holds lease {lease}: renew it with `deployctl renew "
+                f"{deploying['name']} {lease}`, or let it go with `deployctl release "
+                f"{deploying['name']} {lease}`" if lease else "")
+        message = (f"interrupted; the deploy of {deploying['name']} goes on at "
+                   f"{deploying['node']}{held}")
+        body.update(name=deploying["name"], node=deploying["node"], lease_id=lease)
+    if json_wanted:
+        sys.stdout.write(json.dumps({**body, "message": message}) + "\n")
+    sys.stderr.write(f"deployctl: {message}\n")
     return INTERRUPTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning
     ctl = None
     try:
         ctl = Ctl(args)
         return asyncio.run(run(ctl))
     except KeyboardInterrupt:
-        return interrupted(ctl)
+        return interrupted(ctl, bool(args.json))
+    except BrokenPipeError:  # `deployctl ps | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as err:
         if os.environ.get("DEPLOYCTL_DEBUG") == "1":
             raise
-        return report(bool(args.json), err, args.token or os.environ.get("DEPLOY_AGENT_TOKEN"))
+        tokens = [args.token, os.environ.get("DEPLOY_AGENT_TOKEN"),
+                  *(ctl.nodes.tokens() if ctl is not None else [])]
+        return report(bool(args.json), err, [t for t in tokens if t])
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    sys.stderr.write(f"deployctl: warning: {message}\n")
 
 
 if __name__ == "__main__":

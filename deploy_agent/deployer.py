@@ -92,9 +92,15 @@ class Deployer:
         spec = request.spec
         self._check_request(request)
         lease_id = None
-        if request.lease_s is not None:  # said at once, so a caller that is cut off can renew it
+        if request.lease_s is not None:  # said at once: a caller cut off can release or renew it
             lease_id = request.lease_id or secrets.token_urlsafe(12)
             progress({"event": "lease", "lease_id": lease_id})
+        with self._table.announcing(spec.name, lease_id) if lease_id else contextlib.nullcontext():
+            return await self._deploy_announced(request, lease_id, progress)
+
+    async def _deploy_announced(self, request: DeployRequest, lease_id: str | None,
+                                progress: Progress) -> DeployOutcome:
+        spec = request.spec
         try:
             others = self._table.volumes_beside(spec.name)
             with self._table.deploying(spec):  # no await in between: racing deploys see each other
@@ -202,6 +208,8 @@ class Deployer:
         if request.lease_s is None or lease_id is None:
             self._table.pin(service)  # deployed without a lease: runs until stopped
             return None
+        if self._table.withdrawn(lease_id):
+            return None  # its caller let go while it deployed: held by no one, unless others
         try:
             return self._table.renew_lease(name, lease_id, request.lease_s)
         except LeaseNotFound:  # new, or lapsed during a long deploy: the same holder, again
@@ -249,6 +257,9 @@ class Deployer:
         async with self._table.locked(name):
             service = self._table.get(name)
             if service is None:
+                if any(entry.spec.name == name for entry in self._table.in_flight()):
+                    raise Conflict(f"A first deploy of {name} is under way; stop it once it has "
+                                   "answered.", name=name)
                 if not await self._runtime.remove_untracked(name):
                     raise ServiceNotFound(f"No service named {name!r} is deployed here.", name=name)
                 return
@@ -258,8 +269,8 @@ class Deployer:
         await self._runtime.stop(service, self._config.stop_timeout)
         await self._discard(service)
         self._table.drop_leases(service.spec.name)
+        self._events.emit("stopped", service.spec.name, reason, **details)  # before the await
         await self._table.persist()
-        self._events.emit("stopped", service.spec.name, reason, **details)
         _LOGGER.info("Stopped %s (%s)", service.spec.name, reason)
 
     async def _discard(self, service: Service) -> None:
@@ -272,7 +283,9 @@ class Deployer:
     async def release(self, name: str, lease_id: str) -> tuple[bool, float | None]:
         """A holder lets go. If that was the service's last lease it turns idle (kept warm),
         or stops when no holder wanted it kept warm. Whether it stopped, and until when it
-        is kept warm."""
+        is kept warm. A lease a deploy under way announced is never made."""
+        if self._table.withdraw(name, lease_id):
+            return False, None
         self._table.release_lease(name, lease_id)  # 404 when not held
         if self._table.idle_if_unheld(name):
             self._events.emit("idle", name, "released", released=lease_id,

@@ -27,6 +27,7 @@ MEMORY_EVENTS = 1000  # what GET /events can return
 FILE_BYTES = 1024 * 1024  # events.jsonl is rotated beyond this
 UNWRITTEN_MAX = 10_000  # events waiting for a disk that is full: the oldest go first
 WRITE_RETRY_S = 2.0
+KEEPALIVE_S = 15.0  # a follow that has had nothing to say this long says an empty line
 
 KINDS = ("deployed", "replaced", "stopped", "crashed", "restarted", "adopted", "removed",
          "deploy_failed", "engine_lost", "engine_back", "vram_overuse", "rescheduled", "pending",
@@ -148,7 +149,9 @@ class EventLog:
         return [event for event in self._recent if event.id > cursor][:limit]
 
     async def follow(self, cursor: int | None, backlog: int) -> AsyncGenerator[str, None]:
-        """NDJSON lines: the backlog, then each event as it is emitted, until closed."""
+        """NDJSON lines: the backlog, then each event as it is emitted, until closed; an
+        empty line after KEEPALIVE_S of quiet, so a follower can tell a quiet node from a
+        gone one."""
         for event in self.since(cursor, backlog):
             cursor = event.id
             yield event.line() + "\n"
@@ -157,7 +160,10 @@ class EventLog:
             new = self._new
             fresh = self.since(cursor, MEMORY_EVENTS)
             if not fresh:
-                await new.wait()
+                try:
+                    await asyncio.wait_for(new.wait(), KEEPALIVE_S)
+                except TimeoutError:
+                    yield "\n"
                 continue
             for event in fresh:
                 cursor = event.id

@@ -123,6 +123,12 @@ class NodePorts:
         self._range = port_range
         self._allocators: dict[str | None, PortAllocator] = {}
 
+    def own_reserved_for(self, name: str) -> int | None:
+        """A port reserved for `name` on the agent's own node (None in front of a swarm, where
+        the node isn't known before placement), looking only: nothing is made."""
+        own = self._allocators.get(None)
+        return own.reserved_for(name) if own is not None else None
+
     def on(self, node: str | None) -> PortAllocator:
         allocator = self._allocators.get(node)
         if allocator is None:

@@ -103,6 +103,10 @@ class ServiceTable:
         # Lease id -> time.monotonic() when it runs out: a wall-clock step never expires a lease.
         self._deadlines: dict[str, float] = {}
         self._idle_deadlines: dict[str, float] = {}  # name -> time.monotonic() its warm time ends
+        # Leases a deploy under way has announced (id -> name), and those their caller let go
+        # of before the deploy could make them.
+        self._announced: dict[str, str] = {}
+        self._withdrawn: set[str] = set()
         self.leases_changed = 0  # bumped on every lease change, for caches of what shows them
         self._dirty = False
         self.state_error: str | None = None  # why the last write of services.json failed
@@ -397,7 +401,7 @@ class ServiceTable:
         for spec in self._in_flight.values():
             if spec.name not in self._services and spec.name not in found:
                 found[spec.name] = InFlight(spec, self._gpus.reserved_for(spec.name),
-                                            self._ports.on(None).reserved_for(spec.name))
+                                            self._ports.own_reserved_for(spec.name))
         return sorted(found.values(), key=lambda entry: entry.spec.name)
 
     # -- abandoned deploy attempts -------------------------------------------------------
@@ -489,6 +493,26 @@ class ServiceTable:
                                 "never was. Deploy again with lease_s for a new one.",
                                 name=name, lease_id=lease_id)
         return lease
+
+    @contextlib.contextmanager
+    def announcing(self, name: str, lease_id: str) -> Iterator[None]:
+        """A deploy under way has told its caller the id of the lease it will make."""
+        self._announced[lease_id] = name
+        try:
+            yield
+        finally:
+            del self._announced[lease_id]
+            self._withdrawn.discard(lease_id)
+
+    def withdraw(self, name: str, lease_id: str) -> bool:
+        """Its caller lets go of an announced lease before it exists; whether it was one."""
+        if self._announced.get(lease_id) != name:
+            return False
+        self._withdrawn.add(lease_id)
+        return True
+
+    def withdrawn(self, lease_id: str) -> bool:
+        return lease_id in self._withdrawn
 
     def _lease_changed(self) -> None:
         self.leases_changed += 1

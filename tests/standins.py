@@ -21,10 +21,10 @@ from aiohttp import web
 class ServedInThread:
     """An aiohttp app served from a thread of its own; `url` once started."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, port: int = 0) -> None:
         self.app = app
         self.loop = asyncio.new_event_loop()
-        self.port = 0
+        self.port = port
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._runner = web.AppRunner(app, shutdown_timeout=0.1)
 
@@ -37,7 +37,7 @@ class ServedInThread:
 
         async def serve() -> int:
             await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port)
             await site.start()
             port: int = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             return port
@@ -63,7 +63,7 @@ class StandInNode:
     not_found); `deploy_status`: the HTTP status a deploy gets (503: no room); `events`: its
     /events. `calls` records (method, path) of every request."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.listing: list[dict[str, Any]] = []
         self.delay_s = 0.0
         self.starting = False
@@ -74,9 +74,10 @@ class StandInNode:
         self.gpus: list[dict[str, Any]] = []
         self.calls: list[tuple[str, str]] = []
         self.leases = 0
+        self.deploy_s = 0.0  # how long a deploy takes; it is listed `starting` meanwhile
         app = web.Application()
         app.router.add_route("*", "/{path:.*}", self._handle)
-        self._served = ServedInThread(app).start()
+        self._served = ServedInThread(app, port).start()
         self.url = self._served.url
 
     def close(self) -> None:
@@ -117,6 +118,12 @@ class StandInNode:
             return web.json_response({"ok": False, "error": "no_gpu_capacity", "message": "full"},
                                      status=self.deploy_status)
         self.leases += 1
+        known = next((entry for entry in self.listing if entry["name"] == body["name"]), None)
+        if known is None:
+            known = {**listed(body["name"]), "status": "starting"}
+            self.listing.append(known)
+            await asyncio.sleep(self.deploy_s)
+            known["status"] = "healthy"
         answer = {"ok": True, "name": body["name"], "host": "http://127.0.0.1:28999", "port": 28999,
                   "gpu": None, "status": "healthy", "already_running": True}
         if "lease_s" in body:
@@ -143,9 +150,15 @@ class StandInNode:
                                   "lease_expires_at": "2026-12-06T00:00:00Z"})
 
 
+def listed(name: str, status: str = "healthy") -> dict[str, Any]:
+    """A /services entry of a stand-in node."""
+    return {"name": name, "host": "http://127.0.0.1:28999", "port": 28999, "status": status,
+            "gpu": None}
+
+
 @contextlib.contextmanager
-def stand_in_node() -> Iterator[StandInNode]:
-    node = StandInNode()
+def stand_in_node(port: int = 0) -> Iterator[StandInNode]:
+    node = StandInNode(port)
     try:
         yield node
     finally:

@@ -130,7 +130,7 @@ class TestDeployctl:
         assert json.loads(placed.stdout)["node"] == big.url, placed.stderr
         listing = ctl("ps", nodes=nodes)
         assert listing.returncode == 0 and "NODE" in listing.stdout.splitlines()[0]
-        assert "did not answer" in listing.stderr
+        assert f"warning: {dead} could not be reached" in listing.stderr
         assert ctl("stop", "t-ctl-multi", nodes=nodes).returncode == 0
 
 
@@ -190,7 +190,9 @@ class TestSaysWhatIsWrong:
             "ok": False, "error": "not_found", "node": None,
             "message": f"No service named 't-nothing' on {node.url}."}
 
-    def test_follows_fail_loudly(self, agent_processes: AgentProcesses) -> None:
+    @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+    def test_follows_fail_loudly(self, agent_processes: AgentProcesses, sig: int) -> None:
+        """A node killed, or stopping (it ends its follows cleanly), is a failure of both."""
         dead = ctl("events", "-f", nodes=f"http://127.0.0.1:{free_port()}", timeout=30)
         assert dead.returncode == 1 and "could not be reached" in one_line(dead)
         agent = agent_processes.start()
@@ -203,7 +205,7 @@ class TestSaysWhatIsWrong:
                                 text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             time.sleep(2)  # both are following
-            agent.stop(signal.SIGKILL)
+            agent.stop(sig)
             _, events_err = events.communicate(timeout=30)
             _, logs_err = logs.communicate(timeout=30)
         finally:

@@ -74,8 +74,10 @@ def raw_server() -> Iterator[Callable[[bytes], int]]:
 
 
 def texts_of(err: BaseException) -> str:
-    """Everything a caller might log of an error: str, repr, the whole traceback and chain."""
-    return "\n".join([str(err), repr(err), *traceback.format_exception(err)])
+    """Everything a caller might log of an error: str, repr, the whole traceback and chain,
+    and the repr of what it was raised from (aiohttp's carries the request's headers)."""
+    chained = [repr(link) for link in (err.__cause__, err.__context__) if link is not None]
+    return "\n".join([str(err), repr(err), *traceback.format_exception(err), *chained])
 
 
 class TestNoTokenInErrors:
@@ -141,6 +143,9 @@ class TestMdnsNodes:
         monkeypatch.setenv("DEPLOY_AGENT_TOKEN", MARKER)
         monkeypatch.setenv("DEPLOY_AGENT_STATE_DIR", str(tmp_path))  # no local agent token here
         monkeypatch.delenv("DEPLOY_AGENT_TRUST_MDNS", raising=False)
+        # The stand-in is on loopback, which an advert may never name (those are dropped):
+        # here it plays a LAN address.
+        monkeypatch.setattr("deploy_agent.client.nodes.is_loopback", lambda host: False)
         async with AsyncComputeNodes([url], discovered=True) as nodes:
             await nodes.clients[0].services()
         async with AsyncComputeNodes([url]) as listed:  # listed by the operator: it gets it
@@ -149,6 +154,15 @@ class TestMdnsNodes:
         async with AsyncComputeNodes([url], discovered=True) as trusted:
             await trusted.clients[0].services()
         assert seen == [None, f"Bearer {MARKER}", f"Bearer {MARKER}"]
+
+    def test_a_discovered_node_never_gets_the_local_agents_token(self, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        (tmp_path / "token").write_text("LOCAL-AGENT-SECRET\n")
+        monkeypatch.setenv("DEPLOY_AGENT_STATE_DIR", str(tmp_path))
+        for name in ("DEPLOY_AGENT_TOKEN", "DEPLOY_AGENT_TOKEN_FILE"):
+            monkeypatch.delenv(name, raising=False)
+        assert AsyncAgentClient("http://127.0.0.1:9", trusted=False).token is None
+        assert AsyncAgentClient("http://127.0.0.1:9").token == "LOCAL-AGENT-SECRET"
 
 
 class TestPlainHttp:

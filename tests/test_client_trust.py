@@ -32,7 +32,7 @@ from deploy_agent.gpus import GpuView
 from deploy_agent.models import ServiceView
 from tests.agent_process import AgentProcess, free_port, post_json
 from tests.conftest import TEST_IMAGE
-from tests.standins import SilentProxy, StandInNode, stand_in_node
+from tests.standins import SilentProxy, StandInNode, listed, stand_in_node
 
 
 def wait_for(check: Any, timeout: float = 15, every: float = 0.05) -> Any:
@@ -160,11 +160,28 @@ class TestRenewals:
         assert stand_in.called("DELETE", "/services/t-hang/leases/") == 1
 
     def test_renewals_that_never_get_through_end_the_lease(self, stand_in: StandInNode) -> None:
+        """Twice its length without a word from the node; leaving still tries the release."""
         with AgentClient(stand_in.url) as client, pytest.raises(LeaseLost) as caught, \
                 client.leased(body("t-out"), lease_s=1.5) as lease:
             stand_in.renew = "hang"
-            wait_for(lambda: lease.lost, timeout=5)
-        assert caught.value.reason == "lease_expired" and "ran out" in str(caught.value)
+            started = time.monotonic()
+            wait_for(lambda: lease.lost, timeout=8)
+            assert time.monotonic() - started > 1.5  # not at its first missed renewal
+            stand_in.renew = "ok"
+        assert caught.value.reason == "unreachable" and "ran out" in str(caught.value)
+        assert stand_in.called("DELETE", "/services/t-out/leases/") == 1
+
+    def test_a_node_restarting_longer_than_the_lease_is_not_a_lost_lease(
+            self, stand_in: StandInNode) -> None:
+        """The node answers 503 starting_up for more than the lease: it gives restored leases
+        a full lease_s, so the holder keeps renewing instead of calling it lost."""
+        with AgentClient(stand_in.url) as client, client.leased(body("t-restarting"), lease_s=1) as lease:
+            stand_in.starting = True
+            wait_for(lambda: lease.trouble is not None, timeout=3)
+            time.sleep(1.2)
+            stand_in.starting = False
+            wait_for(lambda: lease.trouble is None, timeout=3)
+            assert not lease.lost
 
     def test_a_renewer_that_fails_never_dies_silently(self, stand_in: StandInNode) -> None:
         stand_in.renew = "garbage"
@@ -221,11 +238,6 @@ class TestRenewals:
 
 
 # -- one copy across nodes: slow, starting and odd nodes -------------------------------------
-
-
-def listed(name: str) -> dict[str, Any]:
-    return {"name": name, "host": "http://127.0.0.1:28999", "port": 28999, "status": "healthy",
-            "gpu": None}
 
 
 class TestLocating:
@@ -378,3 +390,163 @@ class TestTypedAnswers:
         assert {f.name for f in attrs.fields(GpuView)} <= {f.name for f in attrs.fields(Gpu)}
 
 
+
+
+# -- what an attacker and a fault injector found (#22 review), each as a test ---------------------
+
+
+class TestSyncClientFaults:
+    def test_close_from_another_thread_ends_a_call_under_way(self, stand_in: StandInNode) -> None:
+        stand_in.delay_s = 10
+        client, outcome = AgentClient(stand_in.url), []
+
+        def call() -> None:
+            try:
+                client.health()
+            except BaseException as err:
+                outcome.append(err)
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        client.close()
+        caller.join(5)
+        assert not caller.is_alive() and outcome and time.monotonic() - started < 5
+
+    def test_a_callback_that_exits_does_not_kill_the_client(self, stand_in: StandInNode) -> None:
+        def leave(lease: Lease) -> None:
+            raise SystemExit(3)
+        stand_in.renew = "gone"
+        with AgentClient(stand_in.url) as client:
+            with pytest.raises(LeaseLost), client.leased(body("t-exit"), lease_s=0.6, on_lost=leave) as lease:
+                wait_for(lambda: lease.lost, timeout=5)
+                time.sleep(0.3)  # the callback has run
+            assert client.health()["ok"] is True
+
+    def test_a_collected_or_closed_client_keeps_its_lease_renewed(self, stand_in: StandInNode) -> None:
+        import gc
+
+        with AgentClient(stand_in.url).leased(body("t-gc"), lease_s=0.6) as lease:
+            gc.collect()
+            before = stand_in.called("POST", "/services/t-gc/renew")
+            time.sleep(1.0)
+            assert stand_in.called("POST", "/services/t-gc/renew") > before and not lease.lost
+        assert stand_in.called("DELETE", "/services/t-gc/leases/") == 1
+        client = AgentClient(stand_in.url)
+        with client.leased(body("t-closed"), lease_s=0.6):
+            threading.Thread(target=client.close).start()
+            before = stand_in.called("POST", "/services/t-closed/renew")
+            time.sleep(1.0)
+            assert stand_in.called("POST", "/services/t-closed/renew") > before
+        assert stand_in.called("DELETE", "/services/t-closed/leases/") == 1
+
+
+class TestPlacementFaults:
+    def test_racing_ensures_agree_on_one_node(self) -> None:
+        """Callers a few ms apart on nodes that list a first deploy from its first moment."""
+        async def race(stagger: float) -> set[str]:
+            with stand_in_node() as a, stand_in_node() as b:
+                a.deploy_s = b.deploy_s = 0.5
+                first, second = AsyncComputeNodes([a.url, b.url]), AsyncComputeNodes([a.url, b.url])
+
+                async def late() -> dict[str, Any]:
+                    await asyncio.sleep(stagger)
+                    return await second.ensure(body("t-race"))
+                answers = await asyncio.gather(first.ensure(body("t-race")), late())
+                await first.close()
+                await second.close()
+                return {answer["node"] for answer in answers}
+        assert all(len(asyncio.run(race((i % 8) * 0.002))) == 1 for i in range(16))
+
+    @pytest.mark.parametrize("status", ["restarting", "exited"])
+    def test_a_service_in_any_status_is_redeployed_where_it_is(self, status: str) -> None:
+        with stand_in_node() as there, stand_in_node() as empty:
+            there.listing = [listed("t-where", status)]
+            nodes = AsyncComputeNodes([empty.url, there.url])
+            assert asyncio.run(_ensure(nodes, body("t-where")))["node"] == there.url
+            assert empty.called("POST", "/deploy") == 0
+
+    def test_a_node_refusing_for_a_moment_is_waited_for(self) -> None:
+        port = free_port()
+        with stand_in_node() as empty:
+            later: list[StandInNode] = []
+
+            def come_back() -> None:
+                node = StandInNode(port)
+                node.listing = [listed("t-back")]
+                later.append(node)
+            threading.Timer(1.0, come_back).start()
+            try:
+                nodes = AsyncComputeNodes([empty.url, f"http://127.0.0.1:{port}"], down_after=4)
+                assert asyncio.run(_ensure(nodes, body("t-back")))["node"] == f"http://127.0.0.1:{port}"
+                assert empty.called("POST", "/deploy") == 0
+            finally:
+                wait_for(lambda: later, timeout=5)
+                later[0].close()
+
+    def test_foreign_protocols_are_skipped(self, raw_http: str) -> None:
+        import socket
+
+        def serving(reply: bytes) -> socket.socket:
+            server = socket.socket()
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+
+            def serve() -> None:
+                for _ in range(20):
+                    try:
+                        connection, _ = server.accept()
+                    except OSError:
+                        return
+                    with connection:
+                        connection.sendall(reply)
+                        connection.recv(65536)
+            threading.Thread(target=serve, daemon=True).start()
+            return server
+        ssh = serving(b"SSH-2.0-OpenSSH_9.6\r\n")
+        garbled = serving(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 4\r\n"
+                          b"Connection: close\r\n\r\n\xff\xfe[]")
+        try:
+            with stand_in_node() as good:
+                urls = [f"http://127.0.0.1:{s.getsockname()[1]}" for s in (ssh, garbled)]
+                nodes = AsyncComputeNodes([*urls, good.url], locate_timeout=5)
+                started = time.monotonic()
+                assert asyncio.run(_ensure(nodes, body("t-odd")))["node"] == good.url
+                assert time.monotonic() - started < 4
+                statuses = asyncio.run(AsyncComputeNodes([*urls, good.url]).status())
+                assert [s["reachable"] for s in statuses] == [False, False, True]
+        finally:
+            ssh.close()
+            garbled.close()
+
+    def test_mdns_adverts_of_loopback_are_dropped(self, stand_in: StandInNode) -> None:
+        with pytest.raises(ValueError, match="no compute nodes"):
+            AsyncComputeNodes([stand_in.url], discovered=True)
+
+
+@pytest.mark.docker
+class TestLeaseFaultsOnAnAgent:
+    def test_leaving_right_after_an_operator_stop_says_so(self, node: AgentProcess) -> None:
+        with AgentClient(node.url) as client:
+            with pytest.raises(LeaseLost) as caught, client.leased(body("t-quick-stop"), lease_s=60):
+                assert post_json(node.url + "/stop", {"name": "t-quick-stop"})[0] == 200
+            assert caught.value.reason == "request"
+
+    async def test_a_lease_left_half_way_is_released(self, node: AgentProcess) -> None:
+        """Cancelled while the deploy runs (Ctrl-C in a sync holder): the lease the node
+        announced is let go of, so the service isn't kept for a holder that is gone."""
+        async with AsyncAgentClient(node.url) as client:
+            entering = asyncio.ensure_future(
+                client.leased(body("t-half", env={"DELAY": "3"}, keep_warm_s=0), lease_s=60).__aenter__())
+            for _ in range(200):
+                if node.services().get("t-half", {}).get("status") == "starting":
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            entering.cancel()
+            await asyncio.gather(entering, return_exceptions=True)
+            for _ in range(300):  # the deploy finishes at the node, held by no one: stopped
+                if "t-half" not in node.services():
+                    break
+                await asyncio.sleep(0.05)
+            assert "t-half" not in node.services()

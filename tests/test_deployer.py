@@ -249,3 +249,27 @@ class TestOffTheLoop:
         await deployer.deploy(request(gpu=False, vram_gb=0, volumes=[f"{tmp_path}:/data"]))
         ticker.cancel()
         assert max(gaps) < 0.1, max(gaps)
+
+
+class TestReviewFindings:
+    async def test_a_stop_during_a_first_deploys_start_is_409_not_404(self, tmp_path: Path) -> None:
+        """Listed as starting from its first moment, it can't be answered 'no such service'."""
+        deployer, table = await deployer_with(stand_in_engine(), tmp_path)
+        with table.deploying(request().spec):
+            with pytest.raises(AgentError) as caught:
+                await deployer.stop("svc")
+            assert caught.value.status == 409 and "under way" in caught.value.message
+
+    async def test_a_lease_let_go_while_its_deploy_runs_is_never_made(self, tmp_path: Path) -> None:
+        deployer, table = await deployer_with(stand_in_engine(), tmp_path)
+        said: list[str] = []
+
+        def progress(event: dict[str, Any]) -> None:
+            if event.get("event") == "lease":
+                said.append(event["lease_id"])
+                # the caller leaves at once and lets go of it: before it exists
+                asyncio.get_running_loop().call_soon(
+                    lambda: asyncio.ensure_future(deployer.release("svc", event["lease_id"])))
+        outcome = await deployer.deploy(request(lease_s=60, keep_warm_s=0), progress)
+        assert said and outcome.lease is None and table.leases_of("svc") == []
+        assert table.stop_reason("svc") == "lease_expired"  # held by no one: it goes

@@ -6,6 +6,8 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from deploy_agent.events import EventLog
 
 
@@ -86,3 +88,14 @@ class TestEventLog:
         log.emit("stopped", "a", "request")
         assert json.loads(await asyncio.wait_for(waiting, 1))["kind"] == "stopped"
         await follower.aclose()
+
+
+async def test_a_quiet_follow_says_an_empty_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """So a follower can tell a quiet node from one that died without closing the connection."""
+    import deploy_agent.events
+
+    monkeypatch.setattr(deploy_agent.events, "KEEPALIVE_S", 0.05)
+    log = EventLog(tmp_path)
+    follower = log.follow(None, 10)
+    assert await asyncio.wait_for(anext(follower), 2) == "\n"
+    await follower.aclose()

@@ -73,13 +73,13 @@ class PullStalledError(AgentRequestError):
 
 class NodeUnreachable(AgentRequestError):
     """The node could not be reached. `connected`: whether the request got to it (then it
-    went quiet or dropped the connection) or never did (refused, no route, no connection
-    in time: a node that is down)."""
+    went quiet or dropped the connection) or never did; `refused`: the connection was
+    refused or had nowhere to go (no agent listens there now, no route, no such host)."""
 
     def __init__(self, status: int, code: str, message: str, body: Mapping[str, Any] | None = None,
-                 node: str | None = None, connected: bool = False) -> None:
+                 node: str | None = None, connected: bool = False, refused: bool = False) -> None:
         super().__init__(status, code, message, body, node)
-        self.connected = connected
+        self.connected, self.refused = connected, refused
 
 
 class NodeUncertain(AgentRequestError):
@@ -104,8 +104,10 @@ class LeaseLost(AgentRequestError):
     """A lease that `leased()` held has ended without the holder letting go.
 
     `reason`: why, from the node's event log when it says (`request`: an operator stopped
-    the service; `vram_overuse`; `lease_expired`: no renewal reached the node in time;
-    `replaced`), else what the client saw. `event`: that log entry, when there is one.
+    the service; `vram_overuse`; `idle_expired`; an eviction's; `lease_expired`: no
+    renewal reached the node in time), else what the client saw (`lease_not_found`,
+    `unreachable`: no renewal got through for twice the lease, `renew_failed`). `event`:
+    that log entry, when there is one.
     The service is never brought back unless the holder asked for retakes.
     """
 

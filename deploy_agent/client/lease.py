@@ -20,13 +20,14 @@ import attrs
 from deploy_agent.client.errors import (
     AgentRequestError,
     CapacityError,
+    DeployInterrupted,
     LeaseLost,
     NodeUnreachable,
     ServiceNotFoundError,
     TooManyStreamsError,
     said,
 )
-from deploy_agent.client.manifests import Manifest
+from deploy_agent.client.manifests import Manifest, load_manifest
 from deploy_agent.client.results import Answer, Event, Service
 
 
@@ -46,6 +47,9 @@ class LeaseNode(Protocol):
 
     async def service(self, name: str, timeout: float | None = None) -> Service: ...
 
+    def deploy_events(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
+                      lease_id: str | None = None) -> AsyncIterator[dict[str, Any]]: ...
+
     async def events(self, since: int | None = None, limit: int | None = None,
                      timeout: float | None = None) -> list[Event]: ...
 
@@ -59,6 +63,7 @@ EVENTS_LOOKED_AT = 500  # how far back the event log is read for why a service s
 # Stops whose reason is the lease's own running out: the one case a retake may bring the
 # service back. Any other stop (request, vram_overuse, replaced, ...) was someone's decision.
 LAPSED = "lease_expired"
+STOP_KINDS = ("stopped", "evicted", "replaced")
 
 
 @attrs.define(eq=False)
@@ -102,7 +107,7 @@ async def hold(client: LeaseNode, manifest: Manifest, lease_s: float, *, retake:
     """Deploy with a lease (or take `first`, a deploy answer already holding one), keep it
     renewed while the block runs, release it on the way out. LeaseLost on leaving when the
     lease ended on the way (unless the block raised)."""
-    answer = first if first is not None else await client.deploy(manifest, lease_s=lease_s)
+    answer = first if first is not None else await deploy_holding(client, manifest, lease_s)
     lease = Lease.of(answer, node=node)
     lease.lease_s = lease_s  # the node set it running just before it answered:
     deadline = asyncio.get_running_loop().time() + lease_s
@@ -117,6 +122,28 @@ async def hold(client: LeaseNode, manifest: Manifest, lease_s: float, *, retake:
     lease.check()
 
 
+async def deploy_holding(client: LeaseNode, manifest: Manifest, lease_s: float) -> dict[str, Any]:
+    """A leased deploy whose lease is released if the deploy is left half-way (cancelled,
+    interrupted, Ctrl-C): the node says its id first, and would hold it for lease_s."""
+    announced: str | None = None
+    answer: dict[str, Any] | None = None
+    try:
+        async for event in client.deploy_events(manifest, lease_s=lease_s):
+            if event.get("event") == "lease":
+                announced = str(event.get("lease_id"))
+            answer = event
+        if answer is None or "event" in answer:
+            raise DeployInterrupted(0, "interrupted", f"{client.url} closed the deploy stream "
+                                    "without an answer.", node=client.url)
+        return answer
+    except BaseException:
+        if announced is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(client.release(str(load_manifest(manifest).get("name", "")),
+                                                    announced, timeout=RELEASE_TIMEOUT_S))
+        raise
+
+
 class _Keeper:
     """Renews one lease until cancelled or it ends."""
 
@@ -125,6 +152,12 @@ class _Keeper:
         self._client, self._manifest, self._lease = client, manifest, lease
         self._deadline = deadline  # loop time by which the node drops it, unless renewed
         self._retake, self._on_lost, self._on_retake = retake, on_lost, on_retake
+        self._node_said_gone = False  # a 404 ended it: nothing left to release
+
+    @property
+    def _bound(self) -> float:
+        """What one look at the node (why a lease went) may take: well inside the lease."""
+        return max(1.0, min(self._client.timeout, self._lease.lease_s / 3))
 
     @property
     def _interval(self) -> float:
@@ -165,32 +198,40 @@ class _Keeper:
                 lease.trouble = None
                 lease.lease_expires_at = answer.get("lease_expires_at", lease.lease_expires_at)
                 return None
-            if loop.time() >= self._deadline and not self._retake:
+            if loop.time() >= self._deadline + lease.lease_s and not self._retake:
+                # Twice its length without a word from the node: the node let it go by now
+                # (unless it restarted meanwhile; the release on leaving is tried anyway).
                 trouble = lease.trouble
                 return await self._lose(LeaseLost(
                     f"Lease {lease.lease_id} on {lease.name} ran out: no renewal reached "
                     f"{self._client.url} in time ({trouble.message if trouble else 'no answer'})",
-                    self._client.url, LAPSED))
+                    self._client.url, "unreachable"))
             await asyncio.sleep(min(backoff, max(0.1, (self._deadline - loop.time()) / 4)))
             backoff = min(backoff * 2, self._interval)
 
-    async def _gone(self) -> None:
-        """The node has no such lease: why, and whether to take it again."""
+    async def _gone(self, leaving: bool = False) -> None:
+        """The node has no such lease: why, and whether to take it again. `leaving`: the
+        holder is letting go anyway; only a service someone stopped is worth telling."""
         lease = self._lease
+        self._node_said_gone = True
         try:
-            await self._client.service(lease.name, timeout=self._client.timeout)
+            await self._client.service(lease.name, timeout=self._bound)
             service_runs = True
         except ServiceNotFoundError:
             service_runs = False
         except AgentRequestError:  # can't tell: never brought back
+            if leaving:
+                return None
             return await self._lose(LeaseLost(f"{self._client.url} no longer holds lease "
                                               f"{lease.lease_id} on {lease.name}", self._client.url,
                                               "lease_not_found"))
+        if leaving and service_runs:
+            return None
         event = None if service_runs else await self._why_stopped()
         reason = (event or {}).get("reason") or (event or {}).get("kind") or (
             "lease_not_found" if service_runs else "not_found")
         released = bool(((event or {}).get("details") or {}).get("released"))  # by someone
-        if self._retake and (service_runs or (reason == LAPSED and not released)):
+        if self._retake and not leaving and (service_runs or (reason == LAPSED and not released)):
             return await self._take_again(reason)
         if service_runs:
             told = (f"{self._client.url} no longer holds lease {lease.lease_id} on {lease.name} "
@@ -203,18 +244,21 @@ class _Keeper:
         await self._lose(LeaseLost(told, self._client.url, reason, event))
 
     async def _why_stopped(self) -> dict[str, Any] | None:
-        """The node's last event about the service, if its log still has one."""
+        """The node's last stop of the service (stopped, evicted, replaced), else its last
+        event, if its log still has one."""
         try:
-            events = await self._client.events(limit=EVENTS_LOOKED_AT, timeout=self._client.timeout)
+            events = await self._client.events(limit=EVENTS_LOOKED_AT, timeout=self._bound)
         except AgentRequestError:
             return None
         mine = [event.raw for event in events if event.service == self._lease.name]
-        return mine[-1] if mine else None
+        stops = [event for event in mine if event.get("kind") in STOP_KINDS]
+        return stops[-1] if stops else mine[-1] if mine else None
 
     async def _take_again(self, reason: str) -> None:
         loop, lease = asyncio.get_running_loop(), self._lease
+        self._node_said_gone = False
         try:
-            answer = await self._client.deploy(self._manifest, lease_s=lease.lease_s)
+            answer = await deploy_holding(self._client, self._manifest, lease.lease_s)
         except AgentRequestError as err:
             return await self._lose(LeaseLost(f"Lease on {lease.name} could not be taken again "
                                               f"after {reason}: {err.message}", self._client.url,
@@ -234,13 +278,20 @@ class _Keeper:
         await _call(self._on_lost, self._lease)
 
     async def end(self, renewing: asyncio.Task[None]) -> None:
-        """Stop renewing; release the lease unless it has ended, bounded, on every path."""
+        """Stop renewing; release the lease, bounded, on every path, unless the node said it
+        is gone. A release that finds the service stopped by someone ends the lease (the
+        holder hears of it as it leaves)."""
         renewing.cancel()
         await asyncio.gather(renewing, return_exceptions=True)
-        if self._lease.lost:
+        if self._node_said_gone:
             return
-        with contextlib.suppress(AgentRequestError):
+        try:
             await self._client.release(self._lease.name, self._lease.lease_id, timeout=RELEASE_TIMEOUT_S)
+        except ServiceNotFoundError:
+            if not self._lease.lost:
+                await self._gone(leaving=True)
+        except AgentRequestError:
+            pass
 
 
 async def _call(callback: LeaseCallback | None, lease: Lease) -> None:

@@ -19,6 +19,7 @@ from deploy_agent.client.errors import (
     DeployInterrupted,
     NodeUnreachable,
     PlainHttpToken,
+    ServiceNotFoundError,
     bad_answer,
     error_from,
     interrupted,
@@ -33,6 +34,9 @@ from deploy_agent.tokens import is_loopback, token_for
 DEFAULT_NODE = "http://127.0.0.1:9000"
 NDJSON = "application/x-ndjson"
 NEVER_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+# An event follow hears at least an empty line every 15 s: silence this long means the node
+# is gone (it died without closing the connection).
+FOLLOW_SILENCE_S = 45.0
 
 
 def node_url(url: str) -> str:
@@ -66,16 +70,13 @@ class AsyncAgentClient:
                  session: aiohttp.ClientSession | None = None, stall_timeout: float = 150.0,
                  token_file: str | Path | None = None, trusted: bool = True,
                  connect_timeout: float = 10.0) -> None:
-        """`trusted`: whether the node may get the caller's token. A node nobody listed (one
-        found over mDNS, which any host on the LAN can advertise) gets at most the local
-        agent's own token, when it is on loopback. `connect_timeout`: how long a connection
-        may take before the node counts as down."""
+        """`trusted`: whether the node may get a token. A node nobody listed (one found over
+        mDNS, which any host on the LAN can advertise) gets none. `connect_timeout`: how
+        long a connection may take before the call fails."""
         self.url = node_url(url)
-        if trusted:
-            token = token_for(self.url, token, token_file, os.environ)
-        else:
-            token = token_for(self.url, None, None, {k: v for k, v in os.environ.items()
-                                                     if not k.startswith("DEPLOY_AGENT_TOKEN")})
+        # A node nobody listed gets no token at all: not even the local agent's (an advert
+        # may name 127.0.0.1, where another local user's program may listen).
+        token = token_for(self.url, token, token_file, os.environ) if trusted else None
         self._token = token
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         parts = urllib.parse.urlsplit(self.url)
@@ -88,6 +89,11 @@ class AsyncAgentClient:
         self.connect_timeout = connect_timeout
         self._session = session
         self._owns_session = session is None
+
+    @property
+    def token(self) -> str | None:
+        """The token this node gets (None: none), for masking in messages; never print it."""
+        return self._token
 
     async def __aenter__(self) -> AsyncAgentClient:
         return self
@@ -111,7 +117,15 @@ class AsyncAgentClient:
         connected = not isinstance(err, NEVER_CONNECTED)
         what = "did not answer" if connected else "could not be reached"
         return NodeUnreachable(0, "unreachable", f"{self.url} {what}: {said(err, self._token)}",
-                               node=self.url, connected=connected)
+                               node=self.url, connected=connected,
+                               refused=isinstance(err, aiohttp.ClientConnectorError))
+
+    def failed(self, err: BaseException) -> AgentRequestError:
+        """A call that got no usable answer: something that speaks no HTTP (BadAnswer), or
+        no answer at all (NodeUnreachable)."""
+        if isinstance(err, aiohttp.ClientResponseError | UnicodeDecodeError | LookupError):
+            return bad_answer(self.url, 0)
+        return self.unreachable(err)
 
     def error(self, status: int, body: Any) -> AgentRequestError:
         """The typed error for an error answer; a 401 says whether a token went."""
@@ -123,6 +137,7 @@ class AsyncAgentClient:
                        timeout: float | None = None, as_text: bool = False) -> Any:
         """The answer's JSON (its text, with `as_text`); BadAnswer for anything else."""
         limit = self.timeout if timeout is None else timeout
+        failure: AgentRequestError | None = None
         try:
             async with self._client().request(
                     method, self.url + path, json=body, headers=self._headers,
@@ -131,8 +146,10 @@ class AsyncAgentClient:
                 text = await response.text()
                 content_type = response.content_type
                 status = response.status
-        except (TimeoutError, aiohttp.ClientError, OSError) as err:
-            raise self.unreachable(err) from err
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, LookupError) as err:
+            failure = self.failed(err)
+        if failure is not None:  # raised here, outside the except: aiohttp's error (which
+            raise failure        # carries the request's headers) is not even its context
         try:
             payload = json.loads(text) if content_type == "application/json" and text else text
         except ValueError:
@@ -241,7 +258,8 @@ class AsyncAgentClient:
         NodeUnreachable when the node can't be reached, or ends the stream (it is shutting
         down) or drops it."""
         query = f"&since={since}" if since is not None else "&limit=0"
-        async with self._stream("GET", f"/events?follow=1{query}") as response:
+        async with self._stream("GET", f"/events?follow=1{query}",
+                                stall_timeout=FOLLOW_SILENCE_S) as response:
             async for line in self._lines(response):
                 if line.strip():
                     try:
@@ -258,20 +276,37 @@ class AsyncAgentClient:
 
     async def follow_logs(self, name: str, tail: int = 100) -> AsyncIterator[str]:
         """The service's output as it is written, until the service stops or you stop reading.
-        NodeUnreachable when the node drops the stream."""
+        NodeUnreachable when the node drops the stream, or ends it while the service still
+        runs (the agent is stopping)."""
         async with self._stream("GET", f"/services/{_quoted(name)}/logs?tail={tail}&follow=1") as response:
+            failure = None
             try:
                 async for chunk in response.content.iter_any():
                     yield chunk.decode(errors="replace")
             except (TimeoutError, aiohttp.ClientError, OSError) as err:
-                raise self.unreachable(err) from err
+                failure = self.unreachable(err)
+            if failure is not None:
+                raise failure
+        try:
+            entry = await self.service(name, timeout=5)
+        except ServiceNotFoundError:
+            return  # the service stopped: the end of its output
+        except AgentRequestError as err:
+            raise NodeUnreachable(0, "stream_ended", f"{self.url} ended the log stream of {name} "
+                                  f"({err.message})", node=self.url, connected=True) from None
+        if entry.status in ("starting", "healthy", "unhealthy"):
+            raise NodeUnreachable(0, "stream_ended", f"{self.url} ended the log stream of {name}, "
+                                  "which still runs", node=self.url, connected=True)
 
     async def _lines(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        failure = None
         try:
             async for line in response.content:
                 yield line
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
-            raise self.unreachable(err) from err
+            failure = self.unreachable(err)
+        if failure is not None:
+            raise failure
 
     async def deploy_events(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
                             lease_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -284,6 +319,7 @@ class AsyncAgentClient:
         held = lease_id
         async with self._stream("POST", "/deploy", deploy_body(manifest, replace, lease_s, lease_id),
                                 accept=NDJSON, stall_timeout=self.stall_timeout) as response:
+            failure: AgentRequestError | None = None
             try:
                 async for line in response.content:
                     if not line.strip():
@@ -299,7 +335,9 @@ class AsyncAgentClient:
                         code = str(event.get("error", "error"))
                         raise error_from(STATUS_BY_CODE.get(code, 500), event, self.url)
             except (TimeoutError, aiohttp.ClientError, OSError) as err:
-                raise interrupted(self.url, err, self._token, held) from err
+                failure = interrupted(self.url, err, self._token, held)
+            if failure is not None:
+                raise failure
 
     def _stream(self, method: str, path: str, body: Any = None, accept: str | None = None,
                 stall_timeout: float | None = None) -> _StreamContext:
@@ -324,16 +362,19 @@ class _StreamContext:
 
     async def __aenter__(self) -> aiohttp.ClientResponse:
         client = self._client
+        failure: AgentRequestError | None = None
         try:
             self._response = await client._client().request(
                 self._method, client.url + self._path, json=self._body, headers=self._headers,
                 timeout=self._timeout)
         except NEVER_CONNECTED as err:  # it never got to the node
-            raise client.unreachable(err) from err
+            failure = client.unreachable(err)
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
-            if self._method == "POST":
-                raise interrupted(client.url, err, client._token) from err
-            raise client.unreachable(err) from err
+            failure = (interrupted(client.url, err, client._token) if self._method == "POST"
+                       else client.failed(err))
+        if failure is not None:  # outside the except: no aiohttp error as its context
+            raise failure
+        assert self._response is not None
         if self._response.status >= 400:
             try:
                 body = await self._response.json(content_type=None)

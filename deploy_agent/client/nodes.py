@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,17 +20,17 @@ from deploy_agent.client.errors import (
     NodeUnreachable,
     ServiceNotFoundError,
 )
-from deploy_agent.client.lease import Lease, LeaseCallback, hold
+from deploy_agent.client.lease import Lease, LeaseCallback, deploy_holding, hold
 from deploy_agent.client.manifests import Manifest, load_manifest, requirements
-from deploy_agent.client.node import AsyncAgentClient
-from deploy_agent.client.results import Event, Service
+from deploy_agent.client.node import AsyncAgentClient, node_url
+from deploy_agent.client.results import Event, Gpu, Service
 from deploy_agent.models import LIVE_STATUSES
+from deploy_agent.tokens import is_loopback
 
 T = TypeVar("T")
-# Statuses of a service that is placed (or, in front of a swarm, being placed again): ensure()
-# never puts a second one elsewhere.
-LIVE = (*LIVE_STATUSES, "rescheduling", "pending")
-RETRY_S = 0.5  # how often a node that is starting or slow is asked again while locating
+# Statuses of a service that is placed (or, in front of a swarm, being placed again).
+LIVE = (*LIVE_STATUSES, "restarting", "rescheduling", "pending")
+RETRY_S = 0.5  # how often a node that is starting, slow or refusing is asked again
 
 
 def nodes_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -57,18 +58,24 @@ def already_running_answer(found: Service) -> dict[str, Any]:
 class AsyncComputeNodes:
     """Several agents: find a service, or deploy it where it fits best, once.
 
-    Nodes that can't be reached at all are skipped. One that is starting, or slower than
-    `probe_timeout`, may run the service asked for: it is waited for up to
+    A node that is starting (or stopping), slower than `probe_timeout`, or whose connection
+    doesn't complete may run the service asked for: it is waited for up to
     `locate_timeout`, and if it still hasn't said, nothing is placed elsewhere
-    (NodeUncertain). `timeout` bounds each plain request; `stall_timeout` a deploy's silence.
+    (NodeUncertain). One that refuses connections for `down_after` (an agent between two
+    runs refuses for a moment) counts as down, and is skipped. `timeout` bounds each plain
+    request; `stall_timeout` a deploy's silence.
     """
 
     def __init__(self, urls: list[str], token: str | None = None, probe_timeout: float = 2.0,
                  stall_timeout: float = 150.0, token_file: str | Path | None = None,
                  discovered: bool = False, *, timeout: float = 300.0,
-                 locate_timeout: float = 15.0) -> None:
+                 locate_timeout: float = 15.0, down_after: float = 3.0) -> None:
         """`discovered`: the urls came from mDNS, not from the operator; their nodes get no
-        token unless DEPLOY_AGENT_TRUST_MDNS=1 says the LAN is trusted."""
+        token unless DEPLOY_AGENT_TRUST_MDNS=1 says the LAN is trusted, and loopback ones
+        (an advert can name any address) are dropped."""
+        if discovered:
+            urls = [url for url in urls
+                    if not is_loopback(urllib.parse.urlsplit(node_url(url)).hostname or "")]
         if not urls:
             raise ValueError("no compute nodes: set COMPUTE_NODES=http://host:9000,... "
                              "or run the agents with --mdns")
@@ -78,6 +85,7 @@ class AsyncComputeNodes:
                                           connect_timeout=probe_timeout) for url in urls]
         self.probe_timeout = probe_timeout
         self.locate_timeout = locate_timeout
+        self.down_after = down_after
 
     @classmethod
     def from_env(cls, token: str | None = None, **knobs: Any) -> AsyncComputeNodes:
@@ -102,6 +110,10 @@ class AsyncComputeNodes:
     @property
     def clients(self) -> list[AsyncAgentClient]:
         return list(self._clients)
+
+    def tokens(self) -> list[str]:
+        """The tokens the nodes get, for masking them in what is shown (never to print)."""
+        return [token for client in self._clients if (token := client.token) is not None]
 
     def client(self, url: str) -> AsyncAgentClient:
         """The client of the node at `url` (as in an answer's `node`)."""
@@ -155,7 +167,7 @@ class AsyncComputeNodes:
                 health, services, gpus = await asyncio.wait_for(
                     asyncio.gather(client.health(), client.services(), client.gpus()), self.probe_timeout)
             except TimeoutError as err:
-                raise client.unreachable(err) from err
+                raise client.unreachable(err) from None
             return {"node": client.url, "reachable": True, "health": health,
                     "services": [s.raw for s in services], "gpus": [g.raw for g in gpus]}
 
@@ -172,16 +184,17 @@ class AsyncComputeNodes:
         return found
 
     async def _listing(self, client: AsyncAgentClient, deadline: float) -> list[Service] | str | None:
-        """A node's services; None when it is down (or not an agent); else, when it hasn't
-        said by `deadline` (starting, slow, failing), why not."""
+        """A node's services; None when it is down (refusing for down_after) or not an
+        agent; else, when it hasn't said by `deadline` (starting, slow, failing), why not."""
         loop = asyncio.get_running_loop()
+        down_at = loop.time() + min(self.down_after, self.locate_timeout)
         while True:
             try:
                 return await client.services(timeout=max(0.1, deadline - loop.time()))
             except AuthError:
                 raise
             except NodeUnreachable as err:
-                if not err.connected:
+                if err.refused and loop.time() >= down_at:
                     return None
                 why = err.message
             except BadAnswer:
@@ -195,30 +208,39 @@ class AsyncComputeNodes:
     async def locate(self, name: str, statuses: tuple[str, ...] = LIVE
                      ) -> tuple[AsyncAgentClient, Service] | None:
         """The node that has `name` in one of `statuses` (any, when empty), and its entry
-        (with `node`); None when no node has it.
+        (with `node`), as soon as one says so; None when no node has it.
 
         NodeUncertain when none says it has it but one didn't say (starting, or slower than
         locate_timeout); NodeUnreachable when no node can be reached; AuthError when a node
         refused the token.
         """
         deadline = asyncio.get_running_loop().time() + self.locate_timeout
-        listings = await asyncio.gather(*(self._listing(c, deadline) for c in self._clients),
-                                        return_exceptions=True)
-        unsure = []
-        for client, listing in zip(self._clients, listings, strict=True):
-            if isinstance(listing, BaseException):
-                raise listing
-            if isinstance(listing, str):
-                unsure.append(f"{client.url} ({listing})")
-            for entry in listing if isinstance(listing, list) else []:
-                if entry.name == name and (not statuses or entry.status in statuses):
-                    return client, Service.of(entry.raw, node=client.url)
+        asking = {asyncio.ensure_future(self._listing(c, deadline)): c for c in self._clients}
+        unsure: list[str] = []
+        down, pending = 0, set(asking)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    client, listing = asking[task], task.result()  # AuthError raises here
+                    if listing is None:
+                        down += 1
+                    elif isinstance(listing, str):
+                        unsure.append(f"{client.url} ({listing})")
+                    else:
+                        for entry in listing:
+                            if entry.name == name and (not statuses or entry.status in statuses):
+                                return client, Service.of(entry.raw, node=client.url)
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if unsure:
             raise NodeUncertain(0, "node_uncertain", f"Not sure where {name!r} runs: "
                                 f"{'; '.join(unsure)} did not list its services within "
                                 f"{self.locate_timeout:g} s and may have it, so nothing is placed "
                                 "elsewhere. Try again in a moment.")
-        if all(listing is None for listing in listings):
+        if down == len(self._clients):
             raise NodeUnreachable(0, "unreachable", f"No node answered ({', '.join(self.urls)}).")
         return None
 
@@ -267,7 +289,7 @@ class AsyncComputeNodes:
         """
         body = load_manifest(manifest)
         name = str(body.get("name", ""))
-        located = await self.locate(name)
+        located = await self.locate(name, statuses=())  # any status: an exited one is redeployed there
         if located is not None:
             return await self._deploy_on(located[0], name, body, replace, lease_s)
         last_error: AgentRequestError | None = None
@@ -285,6 +307,8 @@ class AsyncComputeNodes:
                          replace: bool, lease_s: float | None = None) -> dict[str, Any]:
         """Deploy on this node. If its answer stalls, look again there, never elsewhere."""
         try:
+            if lease_s is not None and not replace:  # a lease left half-way is released
+                return {**await deploy_holding(client, body, lease_s), "node": client.url}
             return {**await client.deploy(body, replace, lease_s), "node": client.url}
         except DeployInterrupted as err:
             try:
@@ -298,19 +322,28 @@ class AsyncComputeNodes:
                     "already_running": False}
 
     async def candidates(self, body: Mapping[str, Any]) -> list[AsyncAgentClient]:
-        """Reachable nodes that could run `body`, best first."""
+        """Reachable nodes that could run `body`, best first. A node that lists the service
+        now (a deploy of it by another caller has just begun there) is the only one."""
+        name = str(body.get("name", ""))
         gpu, vram_gb = requirements(body)
-        if gpu:
-            scored = []
-            for order, gpus in enumerate(await self._ask_all(lambda c: c.gpus())):
-                best = max((g.vram_free_gb for g in gpus or []), default=-1.0)
+
+        async def look(client: AsyncAgentClient) -> tuple[list[Service], list[Gpu]]:
+            services, gpus = await asyncio.gather(client.services(), client.gpus())
+            return services, gpus
+        scored: list[tuple[float, int]] = []
+        for order, found in enumerate(await self._ask_all(look)):
+            if found is None:
+                continue
+            services, gpus = found
+            if any(s.name == name for s in services):
+                return [self._clients[order]]
+            if gpu:
+                best = max((g.vram_free_gb for g in gpus), default=-1.0)
                 if best >= vram_gb:
                     scored.append((-best, order))
-            return [self._clients[order] for _, order in sorted(scored)]
-        counted = [(len(services), order)
-                   for order, services in enumerate(await self._ask_all(lambda c: c.services()))
-                   if services is not None]
-        return [self._clients[order] for _, order in sorted(counted)]
+            else:
+                scored.append((float(len(services)), order))
+        return [self._clients[order] for _, order in sorted(scored)]
 
     @contextlib.asynccontextmanager
     async def leased(self, manifest: Manifest, lease_s: float = 60.0, *, retake: bool = False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -25,6 +26,8 @@ from deploy_agent.client.results import Event, Gpu, Service
 
 T = TypeVar("T")
 CLOSE_TIMEOUT_S = 5.0
+WAIT_STEP_S = 0.5  # how often a waiting call looks whether the client's loop still runs
+_LOGGER = logging.getLogger("deploy_agent.client")
 
 
 class LoopThread:
@@ -35,6 +38,8 @@ class LoopThread:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._holding = 0  # leases held through this loop: a stop waits for the last to end
+        self._stop_when_free = False
 
     def _running(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -50,11 +55,22 @@ class LoopThread:
         if threading.current_thread() is self._thread:
             raise RuntimeError("a sync deploy-agent client was called from its own loop (a "
                                "callback?): use the async client there")
-        future = asyncio.run_coroutine_threadsafe(_awaited(awaitable), self._running())
+        loop = self._running()
+        thread = self._thread
+        finished = threading.Event()
+        future = asyncio.run_coroutine_threadsafe(_awaited(awaitable, finished), loop)
         try:
-            return future.result()
+            while True:
+                try:
+                    return future.result(timeout=WAIT_STEP_S)
+                except TimeoutError:
+                    if future.done():
+                        raise  # the call itself timed out
+                    if thread is None or not thread.is_alive() or loop.is_closed():
+                        raise RuntimeError("the deploy-agent client was closed during the call") from None
         except BaseException:
-            future.cancel()
+            if future.cancel():  # let its clean-up (a lease's release) run, bounded
+                finished.wait(CLOSE_TIMEOUT_S)
             raise
 
     def iterate(self, iterator: AsyncIterator[T]) -> Iterator[T]:
@@ -69,16 +85,35 @@ class LoopThread:
             with contextlib.suppress(Exception):
                 self.run(iterator.aclose())  # type: ignore[attr-defined]
 
-    def stop(self) -> None:
-        """Close the sessions, end the loop and its thread. The next call starts them again."""
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """A lease is held through this loop: stop() waits until it ends."""
         with self._lock:
+            self._holding += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holding -= 1
+                stop_now = self._holding == 0 and self._stop_when_free
+            if stop_now:
+                self.stop()
+
+    def stop(self) -> None:
+        """Cancel what still runs, close the sessions, end the loop and its thread; while a
+        lease is held, only once it ends. The next call starts them again."""
+        with self._lock:
+            if self._holding:
+                self._stop_when_free = True
+                return
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
+            self._stop_when_free = False
         if loop is None or thread is None:
             return
         if threading.current_thread() is not thread:
             with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._close(), loop).result(CLOSE_TIMEOUT_S)
+                asyncio.run_coroutine_threadsafe(self._shut(), loop).result(CLOSE_TIMEOUT_S)
         loop.call_soon_threadsafe(loop.stop)
         if threading.current_thread() is not thread:
             thread.join(CLOSE_TIMEOUT_S)
@@ -86,8 +121,21 @@ class LoopThread:
                 loop.close()
 
 
-async def _awaited(awaitable: Awaitable[T]) -> T:
-    return await awaitable
+    async def _shut(self) -> None:
+        """Every other task cancelled (a call under way raises in its caller), then the
+        sessions closed."""
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        await self._close()
+
+
+async def _awaited(awaitable: Awaitable[T], finished: threading.Event) -> T:
+    try:
+        return await awaitable
+    finally:
+        finished.set()
 
 
 def _in_thread(callback: LeaseCallback | None) -> LeaseCallback | None:
@@ -95,22 +143,32 @@ def _in_thread(callback: LeaseCallback | None) -> LeaseCallback | None:
     if callback is None:
         return None
 
+    def guarded(lease: Lease) -> None:
+        try:
+            callback(lease)
+        except BaseException:  # SystemExit too: it would end this worker, never the program
+            _LOGGER.exception("A lease callback for %s failed", lease.name)
+
     async def call(lease: Lease) -> None:
-        await asyncio.to_thread(callback, lease)
+        await asyncio.to_thread(guarded, lease)
     return call
 
 
 @contextlib.contextmanager
-def _held(loop: LoopThread, manager: contextlib.AbstractAsyncContextManager[Lease]) -> Iterator[Lease]:
-    """An async lease context, entered and left on the loop: the same behaviour, not awaited."""
-    lease = loop.run(manager.__aenter__())
-    try:
-        yield lease
-    except BaseException as err:
-        if not loop.run(_exit(manager, err)):
-            raise
-    else:
-        loop.run(_exit(manager, None))
+def _held(client: object, loop: LoopThread,
+          manager: contextlib.AbstractAsyncContextManager[Lease]) -> Iterator[Lease]:
+    """An async lease context, entered and left on the loop: the same behaviour, not awaited.
+    `client` is kept alive (its collection would stop the loop) until the block ends."""
+    with loop.holding():
+        lease = loop.run(manager.__aenter__())
+        try:
+            yield lease
+        except BaseException as err:
+            if not loop.run(_exit(manager, err)):
+                raise
+        else:
+            loop.run(_exit(manager, None))
+    del client
 
 
 async def _exit(manager: contextlib.AbstractAsyncContextManager[Lease], err: BaseException | None) -> bool:
@@ -152,6 +210,10 @@ class AgentClient:
     def _run(self, call: Coroutine[Any, Any, T]) -> T:
         return self._loop.run(call)
 
+    def _each(self, items: AsyncIterator[T]) -> Iterator[T]:
+        """Iterate on the loop; the client stays alive while the iteration does."""
+        yield from self._loop.iterate(items)
+
     def health(self, timeout: float | None = None) -> dict[str, Any]:
         return self._run(self._async.health(timeout))
 
@@ -170,7 +232,7 @@ class AgentClient:
 
     def deploy_events(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
                       lease_id: str | None = None) -> Iterator[dict[str, Any]]:
-        return self._loop.iterate(self._async.deploy_events(manifest, replace, lease_s, lease_id))
+        return self._each(self._async.deploy_events(manifest, replace, lease_s, lease_id))
 
     def stop(self, name: str, timeout: float | None = None) -> dict[str, Any]:
         return self._run(self._async.stop(name, timeout))
@@ -191,21 +253,21 @@ class AgentClient:
         return self._run(self._async.events(since, limit, timeout))
 
     def follow_events(self, since: int | None = None) -> Iterator[Event]:
-        return self._loop.iterate(self._async.follow_events(since))
+        return self._each(self._async.follow_events(since))
 
     def logs(self, name: str, tail: int = 100, timeout: float | None = None) -> str:
         return self._run(self._async.logs(name, tail, timeout))
 
     def follow_logs(self, name: str, tail: int = 100) -> Iterator[str]:
-        return self._loop.iterate(self._async.follow_logs(name, tail))
+        return self._each(self._async.follow_logs(name, tail))
 
     def leased(self, manifest: Manifest, lease_s: float = 60.0, *, retake: bool = False,
                on_lost: LeaseCallback | None = None,
                on_retake: LeaseCallback | None = None) -> contextlib.AbstractContextManager[Lease]:
         """As AsyncAgentClient.leased(); the callbacks run on a worker thread."""
-        return _held(self._loop, self._async.leased(manifest, lease_s, retake=retake,
-                                                    on_lost=_in_thread(on_lost),
-                                                    on_retake=_in_thread(on_retake)))
+        return _held(self, self._loop, self._async.leased(manifest, lease_s, retake=retake,
+                                                          on_lost=_in_thread(on_lost),
+                                                          on_retake=_in_thread(on_retake)))
 
 
 class ComputeNodes:
@@ -214,9 +276,10 @@ class ComputeNodes:
     def __init__(self, urls: list[str], token: str | None = None, probe_timeout: float = 2.0,
                  stall_timeout: float = 150.0, token_file: str | Path | None = None,
                  discovered: bool = False, *, timeout: float = 300.0,
-                 locate_timeout: float = 15.0) -> None:
+                 locate_timeout: float = 15.0, down_after: float = 3.0) -> None:
         self._async = AsyncComputeNodes(urls, token, probe_timeout, stall_timeout, token_file,
-                                        discovered, timeout=timeout, locate_timeout=locate_timeout)
+                                        discovered, timeout=timeout, locate_timeout=locate_timeout,
+                                        down_after=down_after)
         self._loop = LoopThread(self._async.close, "deploy-agent nodes")
         self._finalizer = weakref.finalize(self, self._loop.stop)
 
@@ -224,7 +287,8 @@ class ComputeNodes:
     def from_env(cls, token: str | None = None, timeout_s: float = 2.0, **knobs: Any) -> ComputeNodes:
         """COMPUTE_NODES when set, else the agents advertising over mDNS (--mdns), which get
         no token unless DEPLOY_AGENT_TRUST_MDNS=1; `knobs`: the constructor's other
-        arguments (probe_timeout, locate_timeout, stall_timeout, timeout, token_file)."""
+        arguments (probe_timeout, locate_timeout, down_after, stall_timeout, timeout,
+        token_file)."""
         listed = nodes_from_env()
         if listed:
             return cls(listed, token, **knobs)
@@ -288,9 +352,9 @@ class ComputeNodes:
                on_lost: LeaseCallback | None = None,
                on_retake: LeaseCallback | None = None) -> contextlib.AbstractContextManager[Lease]:
         """As AsyncComputeNodes.leased(); the callbacks run on a worker thread."""
-        return _held(self._loop, self._async.leased(manifest, lease_s, retake=retake,
-                                                    on_lost=_in_thread(on_lost),
-                                                    on_retake=_in_thread(on_retake)))
+        return _held(self, self._loop, self._async.leased(manifest, lease_s, retake=retake,
+                                                          on_lost=_in_thread(on_lost),
+                                                          on_retake=_in_thread(on_retake)))
 
 
 async def _nothing() -> None:

@@ -34,6 +34,7 @@ from deploy_agent.models import (
     HealthWarning,
     JSONObject,
     LeaseAnswer,
+    QueueEntry,
     ReleaseAnswer,
     Service,
     ServiceView,
@@ -98,8 +99,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except AgentError as err:
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return json_response(err.to_json(), err.status, headers)
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
+        if "retry_after_s" in err.extra:
+            headers["Retry-After"] = str(err.extra["retry_after_s"])
+        return json_response(err.to_json(), err.status, headers or None)
     except web.HTTPException as err:
         if err.status < 400:
             raise
@@ -153,6 +156,7 @@ async def health(request: web.Request) -> web.Response:
         version=__version__,
         auth=request.app[CONFIG_KEY].auth,
         warnings=health_warnings(request.app),
+        queued=len(request.app[DEPLOYER_KEY].admission.waiting()),
     ))
 
 
@@ -205,14 +209,19 @@ async def list_services(request: web.Request) -> web.Response:
 
 def service_view(request: web.Request, service: Service, now: float | None = None) -> ServiceView:
     table, name = request.app[TABLE_KEY], service.spec.name
-    return ServiceView.of(service, request.app[CONFIG_KEY].advertise_host, now or time.time(),
+    view = ServiceView.of(service, request.app[CONFIG_KEY].advertise_host, now or time.time(),
                           table.leases_of(name), table.gpus.observed_gb(name), name in table.gpus.over,
                           socket.gethostname())
+    preempt_at = table.preempt_at(name)
+    return view if preempt_at is None else attrs.evolve(view, preempt_at=rfc3339(preempt_at))
 
 
 def deploying_view(request: web.Request, entry: InFlight) -> ServiceView:
-    return ServiceView.deploying(entry.spec, entry.gpu, entry.host_port,
+    view = ServiceView.deploying(entry.spec, entry.gpu, entry.host_port,
                                  request.app[CONFIG_KEY].advertise_host, socket.gethostname())
+    if request.app[DEPLOYER_KEY].admission.queued(entry.spec.name):
+        view = attrs.evolve(view, reason="queued")
+    return view
 
 
 async def get_service(request: web.Request) -> web.Response:
@@ -238,7 +247,8 @@ async def run_deploy(request: web.Request, deploy_request: DeployRequest,
     """The deploy, counted and timed by outcome for /metrics."""
     started, outcome_label = time.monotonic(), "internal_error"
     try:
-        outcome = await request.app[DEPLOYER_KEY].deploy(deploy_request, progress)
+        outcome = await request.app[DEPLOYER_KEY].deploy(deploy_request, progress,
+                                                          lambda: _connected(request))
         outcome_label = "already_running" if outcome.already_running else "deployed"
         return outcome
     except AgentError as err:
@@ -246,6 +256,12 @@ async def run_deploy(request: web.Request, deploy_request: DeployRequest,
         raise
     finally:
         request.app[METRICS_KEY].deploy_finished(outcome_label, time.monotonic() - started)
+
+
+def _connected(request: web.Request) -> bool:
+    """Whether the caller is still there (aiohttp never cancels a handler whose client left)."""
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
 
 
 async def dry_run(request: web.Request, deploy_request: DeployRequest) -> DryRunAnswer:
@@ -256,7 +272,7 @@ async def dry_run(request: web.Request, deploy_request: DeployRequest) -> DryRun
         port=outcome.host_port, gpu=outcome.gpu,
         status=outcome.service.status if outcome.service else None,
         already_running=outcome.already_running, pull_needed=outcome.pull_needed,
-        evicts=list(outcome.evicts))
+        evicts=list(outcome.evicts), queued=outcome.queued)
 
 
 def deploy_answer(request: web.Request, outcome: DeployOutcome) -> DeployAnswer:
@@ -359,7 +375,9 @@ async def renew(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     lease_id, lease_s = parse_renew_request(await read_json(request))
     lease = request.app[DEPLOYER_KEY].renew(name, lease_id, lease_s)
-    return answer(request, LeaseAnswer(name, lease.id, lease.lease_s, rfc3339(lease.expires_at)))
+    preempt_at = request.app[TABLE_KEY].preempt_at(name)
+    return answer(request, LeaseAnswer(name, lease.id, lease.lease_s, rfc3339(lease.expires_at),
+                                       rfc3339(preempt_at) if preempt_at is not None else None))
 
 
 async def release(request: web.Request) -> web.Response:
@@ -388,6 +406,14 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def gpus(request: web.Request) -> web.Response:
     table = request.app[TABLE_KEY]
     return answer(request, table.gpus.views(table.idle_names()))
+
+
+async def queue(request: web.Request) -> web.Response:
+    return answer(request, [QueueEntry(name=w.name, position=position, priority=w.priority,
+                                       since=rfc3339(w.since), needs_gb=w.needs_gb,
+                                       callers=len(w.callers))
+                            for position, w in enumerate(
+                                request.app[DEPLOYER_KEY].admission.waiting(), start=1)])
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -420,6 +446,7 @@ def add_routes(app: web.Application) -> None:
         web.delete("/services/{name}/leases/{lease_id}", release),
         web.get("/events", events),
         web.get("/gpus", gpus),
+        web.get("/queue", queue),
     ])
 
 

@@ -89,6 +89,8 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
 
     async def end_streams(app: web.Application) -> None:
         app[STREAMS_KEY].end_all()
+        if DEPLOYER_KEY in app:
+            app[DEPLOYER_KEY].admission.close()  # waiters are refused at once, not at the end
 
     app.cleanup_ctx.append(services_ctx)
     app.on_shutdown.append(end_streams)  # before the server waits for handlers to finish

@@ -28,6 +28,7 @@ from deploy_agent.client import (
     AsyncAgentClient,
     AsyncComputeNodes,
     CapacityError,
+    Intent,
     InvalidRequestError,
     NodeUnreachable,
     load_manifest,
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--lease", type=_lease_length, metavar="DURATION",
                         help="hold it for this long (90s, 10m, 2h) and print the lease id: it "
                         "stops when no one renews; without, it runs until stopped")
+    deploy.add_argument("--keep-warm", type=_lease_length, metavar="DURATION",
+                        help="with --lease: keep it running this long once no one holds it "
+                        "(default: the node's --keep-warm)")
+    deploy.add_argument("--wait", type=_lease_length, metavar="DURATION",
+                        help="a GPU service that fits nowhere waits this long in a node's queue "
+                        "for room, instead of failing at once")
+    deploy.add_argument("--priority", type=int, choices=range(10), metavar="0-9",
+                        help="its place in the queue: higher first (default: 5)")
     command("ps", "list services")
     stop = command("stop", "stop and remove a service")
     stop.add_argument("name")
@@ -79,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
     logs.add_argument("--tail", type=int, default=100, help="lines from the end (default: 100)")
     command("nodes", "the compute nodes and how they are")
+    command("queue", "GPU deploys waiting for room on each node")
     renew = command("renew", "extend a lease (from deploy --lease) so its service keeps running")
     renew.add_argument("name")
     renew.add_argument("lease_id")
@@ -120,13 +130,16 @@ class Ctl:
         changed spec); else the best node. Always sent, so a spec change is never hidden."""
         body = load_manifest(self.args.file)
         name = str(body.get("name", ""))
-        located = await self.nodes.locate(name)
-        targets = [located[0]] if located is not None else await self.nodes.candidates(body)
+        located = await self.nodes.locate(name, statuses=())
+        intent = self.intent()
+        targets = ([located[0]] if located is not None
+                   else await self.nodes.candidates(body, waiting="wait_s" in intent))
         if not targets:
             raise CapacityError(503, "no_capacity", f"No reachable node can run {name!r}.")
         if self.args.dry_run:
             client = targets[0]
-            return self.show_dry_run({**await client.dry_run(body, self.args.replace), "node": client.url})
+            return self.show_dry_run({**await client.dry_run(body, self.args.replace, **intent),
+                                      "node": client.url})
         for client in targets:
             try:
                 answer = await self.follow_deploy(client, name, body)
@@ -137,13 +150,42 @@ class Ctl:
                 continue
             return self.show_deployed({**answer, "node": client.url})
 
+    def intent(self) -> Intent:
+        """--wait, --priority, --keep-warm as the deploy's intent."""
+        intent: Intent = {}
+        if self.args.wait is not None:
+            intent["wait_s"] = self.args.wait
+        if self.args.priority is not None:
+            intent["priority"] = self.args.priority
+        if self.args.keep_warm is not None:
+            intent["keep_warm_s"] = self.args.keep_warm
+        return intent
+
+    async def queue(self) -> None:
+        """Every node's waiting deploys."""
+        async def of(client: AsyncAgentClient) -> list[dict[str, Any]]:
+            return [{**entry, "node": client.url} for entry in await client.queue()]
+        rows = [row for rows in await self.nodes.ask_all(of) if rows for row in rows]
+        if self.args.json:
+            return self.print_json(rows)
+        table = Table("POSITION", "NAME", "PRIORITY", "NEEDS GB", "SINCE", "CALLERS", "NODE", box=None)
+        for row in rows:
+            table.add_row(str(row["position"]), row["name"], str(row["priority"]), f"{row['needs_gb']:g}",
+                          row["since"], str(row["callers"]), row["node"])
+        self.out.print(table if rows else "no deploys waiting")
+
     def show_dry_run(self, answer: dict[str, Any]) -> None:
         if self.args.json:
             return self.print_json(answer)
         if answer["already_running"]:
             return self.out.print(f"{answer['name']} already runs at {answer['host']} on "
                                   f"{answer['node']}: a deploy would change nothing")
+        if answer.get("queued"):
+            return self.out.print(f"{answer['name']} fits nowhere on {answer['node']} now: it would "
+                                  "wait for room (dry run: nothing deployed)")
         gpu = f", GPU {answer['gpu']}" if answer["gpu"] is not None else ""
+        if answer.get("evicts"):
+            gpu += f", evicting {', '.join(answer['evicts'])} (idle)"
         pull = ", after pulling its image" if answer["pull_needed"] else ""
         self.out.print(f"{answer['name']} would run at {answer['host']}{gpu} on {answer['node']}"
                        f"{pull} (dry run: nothing deployed)")
@@ -154,7 +196,8 @@ class Ctl:
         view = DeployView(self.err, quiet=self.args.json)
         self.deploying = {"node": client.url, "name": name, "lease_id": None, "reached": False}
         with view:
-            async for event in client.deploy_events(body, self.args.replace, self.args.lease):
+            async for event in client.deploy_events(body, self.args.replace, self.args.lease,
+                                                    **self.intent()):
                 self.deploying["reached"] = True
                 if event.get("event") == "lease":
                     self.deploying["lease_id"] = event.get("lease_id")
@@ -333,6 +376,9 @@ class DeployView:
                                          highlight=False)
         elif kind == "lease":
             self._progress.console.print(f"  lease {event['lease_id']}", highlight=False)
+        elif kind == "queued":
+            self._progress.console.print(f"  waiting for {event['needs_gb']:g} GB of VRAM: position "
+                                         f"{event['position']} in the queue", highlight=False)
         elif kind == "created":
             gpu = f", GPU {event['gpu']}" if event.get("gpu") is not None else ""
             self._progress.console.print(f"  created container {event['container']} on port "

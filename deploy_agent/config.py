@@ -80,6 +80,10 @@ class Config:
     keep_warm_s: float = 300.0  # a leased service's warm time after its last lease, by default
     max_keep_warm_s: float = 3600.0
     min_resident_s: float = 60.0  # an idle service younger than this is never evicted
+    max_wait_s: float = 600.0  # cap on a deploy's wait_s
+    max_queue: int = 64  # deploys waiting for room at once
+    max_priority: int = 9  # cap on a deploy's priority
+    preempt_grace_s: float = 30.0  # a preempted service's warning before it is stopped
     vram_overuse: Literal["warn", "stop"] = "warn"
     swarm: bool = False
     node_grace_s: float = 30.0
@@ -185,6 +189,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--min-resident", type=_duration_or_zero, default=_env(environ, "min_resident", "60s"),
         metavar="DURATION", help="an idle service is evicted for another deploy only once it has "
         "run this long, so two callers can't swap each other out forever (default: 60s)")
+    add("--max-wait", type=_duration, default=_env(environ, "max_wait", "10m"), metavar="DURATION",
+        help="cap on a deploy's wait_s: how long it may wait for GPU room (default: 10m)")
+    add("--max-queue", type=int, default=_env(environ, "max_queue", "64"), metavar="N",
+        help="deploys that may wait for room at once; one more gets 429 queue_full "
+        "(default: %(default)s)")
+    add("--max-priority", type=int, choices=range(10), default=_env(environ, "max_priority", "9"),
+        metavar="0-9", help="cap on a deploy's priority: any caller with the token may ask up to "
+        "this (default: %(default)s)")
+    add("--preempt-grace", type=_duration, default=_env(environ, "preempt_grace", "30s"),
+        metavar="DURATION", help="how long a leased service is announced (preempt_at) before a "
+        "waiting deploy of higher priority stops it (default: 30s)")
     add("--vram-overuse", choices=["warn", "stop"], default=_env(environ, "vram_overuse", "warn"),
         help="a service seen using more VRAM than it declared (3 resyncs in a row): only "
         "flag it (warn), or also stop it (stop; GPU deploys must then declare vram_gb) "
@@ -317,6 +332,10 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         keep_warm_s=min(args.keep_warm, args.max_keep_warm),
         max_keep_warm_s=args.max_keep_warm,
         min_resident_s=args.min_resident,
+        max_wait_s=args.max_wait,
+        max_queue=args.max_queue,
+        max_priority=args.max_priority,
+        preempt_grace_s=args.preempt_grace,
         vram_overuse=args.vram_overuse,
         swarm=args.swarm,
         node_grace_s=args.node_grace,

@@ -59,7 +59,7 @@ MANIFEST_DEPLOY = {
     "runtime": None,
 }
 # Top-level keys of a deploy that are not the service's spec: the caller's intent.
-REQUEST_KEYS = ("replace", "lease_s", "lease_id", "keep_warm_s")
+REQUEST_KEYS = ("replace", "lease_s", "lease_id", "keep_warm_s", "wait_s", "priority")
 MANIFEST_TOP = {"name", "version", "description", "client", "requires", "deploy", *REQUEST_KEYS}
 
 
@@ -229,6 +229,12 @@ REQUEST_KEY_SCHEMAS: dict[str, JSONObject] = {
     "lease_id": {"type": ["string", "null"], "pattern": LEASE_ID_RE.pattern,
                  "description": "Renew this lease (from an earlier leased deploy) instead of taking "
                                 "a new one; needs lease_s."},
+    "wait_s": {"type": ["number", "null"], "minimum": 0,
+               "description": "Seconds a GPU deploy that fits nowhere may wait in the node's queue "
+                              "for room (default 0: answer at once); at most --max-wait."},
+    "priority": {"type": ["integer", "null"], "minimum": 0, "maximum": 9,
+                 "description": "0-9 (default 5): its place in the queue, before later and lower "
+                                "ones; capped by --max-priority."},
     "keep_warm_s": {"type": ["number", "null"], "minimum": 0,
                     "description": "Seconds the service stays running (idle) after its last lease "
                                    "ends; default --keep-warm, capped by --max-keep-warm, 0 stops it "
@@ -340,6 +346,8 @@ def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployReques
     if keep_warm_s is not None and lease_s is None:
         details.append({"field": "keep_warm_s", "message": "comes with lease_s (an unleased deploy "
                                                            "runs until stopped)"})
+    wait_s = _optional_field(body.pop("wait_s", None), "wait_s", _keep_warm_seconds, details)
+    priority = _optional_field(body.pop("priority", None), "priority", _priority, details)
     spec: DeploySpec | None = None
     try:
         spec = converter.structure(body, DeploySpec)
@@ -355,7 +363,8 @@ def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployReques
         fields = ", ".join(sorted({d["field"] for d in details}))
         raise InvalidRequest(f"The deploy request is invalid ({fields}); see details.", details=details)
     return DeployRequest(spec=spec, replace=replace, lease_s=lease_s, lease_id=lease_id,
-                         keep_warm_s=keep_warm_s)
+                         keep_warm_s=keep_warm_s, wait_s=wait_s or 0.0,
+                         priority=5 if priority is None else priority)
 
 
 def is_toolkit_key(key: str) -> bool:
@@ -376,6 +385,12 @@ def _keep_warm_seconds(value: Any) -> float:
     if seconds < 0:
         raise FieldError("must be 0 (stop when the last lease ends) or more seconds")
     return seconds
+
+
+def _priority(value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= 9:
+        raise FieldError("must be a whole number from 0 to 9 (default 5)")
+    return value
 
 
 def _lease_id(value: Any) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 
+from deploy_agent.admission import Admission, Grant
 from deploy_agent.config import Config
 from deploy_agent.errors import (
     AgentError,
@@ -73,12 +74,18 @@ class Deployer:
         self._events = events
         self._inflight: set[asyncio.Task[DeployOutcome]] = set()
         self._enforcing: dict[str, asyncio.Task[None]] = {}  # by name: the stops enforce() runs
+        self.admission = Admission(table, events, config.min_resident_s, config.max_queue,
+                                   config.preempt_grace_s)
 
     # -- deploy --------------------------------------------------------------------------
 
-    async def deploy(self, request: DeployRequest, progress: Progress = no_progress) -> DeployOutcome:
-        """Answer an existing healthy deployment, or replace/launch one; never half-done."""
-        task = asyncio.create_task(self._deploy(request, progress), name=f"deploy {request.spec.name}")
+    async def deploy(self, request: DeployRequest, progress: Progress = no_progress,
+                     still_there: Callable[[], bool] = lambda: True) -> DeployOutcome:
+        """Answer an existing healthy deployment, or replace/launch one; never half-done.
+        `still_there`: whether its caller is still connected (a deploy waiting for room
+        leaves the queue when not)."""
+        task = asyncio.create_task(self._deploy(request, progress, still_there),
+                                   name=f"deploy {request.spec.name}")
         self._inflight.add(task)
         task.add_done_callback(self._deploy_done)
         return await asyncio.shield(task)
@@ -88,7 +95,8 @@ class Deployer:
         if not task.cancelled():
             task.exception()  # retrieved: its caller may have gone and will never see it
 
-    async def _deploy(self, request: DeployRequest, progress: Progress) -> DeployOutcome:
+    async def _deploy(self, request: DeployRequest, progress: Progress,
+                      still_there: Callable[[], bool]) -> DeployOutcome:
         spec = request.spec
         self._check_request(request)
         lease_id = None
@@ -96,17 +104,20 @@ class Deployer:
             lease_id = request.lease_id or secrets.token_urlsafe(12)
             progress({"event": "lease", "lease_id": lease_id})
         with self._table.announcing(spec.name, lease_id) if lease_id else contextlib.nullcontext():
-            return await self._deploy_announced(request, lease_id, progress)
+            return await self._deploy_announced(request, lease_id, progress, still_there)
 
     async def _deploy_announced(self, request: DeployRequest, lease_id: str | None,
-                                progress: Progress) -> DeployOutcome:
+                                progress: Progress, still_there: Callable[[], bool]) -> DeployOutcome:
         spec = request.spec
+        grant: Grant | None = None
         try:
             others = self._table.volumes_beside(spec.name)
             with self._table.deploying(spec):  # no await in between: racing deploys see each other
                 await asyncio.to_thread(check_deploy, spec, self._config, others)  # resolves host paths
+                grant = await self._admit(request, progress, still_there)  # before the lock
                 async with self._table.locked(spec.name, _waiting_for(spec.name, progress)):
-                    service, already_running = await self._deploy_locked(request, lease_id, progress)
+                    service, already_running = await self._deploy_locked(request, lease_id, progress,
+                                                                         grant)
                     lease = self._hold(service, request, lease_id)
             return DeployOutcome(service, already_running, lease)
         except AgentError as err:
@@ -114,10 +125,25 @@ class Deployer:
                               status=err.status)
             raise
         finally:  # one write of what changed (launched, replaced, a new holder), before the answer
+            if grant is not None and not grant.used:
+                self.admission.give_back(grant, spec.name)
+            self.admission.serve()  # what a failed deploy held may be a waiter's now
             await self._table.persist_if_dirty()
 
+    async def _admit(self, request: DeployRequest, progress: Progress,
+                     still_there: Callable[[], bool]) -> Grant | None:
+        """For a GPU deploy with wait_s that fits nowhere now: wait in the queue for room."""
+        spec = request.spec
+        existing = self._table.get(spec.name)
+        if not spec.gpu or (existing is not None and existing.status == "healthy"
+                            and not existing.spec.differing_fields(spec)):
+            return None  # no room needed: it runs already, as asked
+        return await self.admission.admit(spec, min(request.wait_s, self._config.max_wait_s),
+                                          min(request.priority, self._config.max_priority),
+                                          progress, still_there)
+
     async def _deploy_locked(self, request: DeployRequest, lease_id: str | None,
-                             progress: Progress) -> tuple[Service, bool]:
+                             progress: Progress, grant: Grant | None = None) -> tuple[Service, bool]:
         """The service, and whether it was already running; launched under `lease_id`."""
         spec = request.spec
         existing = self._table.get(spec.name)
@@ -140,7 +166,7 @@ class Deployer:
         started = time.monotonic()
         try:
             if spec.gpu:
-                await self._make_room(spec)
+                await self._make_room(spec, grant)
             service = await self._runtime.launch(spec, progress, lease)
         finally:
             self._table.gpus.drop_earmark(spec.name)  # taken by the launch, or unused
@@ -149,11 +175,16 @@ class Deployer:
                           gpu=service.gpu)
         return service, False
 
-    async def _make_room(self, spec: DeploySpec) -> None:
+    async def _make_room(self, spec: DeploySpec, grant: Grant | None) -> None:
         """If the GPU deploy fits nowhere now, evict the cheapest set of idle services on one
-        GPU that makes it fit; their room is the deploy's from the moment they are chosen."""
-        await self._table.refresh_gpus()
-        eviction = self._table.make_room(spec.name, spec.vram_gb, self._config.min_resident_s)
+        GPU that makes it fit; their room is the deploy's from the moment they are chosen.
+        A deploy that waited has its room granted already (its victims chosen)."""
+        if grant is not None:
+            grant.used = True
+            eviction = grant.eviction
+        else:
+            await self._table.refresh_gpus()
+            eviction = self._table.make_room(spec.name, spec.vram_gb, self._config.min_resident_s)
         if eviction is None:
             return
         victims = [self._table.service(victim.name) for victim in eviction.victims]
@@ -213,7 +244,8 @@ class Deployer:
         try:
             return self._table.renew_lease(name, lease_id, request.lease_s)
         except LeaseNotFound:  # new, or lapsed during a long deploy: the same holder, again
-            return self._table.add_lease(name, request.lease_s, lease_id, self._keep_warm(request))
+            return self._table.add_lease(name, request.lease_s, lease_id, self._keep_warm(request),
+                                         min(request.priority, self._config.max_priority))
 
     def _keep_warm(self, request: DeployRequest) -> float:
         """The warm time a leased deploy asks for, within --max-keep-warm; else --keep-warm."""
@@ -244,9 +276,13 @@ class Deployer:
             if not spec.gpu:
                 raise
             eviction = self._table.plan_room(spec.name, spec.vram_gb, self._config.min_resident_s)
-            if eviction is None:
+            waits = (eviction is None and request.wait_s > 0 and self._config.max_wait_s > 0
+                     and self.admission.never_fits(spec) is None)
+            if eviction is None and not waits:
                 raise
         outcome = await self._runtime.place(attrs.evolve(spec, gpu=False, vram_gb=VramGb(0.0)), existing)
+        if eviction is None:
+            return attrs.evolve(outcome, gpu=None, queued=True)
         return attrs.evolve(outcome, gpu=self._table.gpus.local_index(eviction.gpu),
                             evicts=tuple(victim.name for victim in eviction.victims))
 
@@ -270,6 +306,7 @@ class Deployer:
         await self._discard(service)
         self._table.drop_leases(service.spec.name)
         self._events.emit("stopped", service.spec.name, reason, **details)  # before the await
+        self.admission.serve()  # its room may be a waiter's
         await self._table.persist()
         _LOGGER.info("Stopped %s (%s)", service.spec.name, reason)
 
@@ -291,6 +328,7 @@ class Deployer:
             self._events.emit("idle", name, "released", released=lease_id,
                               idle_until=rfc3339(self._table.service(name).idle_until or 0))
         stopped = await self._stop_if_unheld(name, released=lease_id)
+        self.admission.serve()  # idle now: a waiter may evict it
         await self._table.persist_if_dirty()  # the stop wrote it already
         service = self._table.get(name)
         return stopped, service.idle_until if service is not None and not stopped else None
@@ -309,6 +347,9 @@ class Deployer:
                                   idle_until=rfc3339(self._table.service(name).idle_until or 0))
             for name in to_stop:
                 self._enforce_stop(name, "no one holds", self._stop_if_unheld)
+            for name in self._table.due_preemptions():
+                self._enforce_stop(name, "preempted", self._stop_if_preempted)
+            self.admission.serve()  # room from exits, leases ended, readings that fell
             if self._config.vram_overuse == "stop":
                 for name in sorted(self._table.gpus.over):
                     self._enforce_stop(name, "above its VRAM", self._stop_if_overusing)
@@ -339,6 +380,15 @@ class Deployer:
             used = self._table.gpus.observed_gb(name)
             await self._stop_locked(service, "vram_overuse", declared_gb=service.spec.vram_gb,
                                     used_gb=None if used is None else round(used, 2))
+
+    async def _stop_if_preempted(self, name: str) -> None:
+        """Its preemption's grace is over, and no one called it off: stop it for the waiter."""
+        async with self._table.locked(name):
+            service = self._table.get(name)
+            preempted_for = self._table.preempting_for(name)
+            if service is None or preempted_for is None:
+                return
+            await self._stop_locked(service, "preempted", **{"for": preempted_for})
 
     async def _stop_if_unheld(self, name: str, **details: Any) -> bool:
         """Stop `name` if no one holds it and its warm time (if any) is over; whether it did."""

@@ -128,6 +128,20 @@ class EngineUnavailable(AgentError):
     code = "engine_unavailable"
 
 
+class CallerGone(AgentError):
+    """Every caller of a deploy waiting for room left: it leaves the queue, nothing placed."""
+
+    status = 503
+    code = "caller_gone"
+
+
+class QueueFull(AgentError):
+    """--max-queue deploys already wait for room on this node."""
+
+    status = 429
+    code = "queue_full"
+
+
 class StartingUp(AgentError):
     """The agent is starting (adopting what runs): it answers every request so until it serves."""
 

@@ -14,6 +14,7 @@ from deploy_agent.models import Owner
 
 # What a redeploy is taken to cost when its last deploy wasn't timed (adopted services).
 UNTIMED_DEPLOY_S = 30.0
+HELD_COST = 1e6  # added to a held service's cost: idle ones are always evicted first
 EXHAUSTIVE_UP_TO = 12  # candidates on one GPU searched over every subset; beyond, greedily
 
 
@@ -27,11 +28,13 @@ class Candidate:
     gb: float  # what placement counts it for: max(declared, observed)
     idle_since: float  # wall clock
     deploy_s: float | None  # how long its last deploy took to be healthy
+    held: bool = False  # leased (a preemption candidate): any idle service goes first
 
     def cost(self, now: float) -> float:
         """A long cold start costs more to redo; one released long ago, less (it is the least
-        likely to be asked for again soon)."""
-        return max(self.deploy_s or UNTIMED_DEPLOY_S, 1.0) / max(now - self.idle_since, 1.0)
+        likely to be asked for again soon). One that someone holds costs more than any idle."""
+        base = max(self.deploy_s or UNTIMED_DEPLOY_S, 1.0) / max(now - self.idle_since, 1.0)
+        return base + (HELD_COST if self.held else 0.0)
 
 
 @attrs.frozen

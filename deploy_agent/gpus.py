@@ -423,6 +423,17 @@ class GpuPool:
         """Free memory of each available GPU now, as placement counts it for `for_name`."""
         return {r.index: self.free_gb(r, None, for_name) for r in self._readings if r.available}
 
+    def room_beside(self, kept: set[Owner]) -> float | None:
+        """The most any one available GPU could offer if every reservation but `kept`'s went."""
+        rooms = [r.total_gb - self.foreign_gb(r) - sum(
+                     max(a.vram_gb, self.observed_gb(owner.name, r.index) or 0.0)
+                     for owner, a in self._reservations.items() if a.index == r.index and owner in kept)
+                 for r in self._readings if r.available]
+        return max(rooms) if rooms else None
+
+    def free_by_label(self) -> dict[str, float]:
+        return {r.label: round(max(0.0, self.free_gb(r)), 2) for r in self._readings}
+
     def earmark(self, name: str, index: int, vram_gb: float) -> None:
         """Hold room on GPU `index` for the next reservation of `name`."""
         reading = next(r for r in self._readings if r.index == index)

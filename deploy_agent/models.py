@@ -87,6 +87,8 @@ class DeployRequest:
     lease_s: float | None = None
     lease_id: str | None = None
     keep_warm_s: float | None = None  # with lease_s: warm time after the last lease; default --keep-warm
+    wait_s: float = 0.0  # how long a GPU deploy may wait for room (0: answer at once)
+    priority: int = 5  # 0-9: its place in the queue
 
 
 @attrs.define
@@ -98,6 +100,7 @@ class Lease:
     lease_s: float
     expires_at: float
     keep_warm_s: float = 0.0  # how long its service stays warm once no lease is left
+    priority: int = 5  # its holder's: a waiting deploy of higher priority may preempt it
 
 
 @attrs.frozen
@@ -178,6 +181,7 @@ class ServiceView:
     reason: str | None
     hold: Hold | None = attrs.field(metadata={"schema": {"enum": ["pinned", "leased", "idle", None]}})
     idle_until: str | None = attrs.field(metadata={"schema": DATE_TIME})
+    preempt_at: str | None = attrs.field(default=None, metadata={"schema": DATE_TIME})
 
     @classmethod
     def of(cls, service: Service, advertise_host: str, now: float, leases: list[Lease],
@@ -250,6 +254,7 @@ class DryRunAnswer:
     already_running: bool
     pull_needed: bool | None  # None: another node pulls it, the agent can't know
     evicts: list[str] = attrs.field(factory=list)  # idle services it would stop to fit
+    queued: bool = False  # with wait_s: it fits nowhere now and would wait in the queue
     ok: bool = always(True)
     dry_run: bool = always(True)
 
@@ -270,7 +275,21 @@ class LeaseAnswer:
     lease_id: str
     lease_s: float
     lease_expires_at: str = attrs.field(metadata={"schema": DATE_TIME})
+    # When a waiting deploy of higher priority will stop the service (null: it won't).
+    preempt_at: str | None = attrs.field(default=None, metadata={"schema": DATE_TIME})
     ok: bool = always(True)
+
+
+@attrs.frozen
+class QueueEntry:
+    """A `GET /queue` entry: a GPU deploy waiting for room (deploys of one name share one)."""
+
+    name: str
+    position: int = attrs.field(metadata={"schema": {"minimum": 1}})
+    priority: int
+    since: str = attrs.field(metadata={"schema": DATE_TIME})
+    needs_gb: float
+    callers: int
 
 
 @attrs.frozen
@@ -305,6 +324,7 @@ class HealthAnswer:
     version: str
     auth: Literal["token", "off"]
     warnings: list[HealthWarning]
+    queued: int = 0  # GPU deploys waiting for room
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

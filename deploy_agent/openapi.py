@@ -40,6 +40,7 @@ from deploy_agent.models import (
     HealthWarning,
     JSONObject,
     LeaseAnswer,
+    QueueEntry,
     ReleaseAnswer,
     ServiceView,
     StopAnswer,
@@ -54,7 +55,7 @@ ANSWERS: dict[str, type] = {
     "Health": HealthAnswer, "HealthWarning": HealthWarning, "Service": ServiceView,
     "DeployAnswer": DeployAnswer, "DryRunAnswer": DryRunAnswer, "StopAnswer": StopAnswer,
     "LeaseAnswer": LeaseAnswer, "ReleaseAnswer": ReleaseAnswer, "Gpu": GpuView,
-    "ServiceVram": ServiceVram, "Event": Event,
+    "ServiceVram": ServiceVram, "Event": Event, "QueueEntry": QueueEntry,
 }
 COMPONENT_OF = {model: name for name, model in ANSWERS.items()}
 
@@ -336,6 +337,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 503: "The Docker engine is unreachable or did not answer in time."}),
     ("get", "/gpus"): Operation("gpus", "GPUs and their VRAM accounting",
                                 answers={200: ("GPUs", json_of(array_of("Gpu")))}),
+    ("get", "/queue"): Operation("queue", "GPU deploys waiting for room, first served first",
+                                 answers={200: ("Waiting deploys", json_of(array_of("QueueEntry")))}),
     ("get", "/openapi.json"): Operation("openapi", "This description",
                                         answers={200: ("OpenAPI 3.1 document", json_of({"type": "object"}))}),
     ("get", "/services/{name}/logs"): Operation(

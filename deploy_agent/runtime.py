@@ -131,6 +131,7 @@ class DryRunOutcome:
     node_addr: str | None = None
     node_id: str | None = None
     evicts: tuple[str, ...] = ()  # the idle services it would stop to make room
+    queued: bool = False  # it fits nowhere now, and would wait for room
 
 
 class Runtime(Protocol):

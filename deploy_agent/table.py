@@ -64,6 +64,17 @@ class Held:
 
 
 @attrs.frozen
+class Preemption:
+    """A leased service announced to stop at `at` (wall clock; `deadline` monotonic) for a
+    waiting deploy of `for_name` with `priority`."""
+
+    for_name: str
+    priority: int
+    at: float
+    deadline: float
+
+
+@attrs.frozen
 class InFlight:
     """A first deploy of a name, before its record exists: what it has reserved so far."""
 
@@ -107,6 +118,7 @@ class ServiceTable:
         # of before the deploy could make them.
         self._announced: dict[str, str] = {}
         self._withdrawn: set[str] = set()
+        self._preempting: dict[str, Preemption] = {}  # by the name of the service to stop
         self.leases_changed = 0  # bumped on every lease change, for caches of what shows them
         self._dirty = False
         self.state_error: str | None = None  # why the last write of services.json failed
@@ -282,6 +294,16 @@ class ServiceTable:
         self._gpus.earmark(name, chosen.gpu, vram_gb)
         return chosen
 
+    def _candidates(self, min_resident_s: float, now: float) -> list[Candidate]:
+        """Idle services eviction may take: not busy, resident long enough."""
+        return [
+            Candidate(name=s.spec.name, owner=s.owner, gpu=gpu, idle_since=s.idle_since or now,
+                      gb=max(s.spec.vram_gb, self._gpus.observed_gb(s.spec.name, gpu) or 0.0),
+                      deploy_s=s.deploy_s)
+            for s in (self._services[n] for n in sorted(self.idle_names()))
+            if (gpu := self._gpus.index_of(s.owner)) is not None and not self.busy(s.spec.name)
+            and now - s.started_at >= min_resident_s]
+
     def plan_room(self, name: str, vram_gb: float, min_resident_s: float) -> Eviction | None:
         """The cheapest set of idle services on one GPU whose memory makes a deploy of
         `vram_gb` fit, changing nothing; None when it fits already, or when evicting every
@@ -296,19 +318,88 @@ class ServiceTable:
         except NoGpuCapacity:
             pass
         now = time.time()
-        candidates = [
-            Candidate(name=s.spec.name, owner=s.owner, gpu=gpu, idle_since=s.idle_since or now,
-                      gb=max(s.spec.vram_gb, self._gpus.observed_gb(s.spec.name, gpu) or 0.0),
-                      deploy_s=s.deploy_s)
-            for s in (self._services[n] for n in sorted(self.idle_names()))
-            if (gpu := self._gpus.index_of(s.owner)) is not None and not self.busy(s.spec.name)
-            and now - s.started_at >= min_resident_s]
-        return plan(vram_gb, self._gpus.free_by_gpu(name), candidates, now)
+        return plan(vram_gb, self._gpus.free_by_gpu(name), self._candidates(min_resident_s, now), now)
+
+    def fits(self, name: str, vram_gb: float, min_resident_s: float, evicting: bool = True,
+             freeing: Owner | None = None) -> bool:
+        """Whether a GPU deploy of `name` fits now: as it is (`freeing`: a service it replaces
+        counted as gone), or by evicting idle services."""
+        try:
+            self._gpus.place(vram_gb, freeing=freeing, for_name=name)
+            return True
+        except NoGpuCapacity:
+            return evicting and self.plan_room(name, vram_gb, min_resident_s) is not None
+
+    def room_at_best(self, beside: str) -> float | None:
+        """The most VRAM a deploy of `beside` could ever get on one GPU here: its total,
+        beside pinned services (but the one of that name, which it replaces) and foreign
+        use (None without readings)."""
+        pinned = {s.owner for s in self._services.values() if s.pinned and s.spec.name != beside}
+        return self._gpus.room_beside(pinned)
+
+    def free_gb_by_gpu(self) -> dict[str, float]:
+        return self._gpus.free_by_label()
+
+    def closest_gpu(self, name: str) -> tuple[int, float] | None:
+        """The GPU with the most room free for `name` now, and that room."""
+        free = self._gpus.free_by_gpu(name)
+        return max(free.items(), key=lambda item: (item[1], -item[0])) if free else None
 
     def restore_gpu(self, service: Service) -> None:
         """An eviction that could not stop `service`: it holds its GPU memory again."""
         if service.gpu is not None and not self._gpus.holds(service.owner):
             self._gpus.claim(service.owner, service.gpu, service.spec.vram_gb, service.node_id)
+
+    # -- preemption ----------------------------------------------------------------------
+
+    def plan_preemption(self, name: str, vram_gb: float, priority: int,
+                        min_resident_s: float) -> Eviction | None:
+        """The cheapest set of idle services and leased ones whose every holder has a lower
+        priority than `priority`, on one GPU, that makes a deploy of `name` fit (idle ones
+        first); None when none does. Changes nothing."""
+        now = time.time()
+        candidates = self._candidates(min_resident_s, now)
+        for service in self._services.values():
+            leases = self.leases_of(service.spec.name)
+            gpu = self._gpus.index_of(service.owner)
+            if (service.pinned or not leases or gpu is None or self.busy(service.spec.name)
+                    or max(lease.priority for lease in leases) >= priority
+                    or now - service.started_at < min_resident_s):
+                continue
+            candidates.append(Candidate(
+                name=service.spec.name, owner=service.owner, gpu=gpu, idle_since=service.started_at,
+                gb=max(service.spec.vram_gb, self._gpus.observed_gb(service.spec.name, gpu) or 0.0),
+                deploy_s=service.deploy_s, held=True))
+        return plan(vram_gb, self._gpus.free_by_gpu(name), candidates, now)
+
+    def preempt(self, name: str, for_name: str, priority: int, grace_s: float) -> float:
+        """Announce that `name` stops in grace_s for `for_name`; when (wall clock)."""
+        at = time.time() + grace_s
+        self._preempting[name] = Preemption(for_name=for_name, priority=priority, at=at,
+                                            deadline=time.monotonic() + grace_s)
+        self._lease_changed()
+        return at
+
+    def preempt_at(self, name: str) -> float | None:
+        preemption = self._preempting.get(name)
+        return preemption.at if preemption is not None else None
+
+    def preempting_for(self, name: str) -> str | None:
+        """The waiting deploy `name` is announced to stop for, if any."""
+        preemption = self._preempting.get(name)
+        return preemption.for_name if preemption is not None else None
+
+    def preempted_for(self, for_name: str) -> list[str]:
+        return sorted(n for n, p in self._preempting.items() if p.for_name == for_name)
+
+    def call_off(self, name: str) -> None:
+        if self._preempting.pop(name, None) is not None:
+            self._lease_changed()
+
+    def due_preemptions(self) -> list[str]:
+        """Services whose preemption grace is over, to stop now."""
+        now = time.monotonic()
+        return sorted(n for n, p in self._preempting.items() if p.deadline <= now and not self.busy(n))
 
     def stop_reason(self, name: str) -> str | None:
         """Why `name` should stop now, if it should: no holder and no warm time
@@ -326,6 +417,7 @@ class ServiceTable:
             return False
         self.release(service)
         self._idle_deadlines.pop(service.spec.name, None)
+        self._preempting.pop(service.spec.name, None)
         return True
 
     # -- reservations --------------------------------------------------------------------
@@ -446,11 +538,14 @@ class ServiceTable:
         return [lease for lease in self._leases.values() if lease.service == name]
 
     def add_lease(self, name: str, lease_s: float, lease_id: str | None = None,
-                  keep_warm_s: float = 0.0) -> Lease:
+                  keep_warm_s: float = 0.0, priority: int = 5) -> Lease:
         """A new holder's lease on `name`, for lease_s seconds from now. An idle service
         wakes, kept warm afterwards as this holder asks; a leased one, as the most any asks."""
         lease = Lease(id=lease_id or secrets.token_urlsafe(12), service=name, lease_s=lease_s,
-                      expires_at=0.0, keep_warm_s=keep_warm_s)
+                      expires_at=0.0, keep_warm_s=keep_warm_s, priority=priority)
+        preemption = self._preempting.get(name)
+        if preemption is not None and priority >= preemption.priority:
+            self.call_off(name)  # a holder as important as the waiter arrived
         service = self._services.get(name)
         if service is not None:
             was_held = bool(self.leases_of(name))

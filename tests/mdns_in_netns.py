@@ -17,17 +17,18 @@ from deploy_agent.client import ComputeNodes
 from tests.agent_process import installed
 
 state_dir = Path(sys.argv[1])
-port = 9000  # the namespace is ours alone: no other listener can be on it
+port = 9000  # the namespace is ours alone: no other listener can be on it, no one else reaches it
+address = "10.200.0.1"  # test_mdns.py gives the namespace's loopback this address too
 agent = subprocess.Popen(
-    [installed("deploy-agent"), "--mdns", "--host", "127.0.0.1", "--port", str(port),
-     "--state-dir", str(state_dir), "--advertise-host", "127.0.0.1", "--instance", "mdns-test"],
+    [installed("deploy-agent"), "--mdns", "--host", address, "--port", str(port), "--no-auth",
+     "--state-dir", str(state_dir), "--advertise-host", address, "--instance", "mdns-test"],
     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     env={k: v for k, v in os.environ.items() if k != "COMPUTE_NODES"},
 )
 try:
     for _ in range(200):
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+            urllib.request.urlopen(f"http://{address}:{port}/health", timeout=1).close()
             break
         except OSError:
             time.sleep(0.05)

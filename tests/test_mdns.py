@@ -14,7 +14,11 @@ import pytest
 from deploy_agent.config import parse_config
 
 HERE = Path(__file__).parent
-NETNS_SETUP = "ip link set lo up && ip link set lo multicast on && ip route add 224.0.0.0/4 dev lo"
+# The namespace's one address beside loopback: a client drops adverts of loopback addresses
+# (any host may send them), so the agent advertises this one.
+NETNS_ADDRESS = "10.200.0.1"
+NETNS_SETUP = ("ip link set lo up && ip link set lo multicast on && ip route add 224.0.0.0/4 dev lo"
+               f" && ip addr add {NETNS_ADDRESS}/32 dev lo")
 
 
 def can_unshare() -> bool:
@@ -44,4 +48,4 @@ class TestDiscoveryInANamespace:
                                 text=True, timeout=120, env=env)
         assert result.returncode == 0, result.stderr
         found = json.loads(result.stdout.strip().splitlines()[-1])
-        assert found == {"found": ["http://127.0.0.1:9000"], "reachable": [True]}
+        assert found == {"found": [f"http://{NETNS_ADDRESS}:9000"], "reachable": [True]}

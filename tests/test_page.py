@@ -242,3 +242,21 @@ class TestWithAuth:
         assert all(token not in name for name in resources(browser))
         assert token not in agent.log.read_text()
         assert console_errors(browser) == []
+
+
+class TestQueue:
+    def test_waiting_deploys_are_shown_until_placed(self, agents: Any, browser: webdriver.Chrome) -> None:
+        agent = agents()
+        deploy(agent, "t-page-full0", gpu=True, vram_gb=20)
+        deploy(agent, "t-page-full1", gpu=True, vram_gb=20)
+        waiting = agent.deploy_in_background({"name": "t-page-wait", "image": TEST_IMAGE, "gpu": True,
+                                              "vram_gb": 8, "wait_s": 60})
+        browser.get(agent.url + "/")
+        item = eventually(lambda: browser.find_elements(By.CSS_SELECTOR,
+                                                        "#queue li[data-name='t-page-wait']"))
+        assert "needs 8 GB" in item[0].text and browser.find_element(By.ID, "queue-section").is_displayed()
+        assert post_json(agent.url + "/stop", {"name": "t-page-full0"})[0] == 200
+        eventually(lambda: not browser.find_element(By.ID, "queue-section").is_displayed(), timeout=8)
+        waiting["thread"].join(30)
+        assert waiting["status"] == 200
+        assert console_errors(browser) == []

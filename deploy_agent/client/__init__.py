@@ -44,7 +44,7 @@ from deploy_agent.client.errors import (
     said,
 )
 from deploy_agent.client.lease import Lease, LeaseCallback
-from deploy_agent.client.manifests import Manifest, deploy_body, load_manifest, requirements
+from deploy_agent.client.manifests import Intent, Manifest, deploy_body, load_manifest, requirements
 from deploy_agent.client.node import DEFAULT_NODE, NDJSON, AsyncAgentClient, node_url
 from deploy_agent.client.nodes import (
     LIVE,
@@ -61,7 +61,7 @@ __all__ = [
     "AgentClient", "AgentRequestError", "Answer", "AsyncAgentClient", "AsyncComputeNodes",
     "AuthError", "BadAnswer", "CapacityError", "ComputeNodes", "ConflictError",
     "DeployInterrupted", "Event", "Gpu", "HealthTimeoutError", "ImageError",
-    "InvalidRequestError", "Lease", "LeaseCallback", "LeaseLost", "LeaseNotFoundError",
+    "Intent", "InvalidRequestError", "Lease", "LeaseCallback", "LeaseLost", "LeaseNotFoundError",
     "Manifest", "NodeUncertain", "NodeUnreachable", "PlainHttpToken", "PolicyError",
     "PullStalledError", "Service", "ServiceNotFoundError", "StartError", "TooManyStreamsError",
     "already_running_answer", "deploy_body", "discover_nodes", "error_from", "load_manifest",

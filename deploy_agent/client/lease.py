@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, Unpack
 
 import attrs
 
@@ -27,7 +27,7 @@ from deploy_agent.client.errors import (
     TooManyStreamsError,
     said,
 )
-from deploy_agent.client.manifests import Manifest, load_manifest
+from deploy_agent.client.manifests import Intent, Manifest, load_manifest
 from deploy_agent.client.results import Answer, Event, Service
 
 
@@ -38,7 +38,7 @@ class LeaseNode(Protocol):
     timeout: float
 
     async def deploy(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
-                     lease_id: str | None = None) -> dict[str, Any]: ...
+                     lease_id: str | None = None, **intent: Unpack[Intent]) -> dict[str, Any]: ...
 
     async def renew(self, name: str, lease_id: str, lease_s: float | None = None,
                     timeout: float | None = None) -> dict[str, Any]: ...
@@ -48,7 +48,8 @@ class LeaseNode(Protocol):
     async def service(self, name: str, timeout: float | None = None) -> Service: ...
 
     def deploy_events(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
-                      lease_id: str | None = None) -> AsyncIterator[dict[str, Any]]: ...
+                      lease_id: str | None = None, **intent: Unpack[Intent]
+                      ) -> AsyncIterator[dict[str, Any]]: ...
 
     async def events(self, since: int | None = None, limit: int | None = None,
                      timeout: float | None = None) -> list[Event]: ...
@@ -84,6 +85,8 @@ class Lease(Answer):
     lost: bool = attrs.field(default=False, init=False)
     error: LeaseLost | None = attrs.field(default=None, init=False)
     retakes: int = attrs.field(default=0, init=False)
+    preempt_at: str | None = attrs.field(default=None, init=False)
+    """When a waiting deploy of higher priority will stop the service (from renewals)."""
     trouble: AgentRequestError | None = attrs.field(default=None, init=False)
     """The last renewal's failure while it is being retried; None once one succeeds."""
 
@@ -103,15 +106,16 @@ class Lease(Answer):
 @contextlib.asynccontextmanager
 async def hold(client: LeaseNode, manifest: Manifest, lease_s: float, *, retake: bool = False,
                on_lost: LeaseCallback | None = None, on_retake: LeaseCallback | None = None,
-               first: Mapping[str, Any] | None = None, node: str | None = None) -> AsyncIterator[Lease]:
+               first: Mapping[str, Any] | None = None, node: str | None = None,
+               intent: Intent | None = None) -> AsyncIterator[Lease]:
     """Deploy with a lease (or take `first`, a deploy answer already holding one), keep it
     renewed while the block runs, release it on the way out. LeaseLost on leaving when the
     lease ended on the way (unless the block raised)."""
-    answer = first if first is not None else await deploy_holding(client, manifest, lease_s)
+    answer = first if first is not None else await deploy_holding(client, manifest, lease_s, intent)
     lease = Lease.of(answer, node=node)
     lease.lease_s = lease_s  # the node set it running just before it answered:
     deadline = asyncio.get_running_loop().time() + lease_s
-    keeper = _Keeper(client, manifest, lease, deadline, retake, on_lost, on_retake)
+    keeper = _Keeper(client, manifest, lease, deadline, retake, on_lost, on_retake, intent or {})
     renewing = asyncio.create_task(keeper.run(), name=f"lease {lease.name}")
     try:
         yield lease
@@ -122,13 +126,14 @@ async def hold(client: LeaseNode, manifest: Manifest, lease_s: float, *, retake:
     lease.check()
 
 
-async def deploy_holding(client: LeaseNode, manifest: Manifest, lease_s: float) -> dict[str, Any]:
+async def deploy_holding(client: LeaseNode, manifest: Manifest, lease_s: float,
+                         intent: Intent | None = None) -> dict[str, Any]:
     """A leased deploy whose lease is released if the deploy is left half-way (cancelled,
     interrupted, Ctrl-C): the node says its id first, and would hold it for lease_s."""
     announced: str | None = None
     answer: dict[str, Any] | None = None
     try:
-        async for event in client.deploy_events(manifest, lease_s=lease_s):
+        async for event in client.deploy_events(manifest, lease_s=lease_s, **(intent or {})):
             if event.get("event") == "lease":
                 announced = str(event.get("lease_id"))
             answer = event
@@ -148,8 +153,9 @@ class _Keeper:
     """Renews one lease until cancelled or it ends."""
 
     def __init__(self, client: LeaseNode, manifest: Manifest, lease: Lease, deadline: float,
-                 retake: bool, on_lost: LeaseCallback | None, on_retake: LeaseCallback | None) -> None:
-        self._client, self._manifest, self._lease = client, manifest, lease
+                 retake: bool, on_lost: LeaseCallback | None, on_retake: LeaseCallback | None,
+                 intent: Intent) -> None:
+        self._client, self._manifest, self._lease, self._intent = client, manifest, lease, intent
         self._deadline = deadline  # loop time by which the node drops it, unless renewed
         self._retake, self._on_lost, self._on_retake = retake, on_lost, on_retake
         self._node_said_gone = False  # a 404 ended it: nothing left to release
@@ -197,6 +203,7 @@ class _Keeper:
                 self._deadline = sent + lease.lease_s
                 lease.trouble = None
                 lease.lease_expires_at = answer.get("lease_expires_at", lease.lease_expires_at)
+                lease.preempt_at = answer.get("preempt_at")
                 return None
             if loop.time() >= self._deadline + lease.lease_s and not self._retake:
                 # Twice its length without a word from the node: the node let it go by now
@@ -258,7 +265,7 @@ class _Keeper:
         loop, lease = asyncio.get_running_loop(), self._lease
         self._node_said_gone = False
         try:
-            answer = await deploy_holding(self._client, self._manifest, lease.lease_s)
+            answer = await deploy_holding(self._client, self._manifest, lease.lease_s, self._intent)
         except AgentRequestError as err:
             return await self._lose(LeaseLost(f"Lease on {lease.name} could not be taken again "
                                               f"after {reason}: {err.message}", self._client.url,

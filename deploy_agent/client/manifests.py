@@ -5,11 +5,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import yaml
 
 Manifest = Mapping[str, Any] | str | Path
+
+
+class Intent(TypedDict, total=False):
+    """What a caller asks of a deploy besides its spec (never part of it)."""
+
+    wait_s: float  # a GPU deploy that fits nowhere may wait this long for room
+    priority: int  # 0-9: its place in the queue
+    keep_warm_s: float  # with a lease: how long it stays warm once the last lease ends
 
 
 def load_manifest(manifest: Manifest) -> dict[str, Any]:
@@ -43,8 +51,8 @@ def requirements(body: Mapping[str, Any]) -> tuple[bool, float]:
 
 
 def deploy_body(manifest: Manifest, replace: bool = False, lease_s: float | None = None,
-                lease_id: str | None = None) -> dict[str, Any]:
-    body = load_manifest(manifest)
+                lease_id: str | None = None, intent: Intent | None = None) -> dict[str, Any]:
+    body = {**load_manifest(manifest), **(intent or {})}
     if replace:
         body["replace"] = True
     if lease_s is not None:

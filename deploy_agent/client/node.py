@@ -9,7 +9,7 @@ import urllib.parse
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import aiohttp
 
@@ -27,7 +27,7 @@ from deploy_agent.client.errors import (
     said,
 )
 from deploy_agent.client.lease import Lease, LeaseCallback, hold
-from deploy_agent.client.manifests import Manifest, deploy_body
+from deploy_agent.client.manifests import Intent, Manifest, deploy_body
 from deploy_agent.client.results import A, Event, Gpu, Service
 from deploy_agent.tokens import is_loopback, token_for
 
@@ -183,17 +183,23 @@ class AsyncAgentClient:
     async def gpus(self, timeout: float | None = None) -> list[Gpu]:
         return self._each(Gpu, await self._request("GET", "/gpus", timeout=timeout))
 
+    async def queue(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """GPU deploys waiting for room here, first served first."""
+        result: list[dict[str, Any]] = await self._request("GET", "/queue", timeout=timeout)
+        return result
+
     async def deploy(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
-                     lease_id: str | None = None) -> dict[str, Any]:
+                     lease_id: str | None = None, **intent: Unpack[Intent]) -> dict[str, Any]:
         """Deploy and wait until healthy; the answer has host, port, gpu, already_running,
-        and with `lease_s` the caller's `lease_id` (or renews `lease_id`).
+        and with `lease_s` the caller's `lease_id` (or renews `lease_id`). `intent`:
+        `wait_s`, `priority`, `keep_warm_s` (see the README's Holds and queue).
 
         DeployInterrupted when the node goes quiet for stall_timeout or the connection drops
         after the request reached it (the deploy may still finish there; with `lease_s`, its
         `body["lease_id"]` is the lease the deploy will hold once done).
         """
         answer: dict[str, Any] | None = None
-        async for event in self.deploy_events(manifest, replace, lease_s, lease_id):
+        async for event in self.deploy_events(manifest, replace, lease_s, lease_id, **intent):
             answer = event
         if answer is None or "event" in answer:
             raise DeployInterrupted(0, "interrupted", f"{self.url} closed the deploy stream "
@@ -205,11 +211,12 @@ class AsyncAgentClient:
         return result
 
     async def dry_run(self, manifest: Manifest, replace: bool = False,
-                      timeout: float | None = None) -> dict[str, Any]:
-        """Where a deploy would go now (port, gpu, pull_needed), deploying and reserving
-        nothing; the same errors a deploy would raise."""
+                      timeout: float | None = None, **intent: Unpack[Intent]) -> dict[str, Any]:
+        """Where a deploy would go now (port, gpu, pull_needed, the idle services it would
+        evict, whether it would wait), deploying and reserving nothing; the same errors a
+        deploy would raise."""
         result: dict[str, Any] = await self._request("POST", "/deploy?dry_run=1",
-                                                     deploy_body(manifest, replace), timeout)
+                                                     deploy_body(manifest, replace, intent=intent), timeout)
         return result
 
     async def renew(self, name: str, lease_id: str, lease_s: float | None = None,
@@ -229,8 +236,8 @@ class AsyncAgentClient:
         return result
 
     def leased(self, manifest: Manifest, lease_s: float = 60.0, *, retake: bool = False,
-               on_lost: LeaseCallback | None = None,
-               on_retake: LeaseCallback | None = None) -> contextlib.AbstractAsyncContextManager[Lease]:
+               on_lost: LeaseCallback | None = None, on_retake: LeaseCallback | None = None,
+               **intent: Unpack[Intent]) -> contextlib.AbstractAsyncContextManager[Lease]:
         """Deploy with a lease and hold it while the block runs: renewed in the background,
         released on exit (an exception or a cancellation too).
 
@@ -242,7 +249,8 @@ class AsyncAgentClient:
         (it lapsed: a long pause, a lost state file) or one that ran out and stopped the
         service is taken again by deploying anew, and `on_retake(lease)` is called.
         """
-        return hold(self, manifest, lease_s, retake=retake, on_lost=on_lost, on_retake=on_retake)
+        return hold(self, manifest, lease_s, retake=retake, on_lost=on_lost, on_retake=on_retake,
+                    intent=intent)
 
     async def events(self, since: int | None = None, limit: int | None = None,
                      timeout: float | None = None) -> list[Event]:
@@ -309,7 +317,8 @@ class AsyncAgentClient:
             raise failure
 
     async def deploy_events(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
-                            lease_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+                            lease_id: str | None = None, **intent: Unpack[Intent]
+                            ) -> AsyncIterator[dict[str, Any]]:
         """Progress events of a deploy (lease, waiting, pull, created, started, health); the
         last is the answer.
 
@@ -317,7 +326,7 @@ class AsyncAgentClient:
         silence for stall_timeout, or a dropped connection, raises DeployInterrupted.
         """
         held = lease_id
-        async with self._stream("POST", "/deploy", deploy_body(manifest, replace, lease_s, lease_id),
+        async with self._stream("POST", "/deploy", deploy_body(manifest, replace, lease_s, lease_id, intent),
                                 accept=NDJSON, stall_timeout=self.stall_timeout) as response:
             failure: AgentRequestError | None = None
             try:

@@ -8,7 +8,7 @@ import os
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from deploy_agent.client.errors import (
     AgentRequestError,
@@ -21,7 +21,7 @@ from deploy_agent.client.errors import (
     ServiceNotFoundError,
 )
 from deploy_agent.client.lease import Lease, LeaseCallback, deploy_holding, hold
-from deploy_agent.client.manifests import Manifest, load_manifest, requirements
+from deploy_agent.client.manifests import Intent, Manifest, load_manifest, requirements
 from deploy_agent.client.node import AsyncAgentClient, node_url
 from deploy_agent.client.results import Event, Gpu, Service
 from deploy_agent.models import LIVE_STATUSES
@@ -131,7 +131,7 @@ class AsyncComputeNodes:
     async def close(self) -> None:
         await asyncio.gather(*(client.close() for client in self._clients))
 
-    async def _ask_all(self, ask: Callable[[AsyncAgentClient], Awaitable[T]]) -> list[T | None]:
+    async def ask_all(self, ask: Callable[[AsyncAgentClient], Awaitable[T]]) -> list[T | None]:
         """Ask every node at once; None for nodes that don't answer within probe_timeout.
 
         NodeUnreachable when not one answered (AuthError when one refused the token).
@@ -156,7 +156,7 @@ class AsyncComputeNodes:
         Nodes that don't answer in time are left out; NodeUnreachable when none answers."""
         async def of(client: AsyncAgentClient) -> list[Event]:
             return [Event.of(event.raw, node=client.url) for event in await client.events(limit=limit)]
-        answers = await self._ask_all(of)
+        answers = await self.ask_all(of)
         return sorted((e for events in answers if events for e in events), key=lambda e: e.time)[-limit:]
 
     async def status(self) -> list[dict[str, Any]]:
@@ -274,7 +274,7 @@ class AsyncComputeNodes:
         return await (await self.holder(name)).logs(name, tail)
 
     async def ensure(self, manifest: Manifest, replace: bool = False,
-                     lease_s: float | None = None) -> dict[str, Any]:
+                     lease_s: float | None = None, **intent: Unpack[Intent]) -> dict[str, Any]:
         """A deploy on the node that has the service, else on the best node.
 
         A node that has it in any live status (a deploy in flight is `starting` from its
@@ -284,18 +284,20 @@ class AsyncComputeNodes:
         spec gets the agent's ConflictError with `differing_fields`, or with `replace` a new
         one. Elsewhere, best is, for GPU services, the node whose GPU has the most free VRAM
         that fits; for the rest, the node running the fewest services; ties go to the first
-        URL in order, so callers racing pick the same node. The answer includes `node`. With
-        `lease_s` the caller takes a lease on it wherever it runs (`lease_id` in the answer).
+        URL in order, so callers racing pick the same node. A GPU service that fits nowhere
+        now, even by evicting idle services, goes (with `wait_s`) to wait on the node with the
+        most room free or reclaimable. The answer includes `node`. With `lease_s` the caller
+        takes a lease on it wherever it runs (`lease_id` in the answer).
         """
         body = load_manifest(manifest)
         name = str(body.get("name", ""))
         located = await self.locate(name, statuses=())  # any status: an exited one is redeployed there
         if located is not None:
-            return await self._deploy_on(located[0], name, body, replace, lease_s)
+            return await self._deploy_on(located[0], name, body, replace, lease_s, intent)
         last_error: AgentRequestError | None = None
-        for client in await self.candidates(body):
+        for client in await self.candidates(body, waiting=bool(intent.get("wait_s"))):
             try:
-                return await self._deploy_on(client, name, body, replace, lease_s)
+                return await self._deploy_on(client, name, body, replace, lease_s, intent)
             except (CapacityError, NodeUnreachable) as err:
                 last_error = err  # refused, or never reached: nothing placed there, try the next
         if last_error is not None:
@@ -304,12 +306,14 @@ class AsyncComputeNodes:
         raise CapacityError(503, "no_capacity", f"No reachable node can run {name!r}: {reason}.")
 
     async def _deploy_on(self, client: AsyncAgentClient, name: str, body: Mapping[str, Any],
-                         replace: bool, lease_s: float | None = None) -> dict[str, Any]:
+                         replace: bool, lease_s: float | None = None,
+                         intent: Intent | None = None) -> dict[str, Any]:
         """Deploy on this node. If its answer stalls, look again there, never elsewhere."""
+        intent = intent or {}
         try:
             if lease_s is not None and not replace:  # a lease left half-way is released
-                return {**await deploy_holding(client, body, lease_s), "node": client.url}
-            return {**await client.deploy(body, replace, lease_s), "node": client.url}
+                return {**await deploy_holding(client, body, lease_s, intent), "node": client.url}
+            return {**await client.deploy(body, replace, lease_s, **intent), "node": client.url}
         except DeployInterrupted as err:
             try:
                 entry = await client.service(name)
@@ -321,38 +325,49 @@ class AsyncComputeNodes:
             return {**already_running_answer(Service.of(entry.raw, node=client.url)),
                     "already_running": False}
 
-    async def candidates(self, body: Mapping[str, Any]) -> list[AsyncAgentClient]:
-        """Reachable nodes that could run `body`, best first. A node that lists the service
-        now (a deploy of it by another caller has just begun there) is the only one."""
+    async def candidates(self, body: Mapping[str, Any], waiting: bool = False) -> list[AsyncAgentClient]:
+        """Reachable nodes that could run `body`, best first: for a GPU service, those where
+        it fits now (most free VRAM first), then those where evicting idle services makes
+        it fit (most reclaimable first); with `waiting`, when it fits nowhere, the one with
+        the most room free or reclaimable, to wait there. A node that lists the service now
+        (a deploy of it by another caller has just begun there) is the only one."""
         name = str(body.get("name", ""))
         gpu, vram_gb = requirements(body)
 
         async def look(client: AsyncAgentClient) -> tuple[list[Service], list[Gpu]]:
             services, gpus = await asyncio.gather(client.services(), client.gpus())
             return services, gpus
-        scored: list[tuple[float, int]] = []
-        for order, found in enumerate(await self._ask_all(look)):
+        scored: list[tuple[int, float, int]] = []  # (fits: 0 now, 1 by evicting, 2 waiting), ...
+        for order, found in enumerate(await self.ask_all(look)):
             if found is None:
                 continue
             services, gpus = found
             if any(s.name == name for s in services):
                 return [self._clients[order]]
-            if gpu:
-                best = max((g.vram_free_gb for g in gpus), default=-1.0)
-                if best >= vram_gb:
-                    scored.append((-best, order))
-            else:
-                scored.append((float(len(services)), order))
-        return [self._clients[order] for _, order in sorted(scored)]
+            if not gpu:
+                scored.append((0, float(len(services)), order))
+                continue
+            free = max((g.vram_free_gb for g in gpus), default=-1.0)
+            reclaimable = max((g.vram_free_gb + (g.vram_idle_gb or 0.0) for g in gpus), default=-1.0)
+            if free >= vram_gb:
+                scored.append((0, -free, order))
+            elif reclaimable >= vram_gb:
+                scored.append((1, -reclaimable, order))
+            elif waiting and gpus:
+                scored.append((2, -reclaimable, order))
+        scored.sort()
+        if scored and scored[0][0] == 2:
+            scored = scored[:1]  # wait in one queue, never in several
+        return [self._clients[order] for _, _, order in scored]
 
     @contextlib.asynccontextmanager
     async def leased(self, manifest: Manifest, lease_s: float = 60.0, *, retake: bool = False,
-                     on_lost: LeaseCallback | None = None,
-                     on_retake: LeaseCallback | None = None) -> AsyncIterator[Lease]:
+                     on_lost: LeaseCallback | None = None, on_retake: LeaseCallback | None = None,
+                     **intent: Unpack[Intent]) -> AsyncIterator[Lease]:
         """ensure() with a lease, held like AsyncAgentClient.leased() on the node it runs on
         (a retake deploys there again, never elsewhere)."""
-        answer = await self.ensure(manifest, lease_s=lease_s)
+        answer = await self.ensure(manifest, lease_s=lease_s, **intent)
         client = self.client(answer["node"])
         async with hold(client, manifest, lease_s, retake=retake, on_lost=on_lost, on_retake=on_retake,
-                        first=answer, node=client.url) as lease:
+                        first=answer, node=client.url, intent=intent) as lease:
             yield lease

@@ -80,6 +80,7 @@ class Service(Answer):
     reason: str | None
     hold: str | None = None  # pinned, leased, idle (kept warm until idle_until)
     idle_until: str | None = None
+    preempt_at: str | None = None  # when a waiting deploy of higher priority stops it
     node: str | None = None
 
 

@@ -16,10 +16,10 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from deploy_agent.client.lease import Lease, LeaseCallback
-from deploy_agent.client.manifests import Manifest
+from deploy_agent.client.manifests import Intent, Manifest
 from deploy_agent.client.node import DEFAULT_NODE, AsyncAgentClient
 from deploy_agent.client.nodes import AsyncComputeNodes, discover_nodes, nodes_from_env
 from deploy_agent.client.results import Event, Gpu, Service
@@ -227,19 +227,22 @@ class AgentClient:
         return self._run(self._async.gpus(timeout))
 
     def deploy(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
-               lease_id: str | None = None) -> dict[str, Any]:
-        return self._run(self._async.deploy(manifest, replace, lease_s, lease_id))
+               lease_id: str | None = None, **intent: Unpack[Intent]) -> dict[str, Any]:
+        return self._run(self._async.deploy(manifest, replace, lease_s, lease_id, **intent))
 
     def deploy_events(self, manifest: Manifest, replace: bool = False, lease_s: float | None = None,
-                      lease_id: str | None = None) -> Iterator[dict[str, Any]]:
-        return self._each(self._async.deploy_events(manifest, replace, lease_s, lease_id))
+                      lease_id: str | None = None, **intent: Unpack[Intent]) -> Iterator[dict[str, Any]]:
+        return self._each(self._async.deploy_events(manifest, replace, lease_s, lease_id, **intent))
 
     def stop(self, name: str, timeout: float | None = None) -> dict[str, Any]:
         return self._run(self._async.stop(name, timeout))
 
     def dry_run(self, manifest: Manifest, replace: bool = False,
-                timeout: float | None = None) -> dict[str, Any]:
-        return self._run(self._async.dry_run(manifest, replace, timeout))
+                timeout: float | None = None, **intent: Unpack[Intent]) -> dict[str, Any]:
+        return self._run(self._async.dry_run(manifest, replace, timeout, **intent))
+
+    def queue(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        return self._run(self._async.queue(timeout))
 
     def renew(self, name: str, lease_id: str, lease_s: float | None = None,
               timeout: float | None = None) -> dict[str, Any]:
@@ -262,12 +265,12 @@ class AgentClient:
         return self._each(self._async.follow_logs(name, tail))
 
     def leased(self, manifest: Manifest, lease_s: float = 60.0, *, retake: bool = False,
-               on_lost: LeaseCallback | None = None,
-               on_retake: LeaseCallback | None = None) -> contextlib.AbstractContextManager[Lease]:
+               on_lost: LeaseCallback | None = None, on_retake: LeaseCallback | None = None,
+               **intent: Unpack[Intent]) -> contextlib.AbstractContextManager[Lease]:
         """As AsyncAgentClient.leased(); the callbacks run on a worker thread."""
         return _held(self, self._loop, self._async.leased(manifest, lease_s, retake=retake,
                                                           on_lost=_in_thread(on_lost),
-                                                          on_retake=_in_thread(on_retake)))
+                                                          on_retake=_in_thread(on_retake), **intent))
 
 
 class ComputeNodes:
@@ -333,8 +336,8 @@ class ComputeNodes:
         return self._run(self._async.find(name))
 
     def ensure(self, manifest: Manifest, replace: bool = False,
-               lease_s: float | None = None) -> dict[str, Any]:
-        return self._run(self._async.ensure(manifest, replace, lease_s))
+               lease_s: float | None = None, **intent: Unpack[Intent]) -> dict[str, Any]:
+        return self._run(self._async.ensure(manifest, replace, lease_s, **intent))
 
     def stop(self, name: str) -> dict[str, Any]:
         return self._run(self._async.stop(name))
@@ -349,12 +352,12 @@ class ComputeNodes:
         return self._run(self._async.logs(name, tail))
 
     def leased(self, manifest: Manifest, lease_s: float = 60.0, *, retake: bool = False,
-               on_lost: LeaseCallback | None = None,
-               on_retake: LeaseCallback | None = None) -> contextlib.AbstractContextManager[Lease]:
+               on_lost: LeaseCallback | None = None, on_retake: LeaseCallback | None = None,
+               **intent: Unpack[Intent]) -> contextlib.AbstractContextManager[Lease]:
         """As AsyncComputeNodes.leased(); the callbacks run on a worker thread."""
         return _held(self, self._loop, self._async.leased(manifest, lease_s, retake=retake,
                                                           on_lost=_in_thread(on_lost),
-                                                          on_retake=_in_thread(on_retake)))
+                                                          on_retake=_in_thread(on_retake), **intent))
 
 
 async def _nothing() -> None:

@@ -194,6 +194,15 @@ function renderEvents(fresh) {
   $("no-events").hidden = state.events.length > 0;
 }
 
+// -- the queue: GPU deploys waiting for room ----------------------------------------------
+
+function renderQueue(queue) {
+  $("queue").replaceChildren(...queue.map((w) => el("li", { "data-name": w.name },
+    el("strong", { text: w.name }),
+    ` needs ${gb(w.needs_gb)} · priority ${w.priority} · waiting since ${clock(w.since)}`)));
+  $("queue-section").hidden = queue.length === 0;
+}
+
 // -- logs: the tail, then what follows, through fetch (EventSource can't send a token) ---
 
 function openLogs(name) {
@@ -254,10 +263,12 @@ async function refresh() {
   }
   $("token-section").hidden = true;
   const since = state.lastEvent === null ? `limit=${EVENTS_SHOWN}` : `since=${state.lastEvent}`;
-  const [services, gpus, events] = await Promise.all([api("/services"), api("/gpus"), api(`/events?${since}`)]);
+  const [services, gpus, events, queue] = await Promise.all([api("/services"), api("/gpus"),
+    api(`/events?${since}`), health.queued ? api("/queue") : Promise.resolve([])]);
   const colours = new Map(services.map((s, i) => [s.name, `s${i % 6}`]));
   renderGpus(gpus, colours);
   renderServices(services);
+  renderQueue(queue);
   renderEvents(events);
   if (state.logs && !services.some((s) => s.name === state.logs.name)) {
     $("logs").append("\n[the service was stopped]\n");
@@ -269,7 +280,9 @@ async function refresh() {
 function showTokenPrompt(refused) {
   $("token-section").hidden = false;
   $("token-refused").hidden = !refused;
-  for (const id of ["gpus-section", "services-section", "events-section", "logs-section"]) $(id).hidden = true;
+  for (const id of ["gpus-section", "services-section", "events-section", "logs-section", "queue-section"]) {
+    $(id).hidden = true;
+  }
 }
 
 function showData() {

@@ -247,7 +247,7 @@ class TestWithAuth:
 class TestQueue:
     def test_waiting_deploys_are_shown_until_placed(self, agents: Any, browser: webdriver.Chrome) -> None:
         agent = agents()
-        deploy(agent, "t-page-full0", gpu=True, vram_gb=20)
+        deploy(agent, "t-page-full0", gpu=True, vram_gb=20, lease_s=600)  # pinned: never room
         deploy(agent, "t-page-full1", gpu=True, vram_gb=20)
         waiting = agent.deploy_in_background({"name": "t-page-wait", "image": TEST_IMAGE, "gpu": True,
                                               "vram_gb": 8, "wait_s": 60})

@@ -20,25 +20,27 @@ from collections.abc import Callable
 
 import attrs
 
-from deploy_agent.errors import CallerGone, NoGpuCapacity, QueueFull
+from deploy_agent.errors import NO_ROOM_RETRY_AFTER_S, CallerGone, Conflict, NoGpuCapacity, QueueFull
 from deploy_agent.events import EventLog
 from deploy_agent.eviction import Eviction
 from deploy_agent.models import DeploySpec, JSONObject, rfc3339
 from deploy_agent.runtime import Progress
 from deploy_agent.table import ServiceTable
 
+HEAD_TOKEN = "queue-head"  # the earmark of what is free on the head waiter's GPU
 QUEUED_EVERY_S = 5.0  # a waiting streamed deploy says where it stands at least this often
 LOOK_EVERY_S = 0.5  # how often a waiter looks whether its caller is still there
-RETRY_AFTER_S = 10  # what a caller refused for want of room is told to wait
+RETRY_AFTER_S = NO_ROOM_RETRY_AFTER_S  # what a caller refused for want of room is told to wait
 
 
 @attrs.define
 class Grant:
-    """Room given to a waiter: earmarked for its name, taken from `eviction`'s victims when
-    there are any (the deploy stops them before it starts). `used` once its deploy has
-    begun to place."""
+    """Room given to a waiter: earmarked under `token` (its deploy activates it under its
+    name's lock), taken from `eviction`'s victims when there are any (the deploy stops them
+    before it starts). `used` once a deploy of the name has taken it."""
 
     eviction: Eviction | None
+    token: str
     used: bool = False
 
 
@@ -52,7 +54,7 @@ class Waiter:
     since: float  # wall clock
     granted: asyncio.Future[Grant] = attrs.field(factory=lambda: asyncio.get_running_loop().create_future())
     callers: list[Callable[[], bool]] = attrs.field(factory=list)  # each: is it still there?
-    partial: bool = False  # holds an earmark of what is free on its closest GPU
+    handed: bool = False  # its grant went to a deploy, which gives the room back if unused
     deadline: float = 0.0  # loop time its longest-waiting caller gives up
 
     @property
@@ -108,10 +110,13 @@ class Admission:
             return None
         never = self.never_fits(spec)
         if never is not None:
-            raise NoGpuCapacity(never, free_gb=self._table.free_gb_by_gpu())
+            raise NoGpuCapacity(never, retry_after_s=None, free_gb=self._table.free_gb_by_gpu())
         if self._closed:
             raise _refused("The agent is shutting down; deploy again when it is back.")
         waiter = self._waiters.get(spec.name)
+        if waiter is not None and waiter.spec != spec:
+            raise Conflict(f"A deploy of {spec.name} with another spec waits for room already; "
+                           "wait for its answer, or stop it.", name=spec.name)
         if waiter is None:
             if len(self._waiters) >= self._max_queue:
                 raise QueueFull(f"{len(self._waiters)} deploys already wait for room on this node "
@@ -124,7 +129,9 @@ class Admission:
         waiter.deadline = max(waiter.deadline, asyncio.get_running_loop().time() + wait_s)
         self.serve()
         try:
-            return await self._wait(waiter, wait_s, progress, still_there)
+            grant = await self._wait(waiter, wait_s, progress, still_there)
+            waiter.handed = True
+            return grant
         finally:
             waiter.callers.remove(still_there)
             if not waiter.callers:
@@ -161,49 +168,59 @@ class Admission:
         self._waiters.pop(waiter.name, None)
         self._call_off(waiter.name)
         if waiter.granted.done() and not waiter.granted.cancelled():
-            return  # granted: its deploy took the room and lets go of it when done
+            if waiter.granted.exception() is None and not waiter.handed:
+                self.give_back(waiter.granted.result())  # granted as its callers left
+            return  # else its deploy took the room and lets go of it when done
         waiter.granted.cancel()
-        if waiter.partial:
-            self._table.gpus.drop_earmark(waiter.name)
         self.serve()
 
-    def give_back(self, grant: Grant, name: str) -> None:
-        """A granted deploy that didn't use its room (its caller left before its lock):
-        the victims not yet stopped hold theirs again, the earmark goes."""
-        self._table.gpus.drop_earmark(name)
+    def give_back(self, grant: Grant) -> None:
+        """A granted deploy that didn't use its room (its callers left, or it answered
+        otherwise): the victims not yet stopped hold theirs again, the earmark goes."""
+        self._table.gpus.drop_earmark(grant.token)
         for victim in grant.eviction.victims if grant.eviction else ():
             service = self._table.get(victim.name)
-            if service is not None:
+            if service is not None and service.owner == victim.owner:
                 self._table.restore_gpu(service)
         self.serve()
 
     def serve(self) -> None:
         """Grant room to every waiter that fits now, in order, with no await; earmark what is
         free on the head waiter's closest GPU for it."""
-        for waiter in self._waiters.values():
-            if waiter.partial:
-                self._table.gpus.drop_earmark(waiter.name)
-                waiter.partial = False
+        self._table.gpus.drop_earmark(HEAD_TOKEN)
+        self._table.head_gpu = None
         head_placed = False
         for waiter in self.waiting():
             if waiter.granted.done():
                 continue
-            if self._table.fits(waiter.name, waiter.needs_gb, self._min_resident_s, evicting=False):
-                gpu = self._table.gpus.place(waiter.needs_gb, for_name=waiter.name).index
-                self._table.gpus.earmark(waiter.name, gpu, waiter.needs_gb)
-                self._grant(waiter, Grant(None))
+            never = self.never_fits(waiter.spec)
+            if never is not None:  # pinned services came since it began to wait
+                waiter.granted.set_exception(NoGpuCapacity(never, retry_after_s=None))
+                waiter.granted.exception()  # retrieved: its callers raise it
+                self._call_off(waiter.name)
                 continue
-            eviction = self._table.make_room(waiter.name, waiter.needs_gb, self._min_resident_s)
+            existing = self._table.get(waiter.name)
+            freeing = existing.owner if existing is not None else None  # a waiting replace
+            token = f"grant-{waiter.name}-{next(self._seq)}"
+            if self._table.fits(waiter.name, waiter.needs_gb, self._min_resident_s, evicting=False,
+                                freeing=freeing):
+                gpu = self._table.gpus.place(waiter.needs_gb, freeing, waiter.name).index
+                self._table.gpus.earmark(token, gpu, waiter.needs_gb)
+                self._grant(waiter, Grant(None, token))
+                continue
+            eviction = self._table.make_room(waiter.name, waiter.needs_gb, self._min_resident_s, token,
+                                             freeing)
             if eviction is not None:
-                self._grant(waiter, Grant(eviction))
+                self._grant(waiter, Grant(eviction, token))
                 continue
             if not head_placed:
                 head_placed = True
                 self._preempt_for(waiter)
                 closest = self._table.closest_gpu(waiter.name)
-                if closest is not None and closest[1] > 0:
-                    self._table.gpus.earmark(waiter.name, closest[0], min(closest[1], waiter.needs_gb))
-                    waiter.partial = True
+                if closest is not None:  # its room there, now and as it comes, is the head's
+                    self._table.head_gpu = (waiter.name, closest[0])
+                    if closest[1] > 0:
+                        self._table.gpus.earmark(HEAD_TOKEN, closest[0], min(closest[1], waiter.needs_gb))
 
     def _grant(self, waiter: Waiter, grant: Grant) -> None:
         waiter.granted.set_result(grant)
@@ -234,6 +251,8 @@ class Admission:
     def close(self) -> None:
         """At shutdown: every waiter is refused at once (503), and no one else may wait."""
         self._closed = True
+        self._table.gpus.drop_earmark(HEAD_TOKEN)
+        self._table.head_gpu = None
         for waiter in list(self._waiters.values()):
             if not waiter.granted.done():
                 waiter.granted.set_exception(_refused("The agent is shutting down; deploy again "
@@ -247,4 +266,4 @@ class Admission:
 
 
 def _refused(message: str) -> NoGpuCapacity:
-    return NoGpuCapacity(message, free_gb={}, retry_after_s=RETRY_AFTER_S)
+    return NoGpuCapacity(message, free_gb={})

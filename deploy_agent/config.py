@@ -191,7 +191,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "run this long, so two callers can't swap each other out forever (default: 60s)")
     add("--max-wait", type=_duration, default=_env(environ, "max_wait", "10m"), metavar="DURATION",
         help="cap on a deploy's wait_s: how long it may wait for GPU room (default: 10m)")
-    add("--max-queue", type=int, default=_env(environ, "max_queue", "64"), metavar="N",
+    add("--max-queue", type=_at_least_one, default=_env(environ, "max_queue", "64"), metavar="N",
         help="deploys that may wait for room at once; one more gets 429 queue_full "
         "(default: %(default)s)")
     add("--max-priority", type=int, choices=range(10), default=_env(environ, "max_priority", "9"),
@@ -251,6 +251,16 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def _duration_or_zero(text: str) -> float:

@@ -346,7 +346,7 @@ def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployReques
     if keep_warm_s is not None and lease_s is None:
         details.append({"field": "keep_warm_s", "message": "comes with lease_s (an unleased deploy "
                                                            "runs until stopped)"})
-    wait_s = _optional_field(body.pop("wait_s", None), "wait_s", _keep_warm_seconds, details)
+    wait_s = _optional_field(body.pop("wait_s", None), "wait_s", _wait_seconds, details)
     priority = _optional_field(body.pop("priority", None), "priority", _priority, details)
     spec: DeploySpec | None = None
     try:
@@ -363,8 +363,7 @@ def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployReques
         fields = ", ".join(sorted({d["field"] for d in details}))
         raise InvalidRequest(f"The deploy request is invalid ({fields}); see details.", details=details)
     return DeployRequest(spec=spec, replace=replace, lease_s=lease_s, lease_id=lease_id,
-                         keep_warm_s=keep_warm_s, wait_s=wait_s or 0.0,
-                         priority=5 if priority is None else priority)
+                         keep_warm_s=keep_warm_s, wait_s=wait_s or 0.0, priority=priority)
 
 
 def is_toolkit_key(key: str) -> bool:
@@ -384,6 +383,13 @@ def _keep_warm_seconds(value: Any) -> float:
     seconds = _strict_float(value, float)
     if seconds < 0:
         raise FieldError("must be 0 (stop when the last lease ends) or more seconds")
+    return seconds
+
+
+def _wait_seconds(value: Any) -> float:
+    seconds = _strict_float(value, float)
+    if seconds < 0:
+        raise FieldError("must be 0 (answer at once) or more seconds")
     return seconds
 
 

@@ -20,6 +20,7 @@ from deploy_agent.admission import Admission, Grant
 from deploy_agent.config import Config
 from deploy_agent.errors import (
     AgentError,
+    CallerGone,
     Conflict,
     InvalidRequest,
     LeaseNotFound,
@@ -27,6 +28,7 @@ from deploy_agent.errors import (
     ServiceNotFound,
 )
 from deploy_agent.events import EventLog
+from deploy_agent.eviction import Eviction
 from deploy_agent.models import DeployRequest, DeploySpec, Lease, Service, VramGb, rfc3339
 from deploy_agent.policy import check_deploy
 from deploy_agent.runtime import DryRunOutcome, Progress, Runtime, no_progress
@@ -35,6 +37,8 @@ from deploy_agent.table import ServiceTable
 _LOGGER = logging.getLogger(__name__)
 
 ENFORCE_INTERVAL_S = 0.5
+DEFAULT_PRIORITY = 5
+RETRY_ROOM_S = 0.1  # a waiting deploy whose room went to another looks again after this
 MAX_ENFORCING = 8  # lease-expiry and VRAM-overuse stops in flight at once, one per name
 
 
@@ -49,6 +53,15 @@ def running_differently(name: str, differing: list[str]) -> Conflict:
     """The 409 for a deploy whose spec differs from the healthy service of its name."""
     return Conflict(f"{name} is running with a different {', '.join(differing)}; stop it first "
                     'or send "replace": true.', name=name, differing_fields=differing)
+
+
+class RoomTaken(Exception):
+    """The GPU room a deploy found before its lock went to another deploy before it could
+    reserve it; `refusal` is the 503 to answer if it may not wait on."""
+
+    def __init__(self, refusal: NoGpuCapacity) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
 
 
 def _waiting_for(name: str, progress: Progress) -> Callable[[float], None]:
@@ -109,28 +122,55 @@ class Deployer:
     async def _deploy_announced(self, request: DeployRequest, lease_id: str | None,
                                 progress: Progress, still_there: Callable[[], bool]) -> DeployOutcome:
         spec = request.spec
-        grant: Grant | None = None
+        loop = asyncio.get_running_loop()
+        wait_until = loop.time() + min(request.wait_s, self._config.max_wait_s)
         try:
             others = self._table.volumes_beside(spec.name)
             with self._table.deploying(spec):  # no await in between: racing deploys see each other
                 await asyncio.to_thread(check_deploy, spec, self._config, others)  # resolves host paths
-                grant = await self._admit(request, progress, still_there)  # before the lock
-                async with self._table.locked(spec.name, _waiting_for(spec.name, progress)):
-                    service, already_running = await self._deploy_locked(request, lease_id, progress,
-                                                                         grant)
-                    lease = self._hold(service, request, lease_id)
+                while True:
+                    try:
+                        service, already_running, lease = await self._place(
+                            request, lease_id, progress, still_there, max(0.0, wait_until - loop.time()))
+                        break
+                    except RoomTaken as taken:
+                        # Room it found went to another deploy before it could reserve: wait on,
+                        # if it may (never for a refusal from the queue itself).
+                        if request.wait_s <= 0 or loop.time() + RETRY_ROOM_S >= wait_until:
+                            raise taken.refusal from None
+                        await asyncio.sleep(RETRY_ROOM_S)
             return DeployOutcome(service, already_running, lease)
         except AgentError as err:
             self._events.emit("deploy_failed", spec.name, err.code, image=spec.image,
                               status=err.status)
             raise
         finally:  # one write of what changed (launched, replaced, a new holder), before the answer
-            if grant is not None and not grant.used:
-                self.admission.give_back(grant, spec.name)
             self.admission.serve()  # what a failed deploy held may be a waiter's now
             await self._table.persist_if_dirty()
 
-    async def _admit(self, request: DeployRequest, progress: Progress,
+    async def _place(self, request: DeployRequest, lease_id: str | None, progress: Progress,
+                     still_there: Callable[[], bool],
+                     wait_s: float) -> tuple[Service, bool, Lease | None]:
+        """Room (waiting for it, when the deploy may), then the deploy under its name's lock."""
+        spec = request.spec
+        await self._table.eviction_over(spec.name)  # a victim being evicted starts anew after
+        grant = await self._admit(request, wait_s, progress, still_there)  # before the lock
+        try:
+            if grant is not None and not still_there():
+                raise CallerGone(f"The caller of {spec.name} left while it waited for room.",
+                                 name=spec.name)
+            async with self._table.locked(spec.name, _waiting_for(spec.name, progress)):
+                try:
+                    service, already_running = await self._deploy_locked(request, lease_id, progress,
+                                                                         grant)
+                except NoGpuCapacity as err:
+                    raise RoomTaken(err) from None
+                return service, already_running, self._hold(service, request, lease_id)
+        finally:
+            if grant is not None and not grant.used:
+                self.admission.give_back(grant)
+
+    async def _admit(self, request: DeployRequest, wait_s: float, progress: Progress,
                      still_there: Callable[[], bool]) -> Grant | None:
         """For a GPU deploy with wait_s that fits nowhere now: wait in the queue for room."""
         spec = request.spec
@@ -138,9 +178,7 @@ class Deployer:
         if not spec.gpu or (existing is not None and existing.status == "healthy"
                             and not existing.spec.differing_fields(spec)):
             return None  # no room needed: it runs already, as asked
-        return await self.admission.admit(spec, min(request.wait_s, self._config.max_wait_s),
-                                          min(request.priority, self._config.max_priority),
-                                          progress, still_there)
+        return await self.admission.admit(spec, wait_s, self._priority(request), progress, still_there)
 
     async def _deploy_locked(self, request: DeployRequest, lease_id: str | None,
                              progress: Progress, grant: Grant | None = None) -> tuple[Service, bool]:
@@ -164,46 +202,73 @@ class Deployer:
         if lease_id is not None and request.lease_s is not None:  # the creator's, into the labels
             lease = Lease(id=lease_id, service=spec.name, lease_s=request.lease_s, expires_at=0.0)
         started = time.monotonic()
+        token = None
         try:
             if spec.gpu:
-                await self._make_room(spec, grant)
+                token = await self._make_room(spec, grant)
             service = await self._runtime.launch(spec, progress, lease)
         finally:
-            self._table.gpus.drop_earmark(spec.name)  # taken by the launch, or unused
+            if token is not None:
+                self._table.gpus.drop_earmark(token)  # taken by the launch, or unused
         service.deploy_s = round(time.monotonic() - started, 3)
+        self._table.carry_holds(service, existing)
         self._events.emit("deployed", spec.name, image=spec.image, port=service.host_port,
                           gpu=service.gpu)
         return service, False
 
-    async def _make_room(self, spec: DeploySpec, grant: Grant | None) -> None:
-        """If the GPU deploy fits nowhere now, evict the cheapest set of idle services on one
-        GPU that makes it fit; their room is the deploy's from the moment they are chosen.
-        A deploy that waited has its room granted already (its victims chosen)."""
-        if grant is not None:
+    async def _make_room(self, spec: DeploySpec, grant: Grant | None) -> str:
+        """Room for a GPU deploy under its name's lock: the room its wait was granted, else,
+        if it fits nowhere now, the cheapest set of idle services on one GPU that makes it
+        fit, whose room is the deploy's from the moment they are chosen. The earmark's
+        token (the caller drops it once the launch has reserved, or failed)."""
+        if grant is not None and not grant.used:  # (another deploy of the name may have used it)
             grant.used = True
-            eviction = grant.eviction
+            token, eviction = grant.token, grant.eviction
         else:
             await self._table.refresh_gpus()
-            eviction = self._table.make_room(spec.name, spec.vram_gb, self._config.min_resident_s)
-        if eviction is None:
-            return
-        victims = [self._table.service(victim.name) for victim in eviction.victims]
+            token = f"deploy-{secrets.token_hex(6)}"
+            eviction = self._table.make_room(spec.name, spec.vram_gb, self._config.min_resident_s, token)
+        self._table.gpus.activate(spec.name, token)
+        if eviction is not None:
+            try:
+                await self._evict(spec, eviction)
+            except BaseException:
+                self._table.gpus.drop_earmark(token)  # the victims that still run hold theirs
+                raise
+        return token
+
+    async def _evict(self, spec: DeploySpec, eviction: Eviction) -> None:
+        """Stop the victims, each under its lock, if each is still the idle service chosen
+        (one deployed, leased, pinned or stopped meanwhile keeps or has its room). What
+        can't be stopped holds its room again; then the error goes to the deploy."""
         async with contextlib.AsyncExitStack() as locks:
-            for victim in victims:  # free (not busy) when chosen: taken at once, before anyone
-                await locks.enter_async_context(self._table.locked(victim.spec.name))
-            for victim, chosen in zip(victims, eviction.victims, strict=True):
-                try:
-                    await self._runtime.stop(victim, self._config.stop_timeout)
-                except AgentError:
-                    for left in victims[victims.index(victim):]:
-                        self._table.restore_gpu(left)  # still running: it holds its room again
-                    raise
-                await self._discard(victim)
-                self._table.drop_leases(victim.spec.name)
-                self._events.emit("evicted", victim.spec.name, spec.name, gpu=victim.gpu,
-                                  freed_gb=round(chosen.gb, 2), needed_gb=spec.vram_gb)
-                _LOGGER.info("Evicted %s (idle) to make room for %s", victim.spec.name, spec.name)
-            await self._table.persist()
+            for chosen in eviction.victims:
+                await locks.enter_async_context(self._table.locked(chosen.name))
+            left = list(eviction.victims)
+            try:
+                while left:
+                    chosen = left[0]
+                    victim = self._table.get(chosen.name)
+                    if victim is None or victim.owner != chosen.owner:
+                        self._table.end_evicting(chosen.name)  # gone already: its room is free
+                    elif self._table.hold_of(victim) != "idle":
+                        self._table.restore_gpu(victim)  # held again: it stays, with its room
+                    else:
+                        await self._runtime.stop(victim, self._config.stop_timeout)
+                        await self._discard(victim)
+                        self._table.drop_leases(victim.spec.name)
+                        self._events.emit("evicted", victim.spec.name, spec.name, gpu=victim.gpu,
+                                          freed_gb=round(chosen.gb, 2), needed_gb=spec.vram_gb)
+                        _LOGGER.info("Evicted %s (idle) to make room for %s", victim.spec.name, spec.name)
+                    left.pop(0)
+            finally:
+                for chosen in left:  # not stopped (an engine error, a cancellation): they keep it
+                    victim = self._table.get(chosen.name)
+                    if victim is not None and victim.owner == chosen.owner:
+                        self._table.restore_gpu(victim)
+                    else:
+                        self._table.end_evicting(chosen.name)
+                await self._table.persist()
 
     def _check_request(self, request: DeployRequest) -> None:
         """Before anything runs: a lease_s within --max-lease, a lease_id that is held, and
@@ -242,10 +307,16 @@ class Deployer:
         if self._table.withdrawn(lease_id):
             return None  # its caller let go while it deployed: held by no one, unless others
         try:
-            return self._table.renew_lease(name, lease_id, request.lease_s)
+            return self._table.renew_lease(name, lease_id, request.lease_s,
+                                           None if request.priority is None else self._priority(request))
         except LeaseNotFound:  # new, or lapsed during a long deploy: the same holder, again
             return self._table.add_lease(name, request.lease_s, lease_id, self._keep_warm(request),
-                                         min(request.priority, self._config.max_priority))
+                                         self._priority(request))
+
+    def _priority(self, request: DeployRequest) -> int:
+        """The deploy's priority (5 when not said), within --max-priority."""
+        return min(DEFAULT_PRIORITY if request.priority is None else request.priority,
+                   self._config.max_priority)
 
     def _keep_warm(self, request: DeployRequest) -> float:
         """The warm time a leased deploy asks for, within --max-keep-warm; else --keep-warm."""
@@ -387,6 +458,9 @@ class Deployer:
             service = self._table.get(name)
             preempted_for = self._table.preempting_for(name)
             if service is None or preempted_for is None:
+                return
+            if not self._table.still_preemptible(name) or not self.admission.queued(preempted_for):
+                self._table.call_off(name)  # pinned, held as high, or its waiter is gone
                 return
             await self._stop_locked(service, "preempted", **{"for": preempted_for})
 

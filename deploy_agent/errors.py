@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+NO_ROOM_RETRY_AFTER_S = 10  # what a deploy refused for want of GPU room is told to wait
+
 
 class AgentError(Exception):
     """A failure the caller can act on; answered as `{"ok": false, "error": code, ...}`."""
@@ -167,10 +169,17 @@ class NoGpu(AgentError):
 
 
 class NoGpuCapacity(AgentError):
-    """No GPU has enough free VRAM for the request."""
+    """No GPU has enough free VRAM for the request. It says when to try again (room comes
+    back as leases end), unless `retry_after_s` is None: the deploy can never fit here."""
 
     status = 503
     code = "no_gpu_capacity"
+
+    def __init__(self, message: str, retry_after_s: int | None = NO_ROOM_RETRY_AFTER_S,
+                 **extra: Any) -> None:
+        if retry_after_s is not None:
+            extra["retry_after_s"] = retry_after_s
+        super().__init__(message, **extra)
 
 
 class NoPortAvailable(AgentError):

@@ -302,9 +302,11 @@ class GpuPool:
         self.inventory = inventory
         self._readings: list[GpuReading] = []
         self._reservations: dict[Owner, Assignment] = {}
-        # Room held for the next reservation of a name (a deploy that evicted for it): counted
-        # as taken for everyone else, as free for that name.
+        # Room held, by a token of its own, for a deploy (one that evicted for it, or waited);
+        # counted as taken for everyone but the deploy that activated the token under its
+        # name's lock, whose reservation takes it.
         self._earmarks: dict[str, Assignment] = {}
+        self._active: dict[str, str] = {}  # name -> the token its deploy under way took
         self._containers: dict[str, str] = {}  # name -> container id, as of the last reading
         self._over_streak: dict[str, int] = {}
         self.over: frozenset[str] = frozenset()  # services above their declaration, persistently
@@ -411,8 +413,9 @@ class GpuPool:
         services = sum(max(a.vram_gb, self.observed_gb(owner.name, reading.index) or 0.0)
                        for owner, a in self._reservations.items()
                        if a.index == reading.index and owner != freeing)
-        earmarked = sum(a.vram_gb for name, a in self._earmarks.items()
-                        if a.index == reading.index and name != for_name)
+        own = self._active.get(for_name or "")
+        earmarked = sum(a.vram_gb for token, a in self._earmarks.items()
+                        if a.index == reading.index and token != own)
         return services + earmarked + self.foreign_gb(reading, freeing)
 
     def free_gb(self, reading: GpuReading, freeing: Owner | None = None,
@@ -434,14 +437,25 @@ class GpuPool:
     def free_by_label(self) -> dict[str, float]:
         return {r.label: round(max(0.0, self.free_gb(r)), 2) for r in self._readings}
 
-    def earmark(self, name: str, index: int, vram_gb: float) -> None:
-        """Hold room on GPU `index` for the next reservation of `name`."""
+    def earmark(self, token: str, index: int, vram_gb: float) -> None:
+        """Hold room on GPU `index` under `token`, until activate()d by a deploy and taken by
+        its reservation, or dropped."""
         reading = next(r for r in self._readings if r.index == index)
-        self._earmarks[name] = Assignment(index=index, uuid=reading.uuid, vram_gb=vram_gb,
-                                          node=reading.node, node_index=reading.node_index)
+        self._earmarks[token] = Assignment(index=index, uuid=reading.uuid, vram_gb=vram_gb,
+                                           node=reading.node, node_index=reading.node_index)
 
-    def drop_earmark(self, name: str) -> None:
-        self._earmarks.pop(name, None)
+    def activate(self, name: str, token: str) -> None:
+        """The deploy of `name` under way (holding its name's lock) takes the room of `token`."""
+        self._active[name] = token
+
+    def drop_earmark(self, token: str) -> None:
+        self._earmarks.pop(token, None)
+        for name in [n for n, t in self._active.items() if t == token]:
+            del self._active[name]
+
+    def earmarked_gb(self, token: str) -> float:
+        found = self._earmarks.get(token)
+        return found.vram_gb if found is not None else 0.0
 
     def place(self, vram_gb: float, freeing: Owner | None = None,
               for_name: str | None = None) -> Assignment:
@@ -452,7 +466,7 @@ class GpuPool:
         if not self._readings:
             raise NoGpu("This node has no GPU; deploy it without gpu: true or on a GPU node.")
         free = {r.index: self.free_gb(r, freeing, for_name) for r in self._readings}
-        earmarked = self._earmarks.get(for_name or "")
+        earmarked = self._earmarks.get(self._active.get(for_name or "", ""))
         if earmarked is not None:
             reading = next((r for r in self._readings if r.index == earmarked.index), None)
             if reading is not None and reading.available and free[reading.index] >= vram_gb:
@@ -478,8 +492,10 @@ class GpuPool:
         if owner in self._reservations:
             raise ValueError(f"{owner} already holds a GPU reservation")
         assignment = self.place(vram_gb, freeing, owner.name)
-        self._reservations[owner] = assignment  # room earmarked for the name passes to it here
-        self._earmarks.pop(owner.name, None)
+        self._reservations[owner] = assignment  # the room its deploy took passes to it here
+        token = self._active.pop(owner.name, None)
+        if token is not None:
+            self._earmarks.pop(token, None)
         return assignment
 
     def claim(self, owner: Owner, local_index: int, vram_gb: float, node: str | None = None) -> None:

@@ -88,7 +88,7 @@ class DeployRequest:
     lease_id: str | None = None
     keep_warm_s: float | None = None  # with lease_s: warm time after the last lease; default --keep-warm
     wait_s: float = 0.0  # how long a GPU deploy may wait for room (0: answer at once)
-    priority: int = 5  # 0-9: its place in the queue
+    priority: int | None = None  # 0-9: its place in the queue (5 when not said)
 
 
 @attrs.define

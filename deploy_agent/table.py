@@ -119,6 +119,8 @@ class ServiceTable:
         self._announced: dict[str, str] = {}
         self._withdrawn: set[str] = set()
         self._preempting: dict[str, Preemption] = {}  # by the name of the service to stop
+        self._evicting: dict[str, asyncio.Event] = {}  # chosen victims, until stopped or restored
+        self.head_gpu: tuple[str, int] | None = None  # the head waiter and the GPU it waits for
         self.leases_changed = 0  # bumped on every lease change, for caches of what shows them
         self._dirty = False
         self.state_error: str | None = None  # why the last write of services.json failed
@@ -167,8 +169,8 @@ class ServiceTable:
                 del self._locks[name]
 
     def busy(self, name: str) -> bool:
-        """Whether a deploy or stop holds or waits for `name`."""
-        return name in self._locks
+        """Whether a deploy, stop or eviction holds or waits for `name`."""
+        return name in self._locks or name in self._evicting
 
     def changed_at(self, name: str) -> int:
         return self._changed.get(name, 0)
@@ -242,8 +244,10 @@ class ServiceTable:
         self._bump(service.spec.name)
 
     def pin(self, service: Service) -> None:
-        """Someone deployed it without a lease: it runs until stopped, whatever leases do."""
+        """Someone deployed it without a lease: it runs until stopped, whatever leases do
+        (and no waiter may preempt it)."""
         self._wake(service)
+        self.call_off(service.spec.name)
         if not service.pinned:
             service.pinned = True
             self._dirty = True
@@ -252,6 +256,14 @@ class ServiceTable:
 
     def hold_of(self, service: Service) -> Hold:
         return service.hold(bool(self.leases_of(service.spec.name)))
+
+    def carry_holds(self, service: Service, replaced: Service | None) -> None:
+        """A service launched in place of `replaced` keeps what its holders asked: the
+        longest keep-warm of their leases, and of the one it replaces."""
+        warm = [lease.keep_warm_s for lease in self.leases_of(service.spec.name)]
+        if replaced is not None:
+            warm.append(replaced.keep_warm_s)
+        service.keep_warm_s = max([service.keep_warm_s, *warm])
 
     def idle_names(self) -> set[str]:
         """Services kept warm with no one holding them: what eviction may take."""
@@ -280,19 +292,36 @@ class ServiceTable:
         self._lease_changed()
         return True
 
-    def make_room(self, name: str, vram_gb: float, min_resident_s: float) -> Eviction | None:
+    def make_room(self, name: str, vram_gb: float, min_resident_s: float, token: str,
+                  freeing: Owner | None = None) -> Eviction | None:
         """For a GPU deploy of `name` that fits on no GPU now: plan_room(), carried out as far
-        as the table goes. The victims' GPU memory passes to `name` in this one step, with
-        no await: their reservations go, and the room is earmarked for the next reservation
-        of `name` (which GpuPool.reserve takes), so no concurrent deploy takes it and nothing
-        counts it twice. The caller stops the victims."""
-        chosen = self.plan_room(name, vram_gb, min_resident_s)
+        as the table goes. The victims' memory passes to the deploy in this one step, with no
+        await: their reservations go and an earmark under `token` holds all of it (what the
+        deploy needs, and while the victims still run, what they free), so no concurrent
+        deploy takes it and nothing counts it twice. The victims are marked evicting (busy)
+        until the caller has stopped them, or given them their room back."""
+        chosen = self.plan_room(name, vram_gb, min_resident_s, freeing)
         if chosen is None:
             return None
         for victim in chosen.victims:
             self._gpus.release(victim.owner)
-        self._gpus.earmark(name, chosen.gpu, vram_gb)
+            self._evicting.setdefault(victim.name, asyncio.Event())
+        self._gpus.earmark(token, chosen.gpu, max(vram_gb, chosen.freed_gb))
         return chosen
+
+    def end_evicting(self, name: str) -> None:
+        """The eviction of `name` is over (it is stopped, or was given its room back)."""
+        done = self._evicting.pop(name, None)
+        if done is not None:
+            done.set()
+
+    async def eviction_over(self, name: str) -> None:
+        """Wait while `name` is being evicted: a deploy of it then starts anew."""
+        while (done := self._evicting.get(name)) is not None:
+            await done.wait()
+
+    def evicting(self, name: str) -> bool:
+        return name in self._evicting
 
     def _candidates(self, min_resident_s: float, now: float) -> list[Candidate]:
         """Idle services eviction may take: not busy, resident long enough."""
@@ -304,21 +333,34 @@ class ServiceTable:
             if (gpu := self._gpus.index_of(s.owner)) is not None and not self.busy(s.spec.name)
             and now - s.started_at >= min_resident_s]
 
-    def plan_room(self, name: str, vram_gb: float, min_resident_s: float) -> Eviction | None:
+    def plan_room(self, name: str, vram_gb: float, min_resident_s: float,
+                  freeing: Owner | None = None) -> Eviction | None:
         """The cheapest set of idle services on one GPU whose memory makes a deploy of
         `vram_gb` fit, changing nothing; None when it fits already, or when evicting every
         eligible service would not make it fit.
 
-        Eligible: idle (no lease, not pinned), no deploy or stop of it under way, resident
-        at least `min_resident_s`.
+        Eligible: idle (no lease, not pinned), not `name` itself (`freeing`, the service it
+        replaces, counts as gone), no deploy, stop or eviction of it under way, resident at
+        least `min_resident_s`, and not on the GPU the head waiter of the queue waits for
+        (unless this is it).
         """
         try:
-            self._gpus.place(vram_gb, for_name=name)
+            self._gpus.place(vram_gb, freeing=freeing, for_name=name)
             return None
         except NoGpuCapacity:
             pass
         now = time.time()
-        return plan(vram_gb, self._gpus.free_by_gpu(name), self._candidates(min_resident_s, now), now)
+        held_for_head = self.head_gpu[1] if self.head_gpu is not None and self.head_gpu[0] != name else None
+        free = {gpu: room + (self._freed_by(freeing, gpu) if freeing is not None else 0.0)
+                for gpu, room in self._gpus.free_by_gpu(name).items() if gpu != held_for_head}
+        candidates = [c for c in self._candidates(min_resident_s, now) if c.name != name]
+        return plan(vram_gb, free, candidates, now)
+
+    def _freed_by(self, owner: Owner, gpu: int) -> float:
+        found = self._services.get(owner.name)
+        if found is None or found.owner != owner or self._gpus.index_of(owner) != gpu:
+            return 0.0
+        return max(found.spec.vram_gb, self._gpus.observed_gb(owner.name, gpu) or 0.0)
 
     def fits(self, name: str, vram_gb: float, min_resident_s: float, evicting: bool = True,
              freeing: Owner | None = None) -> bool:
@@ -328,7 +370,7 @@ class ServiceTable:
             self._gpus.place(vram_gb, freeing=freeing, for_name=name)
             return True
         except NoGpuCapacity:
-            return evicting and self.plan_room(name, vram_gb, min_resident_s) is not None
+            return evicting and self.plan_room(name, vram_gb, min_resident_s, freeing) is not None
 
     def room_at_best(self, beside: str) -> float | None:
         """The most VRAM a deploy of `beside` could ever get on one GPU here: its total,
@@ -346,9 +388,12 @@ class ServiceTable:
         return max(free.items(), key=lambda item: (item[1], -item[0])) if free else None
 
     def restore_gpu(self, service: Service) -> None:
-        """An eviction that could not stop `service`: it holds its GPU memory again."""
-        if service.gpu is not None and not self._gpus.holds(service.owner):
+        """An eviction that could not (or need not) stop `service`: it holds its GPU memory
+        again, and is no longer being evicted."""
+        if service.gpu is not None and not self._gpus.holds(service.owner) \
+                and self._services.get(service.spec.name) is service:
             self._gpus.claim(service.owner, service.gpu, service.spec.vram_gb, service.node_id)
+        self.end_evicting(service.spec.name)
 
     # -- preemption ----------------------------------------------------------------------
 
@@ -396,6 +441,13 @@ class ServiceTable:
         if self._preempting.pop(name, None) is not None:
             self._lease_changed()
 
+    def still_preemptible(self, name: str) -> bool:
+        """Whether the preemption announced for `name` still stands: it is unpinned, and every
+        holder has a lower priority than the waiter's."""
+        preemption, service = self._preempting.get(name), self._services.get(name)
+        return (preemption is not None and service is not None and not service.pinned
+                and all(lease.priority < preemption.priority for lease in self.leases_of(name)))
+
     def due_preemptions(self) -> list[str]:
         """Services whose preemption grace is over, to stop now."""
         now = time.monotonic()
@@ -418,6 +470,7 @@ class ServiceTable:
         self.release(service)
         self._idle_deadlines.pop(service.spec.name, None)
         self._preempting.pop(service.spec.name, None)
+        self.end_evicting(service.spec.name)
         return True
 
     # -- reservations --------------------------------------------------------------------
@@ -555,11 +608,18 @@ class ServiceTable:
         self._run_for(lease, lease_s)
         return lease
 
-    def renew_lease(self, name: str, lease_id: str, lease_s: float | None = None) -> Lease:
-        """Extend a holder's lease to now + lease_s (its own lease_s when not given)."""
+    def renew_lease(self, name: str, lease_id: str, lease_s: float | None = None,
+                    priority: int | None = None) -> Lease:
+        """Extend a holder's lease to now + lease_s (its own lease_s when not given); a
+        priority as high as a waiter's that preempts the service calls that off."""
         lease = self.lease(name, lease_id)
         if lease_s is not None:
             lease.lease_s = lease_s
+        if priority is not None:
+            lease.priority = priority
+            preemption = self._preempting.get(name)
+            if preemption is not None and priority >= preemption.priority:
+                self.call_off(name)
         self._run_for(lease, lease.lease_s)
         return lease
 

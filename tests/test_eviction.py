@@ -73,22 +73,26 @@ class TestRoomPassesInOneStep:
         idle(table, "a", 29300, 10)
         idle(table, "b", 29301, 10)
         before = table.gpus.views()[0].vram_reserved_gb
-        eviction = table.make_room("new", 12, min_resident_s=60)
+        eviction = table.make_room("new", 12, min_resident_s=60, token="t")
         assert eviction is not None and [v.name for v in eviction.victims] == ["a"]
         assert table.gpus.views()[0].vram_reserved_gb == before - 10 + 12  # counted once
-        with pytest.raises(NoGpuCapacity):  # another deploy can't take it meanwhile
+        assert table.busy("a") and not table.busy("b")  # chosen: being evicted
+        with pytest.raises(NoGpuCapacity):  # another deploy can't take it meanwhile...
             table.reserve_gpu(Owner("other", "x"), 12)
-        placed = table.reserve_gpu(Owner("new", "y"), 12)  # the deploy that evicted: it fits
+        with pytest.raises(NoGpuCapacity):  # ...nor one of the same name that didn't take it
+            table.reserve_gpu(Owner("new", "z"), 12)
+        table.gpus.activate("new", "t")  # the deploy that evicted, under its name's lock
+        placed = table.reserve_gpu(Owner("new", "y"), 12)
         assert placed.index == 0 and table.gpus.views()[0].vram_reserved_gb == before - 10 + 12
 
     async def test_never_a_young_busy_or_held_service(self, table: ServiceTable) -> None:
         idle(table, "young", 29300, 10)
         table.service("young").started_at = time.time()
-        assert table.make_room("new", 20, min_resident_s=60) is None
+        assert table.make_room("new", 20, min_resident_s=60, token="t") is None
         idle(table, "busy", 29301, 10)
         async with table.locked("busy"):
-            assert table.make_room("new", 20, min_resident_s=60) is None
+            assert table.make_room("new", 20, min_resident_s=60, token="t") is None
         table.add_lease("busy", 30)
-        assert table.make_room("new", 20, min_resident_s=60) is None
+        assert table.make_room("new", 20, min_resident_s=60, token="t") is None
         assert table.plan_room("new", 20, min_resident_s=0) is None  # held: never
         assert table.gpus.views()[0].vram_reserved_gb == 20  # nothing changed

@@ -56,7 +56,8 @@ class StartError(AgentRequestError):
 
 
 class CapacityError(AgentRequestError):
-    """503: no GPU, no GPU room, no port, no Docker engine, or the agent is starting."""
+    """503: no GPU, no GPU room, no port, no Docker engine, or the agent is starting; 429
+    queue_full: too many deploys wait for room there already."""
 
 
 class HealthTimeoutError(AgentRequestError):
@@ -124,7 +125,8 @@ ERRORS_BY_STATUS: dict[int, type[AgentRequestError]] = {
     502: StartError, 503: CapacityError, 504: HealthTimeoutError,
 }
 ERRORS_BY_CODE: dict[str, type[AgentRequestError]] = {"pull_stalled": PullStalledError,
-                                                      "lease_not_found": LeaseNotFoundError}
+                                                      "lease_not_found": LeaseNotFoundError,
+                                                      "queue_full": CapacityError}
 
 
 def _status_by_code() -> dict[str, int]:

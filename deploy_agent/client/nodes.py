@@ -295,9 +295,15 @@ class AsyncComputeNodes:
         if located is not None:
             return await self._deploy_on(located[0], name, body, replace, lease_s, intent)
         last_error: AgentRequestError | None = None
-        for client in await self.candidates(body, waiting=bool(intent.get("wait_s"))):
+        loop, wait_s = asyncio.get_running_loop(), float(intent.get("wait_s") or 0.0)
+        started = loop.time()
+        for client in await self.candidates(body, waiting=wait_s > 0):
+            left = wait_s - (loop.time() - started)  # a wait spent on one node isn't spent again
+            if wait_s > 0 and left <= 0:
+                break
             try:
-                return await self._deploy_on(client, name, body, replace, lease_s, intent)
+                return await self._deploy_on(client, name, body, replace, lease_s,
+                                             {**intent, "wait_s": left} if wait_s > 0 else intent)
             except (CapacityError, NodeUnreachable) as err:
                 last_error = err  # refused, or never reached: nothing placed there, try the next
         if last_error is not None:
@@ -353,12 +359,9 @@ class AsyncComputeNodes:
                 scored.append((0, -free, order))
             elif reclaimable >= vram_gb:
                 scored.append((1, -reclaimable, order))
-            elif waiting and gpus:
-                scored.append((2, -reclaimable, order))
-        scored.sort()
-        if scored and scored[0][0] == 2:
-            scored = scored[:1]  # wait in one queue, never in several
-        return [self._clients[order] for _, _, order in scored]
+            elif waiting and max((g.vram_total_gb for g in gpus), default=0.0) >= vram_gb:
+                scored.append((2, -reclaimable, order))  # a GPU big enough, one day
+        return [self._clients[order] for _, _, order in sorted(scored)]
 
     @contextlib.asynccontextmanager
     async def leased(self, manifest: Manifest, lease_s: float = 60.0, *, retake: bool = False,

@@ -209,7 +209,7 @@ class Bench:
     # -- contention: eviction, the queue, refusals -----------------------------------------------
 
     async def contention_figures(self, docker: aiodocker.Docker, session: aiohttp.ClientSession) -> None:
-        agent = Agent("bench-contend", "33100-33199", self.workdir, resync=5.0,
+        agent = Agent("bench-contend", "30000-30099", self.workdir, resync=5.0,
                       extra=("--fake-gpus", "bench GPU:24", "--min-resident", "0", "--keep-warm", "10m"))
         agent.spawn()
         await agent.wait_for(session, 0)
@@ -217,8 +217,8 @@ class Bench:
         try:
             evicting, floor = [], []
             for i in range(self.rounds):  # interleaved with the floors, so both see the same machine
-                floor.append(await self.floor_stop(docker, session, f"x{i}", 33500 + i)
-                             + await self.floor_deploy(docker, session, f"y{i}", 33600 + i))
+                floor.append(await self.floor_stop(docker, session, f"x{i}", 30500 + i)
+                             + await self.floor_deploy(docker, session, f"y{i}", 30600 + i))
                 async with session.post(agent.url + "/deploy", json={
                         "name": f"bench-idle{i}", **gpu, "lease_s": 60}) as response:
                     lease = (await response.json())["lease_id"]
@@ -248,7 +248,8 @@ class Bench:
                         "-", "<= 50 ms", r <= 0.050)
 
             alone = await self.sequential(session, "GET", agent.url + "/services", None, 300)
-            waiters = [asyncio.ensure_future(self.wait_in_queue(session, agent, f"bench-w{i}", gpu))
+            waiting = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))  # 64 open streams
+            waiters = [asyncio.ensure_future(self.wait_in_queue(waiting, agent, f"bench-w{i}", gpu))
                        for i in range(64)]
             try:
                 await self.until(lambda: self.queued(session, agent, 64), "64 waiters queued")
@@ -257,6 +258,7 @@ class Bench:
                 for waiter in waiters:
                     waiter.cancel()
                 await asyncio.gather(*waiters, return_exceptions=True)
+                await waiting.close()
             self.report("8d. GET /services p50 with 64 deploys waiting",
                         f"{percentile(queued, 50) * 1000:.2f} ms",
                         f"{percentile(alone, 50) * 1000:.2f} ms (none waiting)", "<= 2 ms",

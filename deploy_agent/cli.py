@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--lease", type=_lease_length, metavar="DURATION",
                         help="hold it for this long (90s, 10m, 2h) and print the lease id: it "
                         "stops when no one renews; without, it runs until stopped")
-    deploy.add_argument("--keep-warm", type=_lease_length, metavar="DURATION",
+    deploy.add_argument("--keep-warm", type=_length_or_zero, metavar="DURATION",
                         help="with --lease: keep it running this long once no one holds it "
                         "(default: the node's --keep-warm)")
     deploy.add_argument("--wait", type=_lease_length, metavar="DURATION",
@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
     events.add_argument("--limit", type=int, default=50, help="how many recent ones (default: 50)")
     return parser
+
+
+def _length_or_zero(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0s", "0m", "0h") else _lease_length(text)
 
 
 def _lease_length(text: str) -> float:

@@ -256,3 +256,30 @@ class TestSaysWhatIsWrong:
             assert time.monotonic() < deadline
             time.sleep(0.2)
         assert ctl("release", "t-ctl-int", lease_id, nodes=node.url).returncode == 0
+
+
+class TestContention:
+    def test_deploy_waits_and_queue_lists_it(self, agent_processes: AgentProcesses, tmp_path: Path) -> None:
+        agent = agent_processes.start("--fake-gpus", "RTX 4090:24")
+        holder = json.loads(ctl("--json", "deploy", "--lease", "10m", "--keep-warm", "0", "-",
+                                nodes=agent.url,
+                                stdin=yaml.safe_dump(manifest("t-ctl-hold", gpu=True, vram_gb=20))).stdout)
+        path = tmp_path / "service.yaml"
+        path.write_text(yaml.safe_dump(manifest("t-ctl-wait", gpu=True, vram_gb=16)))
+        env = {k: v for k, v in os.environ.items() if k not in ("DEPLOY_AGENT_TOKEN", "COMPUTE_NODES")}
+        waiting = subprocess.Popen([DEPLOYCTL, "deploy", "--wait", "1m", "--priority", "7", str(path),
+                                    "--node", agent.url], env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 15
+            while "t-ctl-wait" not in ctl("queue", nodes=agent.url).stdout:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            listed = json.loads(ctl("--json", "queue", nodes=agent.url).stdout)
+            assert [(q["name"], q["priority"], q["needs_gb"]) for q in listed] == [("t-ctl-wait", 7, 16)]
+            assert ctl("release", "t-ctl-hold", holder["lease_id"], nodes=agent.url).returncode == 0
+            out, err = waiting.communicate(timeout=60)
+        finally:
+            waiting.kill()
+        assert waiting.returncode == 0, err
+        assert "position 1 in the queue" in err and "t-ctl-wait deployed" in out

@@ -205,7 +205,7 @@ class Admission:
             if self._table.fits(waiter.name, waiter.needs_gb, self._min_resident_s, evicting=False,
                                 freeing=freeing):
                 gpu = self._table.gpus.place(waiter.needs_gb, freeing, waiter.name).index
-                self._table.gpus.earmark(token, gpu, waiter.needs_gb)
+                self._table.gpus.earmark(token, gpu, self._table.beside(waiter.needs_gb, freeing, gpu))
                 self._grant(waiter, Grant(None, token))
                 continue
             eviction = self._table.make_room(waiter.name, waiter.needs_gb, self._min_resident_s, token,

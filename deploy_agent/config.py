@@ -84,6 +84,7 @@ class Config:
     max_queue: int = 64  # deploys waiting for room at once
     max_priority: int = 9  # cap on a deploy's priority
     preempt_grace_s: float = 30.0  # a preempted service's warning before it is stopped
+    default_shm_gb: float = 2.0  # /dev/shm of a GPU service that doesn't say shm_gb
     vram_overuse: Literal["warn", "stop"] = "warn"
     swarm: bool = False
     node_grace_s: float = 30.0
@@ -200,6 +201,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--preempt-grace", type=_duration, default=_env(environ, "preempt_grace", "30s"),
         metavar="DURATION", help="how long a leased service is announced (preempt_at) before a "
         "waiting deploy of higher priority stops it (default: 30s)")
+    add("--default-shm-gb", type=_positive, default=_env(environ, "default_shm_gb", "2"),
+        metavar="GB", help="/dev/shm size of a GPU service whose deploy doesn't say shm_gb "
+        "(default: 2)")
     add("--vram-overuse", choices=["warn", "stop"], default=_env(environ, "vram_overuse", "warn"),
         help="a service seen using more VRAM than it declared (3 resyncs in a row): only "
         "flag it (warn), or also stop it (stop; GPU deploys must then declare vram_gb) "
@@ -346,6 +350,7 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         max_queue=args.max_queue,
         max_priority=args.max_priority,
         preempt_grace_s=args.preempt_grace,
+        default_shm_gb=args.default_shm_gb,
         vram_overuse=args.vram_overuse,
         swarm=args.swarm,
         node_grace_s=args.node_grace,

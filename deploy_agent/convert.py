@@ -55,7 +55,7 @@ PORT_MIN, PORT_MAX = 1, 65535
 MANIFEST_REQUIRES = {"gpu": "gpu", "vram_gb": "vram_gb", "ram_gb": None}
 MANIFEST_DEPLOY = {
     "image": "image", "port": "port", "env": "env", "volumes": "volumes", "health": "health",
-    "ready_timeout": "ready_timeout", "command": "command", "memory_gb": "memory_gb",
+    "ready_timeout": "ready_timeout", "command": "command", "memory_gb": "memory_gb", "shm_gb": "shm_gb",
     "runtime": None,
 }
 # Top-level keys of a deploy that are not the service's spec: the caller's intent.
@@ -354,6 +354,10 @@ def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployReques
     except cattrs.BaseValidationError as err:
         messages = cattrs.transform_error(err, format_exception=_format_exception)
         details.extend(_detail(message, origin) for message in messages)
+    if spec is not None and spec.shm_gb is not None and spec.memory_gb is not None \
+            and spec.shm_gb > spec.memory_gb:
+        details.append({"field": origin.get("shm_gb", "shm_gb"),
+                        "message": f"is counted within memory_gb ({spec.memory_gb:g}): at most that"})
     if spec is not None:
         details.extend({"field": origin.get("env", "env"),
                         "message": f"{key!r} steers the NVIDIA container toolkit, which hands out "

@@ -231,13 +231,13 @@ class Deployer:
         self._table.gpus.activate(spec.name, token)
         if eviction is not None:
             try:
-                await self._evict(spec, eviction)
+                await self._evict(spec, eviction, token)
             except BaseException:
                 self._table.gpus.drop_earmark(token)  # the victims that still run hold theirs
                 raise
         return token
 
-    async def _evict(self, spec: DeploySpec, eviction: Eviction) -> None:
+    async def _evict(self, spec: DeploySpec, eviction: Eviction, token: str) -> None:
         """Stop the victims, each under its lock, if each is still the idle service chosen
         (one deployed, leased, pinned or stopped meanwhile keeps or has its room). What
         can't be stopped holds its room again; then the error goes to the deploy."""
@@ -252,7 +252,8 @@ class Deployer:
                     if victim is None or victim.owner != chosen.owner:
                         self._table.end_evicting(chosen.name)  # gone already: its room is free
                     elif self._table.hold_of(victim) != "idle":
-                        self._table.restore_gpu(victim)  # held again: it stays, with its room
+                        self._table.gpus.shrink_earmark(token, chosen.gb)  # held again: it stays,
+                        self._table.restore_gpu(victim)  # with its room (never counted twice)
                     else:
                         await self._runtime.stop(victim, self._config.stop_timeout)
                         await self._discard(victim)
@@ -265,6 +266,7 @@ class Deployer:
                 for chosen in left:  # not stopped (an engine error, a cancellation): they keep it
                     victim = self._table.get(chosen.name)
                     if victim is not None and victim.owner == chosen.owner:
+                        self._table.gpus.shrink_earmark(token, chosen.gb)
                         self._table.restore_gpu(victim)
                     else:
                         self._table.end_evicting(chosen.name)

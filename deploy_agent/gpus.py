@@ -453,6 +453,12 @@ class GpuPool:
         for name in [n for n, t in self._active.items() if t == token]:
             del self._active[name]
 
+    def shrink_earmark(self, token: str, gb: float) -> None:
+        """A victim keeps its room after all: the earmark no longer holds it."""
+        found = self._earmarks.get(token)
+        if found is not None:
+            self._earmarks[token] = attrs.evolve(found, vram_gb=max(0.0, found.vram_gb - gb))
+
     def earmarked_gb(self, token: str) -> float:
         found = self._earmarks.get(token)
         return found.vram_gb if found is not None else 0.0

@@ -57,6 +57,7 @@ class DeploySpec:
     ready_timeout: ReadyTimeout = ReadyTimeout(60.0)
     command: Command | None = None
     memory_gb: MemoryGb | None = None  # a hard memory limit; none by default
+    shm_gb: MemoryGb | None = None  # /dev/shm size; GPU services get --default-shm-gb
     version: str | None = None
     description: str | None = None
 
@@ -74,7 +75,7 @@ class DeploySpec:
 
 
 RUNTIME_FIELDS = ("image", "port", "gpu", "vram_gb", "env", "volumes", "health", "command",
-                  "memory_gb")
+                  "memory_gb", "shm_gb")
 
 
 @attrs.frozen

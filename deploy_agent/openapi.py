@@ -70,6 +70,9 @@ FIELD_DOCS: dict[tuple[type, str], str] = {
                              "path under --allow-host-path.",
     (DeploySpec, "command"): "A string (split like a shell would) or a list; null or absent for "
                              "the image's own.",
+    (DeploySpec, "shm_gb"): "Size of /dev/shm in GB (PyTorch data loaders, NCCL); counted within "
+                            "memory_gb when set. Default: --default-shm-gb for GPU services (2), "
+                            "else the engine's 64 MB.",
     (DeploySpec, "memory_gb"): "Hard memory limit in GB (no swap beyond it); none by default. "
                                "Part of the spec: a change is a different service.",
     (ServiceView, "port"): "host port",

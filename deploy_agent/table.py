@@ -306,8 +306,13 @@ class ServiceTable:
         for victim in chosen.victims:
             self._gpus.release(victim.owner)
             self._evicting.setdefault(victim.name, asyncio.Event())
-        self._gpus.earmark(token, chosen.gpu, max(vram_gb, chosen.freed_gb))
+        self._gpus.earmark(token, chosen.gpu, max(chosen.freed_gb, self.beside(vram_gb, freeing, chosen.gpu)))
         return chosen
+
+    def beside(self, vram_gb: float, freeing: Owner | None, gpu: int) -> float:
+        """What a deploy of `vram_gb` must hold beside the reservation of the service it
+        replaces (`freeing`) on `gpu`: that one still holds its own until it is removed."""
+        return max(0.0, vram_gb - (self._freed_by(freeing, gpu) if freeing is not None else 0.0))
 
     def end_evicting(self, name: str) -> None:
         """The eviction of `name` is over (it is stopped, or was given its room back)."""

@@ -70,10 +70,15 @@ class TestContentionSoak:
             while not stop.is_set():
                 try:
                     for gpu in get_json(agent.url + "/gpus", timeout=5):
-                        if gpu["vram_committed_gb"] > gpu["vram_total_gb"] + 1e-6:
-                            problems.append(f"over-committed: {gpu}")
-                        if gpu["vram_reserved_gb"] > gpu["vram_total_gb"] + 1e-6:
-                            problems.append(f"over-reserved: {gpu}")
+                        taken = max(gpu["vram_committed_gb"], gpu["vram_reserved_gb"])
+                        if taken > gpu["vram_total_gb"] + 1e-6:
+                            seen = {n: (s["status"], s["hold"], s["gpu"])
+                                    for n, s in agent.services().items()}
+                            problems.append(f"over-committed GPU {gpu['id']}: reserved "
+                                            f"{gpu['vram_reserved_gb']}, committed "
+                                            f"{gpu['vram_committed_gb']}, "
+                                            f"services {gpu['service_vram']}; all {seen}; "
+                                            f"queue {get_json(agent.url + '/queue')}")
                     samples[0] += 1
                 except OSError as err:
                     problems.append(f"/gpus: {err}")

@@ -208,3 +208,27 @@ class TestPidNamespace:
         wait_until(lambda: "t-pidhost" in agent.services())
         for _ in range(3):
             assert get_json(agent.url + "/health")["warnings"] == []
+
+
+class TestSharedMemory:
+    """ML containers start as their frameworks expect: /dev/shm (#24, point 5)."""
+
+    async def test_a_gpu_service_writes_a_gigabyte_into_dev_shm(self, agent_processes: Any) -> None:
+        agent = agent_processes.start("--fake-gpus", "RTX 4090:24")
+        writes = ("sh", "-c", "dd if=/dev/zero of=/dev/shm/batch bs=1M count=1024 2>/dev/null && "
+                  "exec httpd -f -v -p 8000 -h /www")
+        status, answer = post_json(agent.url + "/deploy", {"name": "t-shm", "image": TEST_IMAGE, "gpu": True,
+                                                           "vram_gb": 4, "command": list(writes),
+                                                           "ready_timeout": 30})
+        assert status == 200, answer
+        config = await host_config("t-shm")
+        assert config["ShmSize"] == 2 * GIB
+        plain = {"name": "t-shm-plain", "image": TEST_IMAGE, "shm_gb": 1.5}
+        assert post_json(agent.url + "/deploy", plain)[0] == 200
+        config = await host_config("t-shm-plain")
+        assert config["ShmSize"] == int(1.5 * GIB)
+        status, conflict = post_json(agent.url + "/deploy", {**plain, "shm_gb": 1})
+        assert (status, conflict["differing_fields"]) == (409, ["shm_gb"])
+        status, refused = post_json(agent.url + "/deploy", {"name": "t-shm-big", "image": TEST_IMAGE,
+                                                            "shm_gb": 2, "memory_gb": 1})
+        assert status == 400 and refused["details"][0]["field"] == "shm_gb"

@@ -550,3 +550,18 @@ class TestStopsThatCannotFinishYet:
         assert kept.status == "exited" and "stopping" in (kept.reason or "")
         assert lab.table.port_holder(8000, "n1") == kept.owner
         assert sum(v.vram_reserved_gb for v in lab.table.gpus.views()) == 24
+
+
+def test_shared_memory_in_a_swarm_service(tmp_path: Path) -> None:
+    """A Swarm ContainerSpec has no ShmSize: /dev/shm is a tmpfs of the size."""
+    nodes = {"n1": node("n1", "host1")}
+    table = ServiceTable(NodePorts(PORT_RANGE), GpuPool(SwarmGpus()), StateFile(tmp_path, CONVERTER))
+    runtime = SwarmRuntime(make_config(tmp_path, swarm=True, default_shm_gb=1.5), MagicMock(spec=SwarmEngine),
+                           MagicMock(spec=HealthProbe), table, CONVERTER, SwarmGpus(), EventLog(tmp_path))
+    gpu = runtime.service_body(spec_of("ml", gpu=True, vram_gb=4), nodes["n1"], None, 8000, "a1", None)
+    container = gpu["TaskTemplate"]["ContainerSpec"]
+    assert {"Type": "tmpfs", "Target": "/dev/shm", "TmpfsOptions": {"SizeBytes": int(1.5 * 2**30)}} \
+        in container["Mounts"]
+    plain = runtime.service_body(spec_of("web"), nodes["n1"], None, 8001, "a2", None)["TaskTemplate"]
+    assert not any(
+        m["Target"] == "/dev/shm" for m in plain["ContainerSpec"]["Mounts"])

@@ -324,9 +324,17 @@ class Engine:
                 await events.stop()
 
 
+def shm_bytes(spec: DeploySpec, default_shm_gb: float) -> int | None:
+    """/dev/shm for the service: its shm_gb, else for a GPU service the node's default (ML
+    frameworks fail in the engine's 64 MB), else the engine's own."""
+    shm_gb = spec.shm_gb if spec.shm_gb is not None else default_shm_gb if spec.gpu else None
+    return int(shm_gb * GIB) if shm_gb is not None else None
+
+
 def container_config(spec: DeploySpec, *, host_port: int, env: dict[str, str],
                      labels: dict[str, str], device_requests: list[JSONObject], binds: list[str],
-                     publish_host: str = "", pids_limit: int = 4096) -> JSONObject:
+                     publish_host: str = "", pids_limit: int = 4096,
+                     default_shm_gb: float = 2.0) -> JSONObject:
     """The Engine API create body: one published port, restart unless stopped, hardened."""
     port_key = f"{spec.port}/tcp"
     host_config: JSONObject = {
@@ -351,6 +359,9 @@ def container_config(spec: DeploySpec, *, host_port: int, env: dict[str, str],
         host_config.update(Memory=limit, MemorySwap=limit)  # no swap beyond the limit
     if device_requests:
         host_config["DeviceRequests"] = device_requests
+    shm = shm_bytes(spec, default_shm_gb)
+    if shm is not None:
+        host_config["ShmSize"] = shm
     config: JSONObject = {
         "Image": spec.image,
         "Env": [f"{key}={value}" for key, value in env.items()],

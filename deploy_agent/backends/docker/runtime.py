@@ -179,7 +179,8 @@ class DockerRuntime:
             config = container_config(spec, host_port=host_port, env={**spec.env, **gpu_env}, binds=binds,
                                       labels=labels, device_requests=device_requests,
                                       publish_host=self._config.publish_host,
-                                      pids_limit=self._config.service_pids_limit)
+                                      pids_limit=self._config.service_pids_limit,
+                                      default_shm_gb=self._config.default_shm_gb)
             try:
                 container_id = await self._engine.create(spec.container_name, config)
             except BaseException as err:

@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator
 import attrs
 import cattrs
 
+from deploy_agent.backends.engine import shm_bytes
 from deploy_agent.backends.swarm.engine import (
     LIVE_TASK_STATES,
     SwarmEngine,
@@ -236,6 +237,10 @@ class SwarmRuntime:
         }
         if spec.command is not None:
             container["Args"] = list(spec.command)
+        shm = shm_bytes(spec, self._config.default_shm_gb)
+        if shm is not None:  # a service's ContainerSpec has no ShmSize: a tmpfs of that size
+            container["Mounts"].append({"Type": "tmpfs", "Target": "/dev/shm",
+                                        "TmpfsOptions": {"SizeBytes": shm}})
         limits: JSONObject = {"Pids": self._config.service_pids_limit}
         if spec.memory_gb is not None:
             limits["MemoryBytes"] = int(spec.memory_gb * GIB)

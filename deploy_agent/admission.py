@@ -23,7 +23,7 @@ import attrs
 from deploy_agent.errors import NO_ROOM_RETRY_AFTER_S, CallerGone, Conflict, NoGpuCapacity, QueueFull
 from deploy_agent.events import EventLog
 from deploy_agent.eviction import Eviction
-from deploy_agent.models import DeploySpec, JSONObject, rfc3339
+from deploy_agent.models import DeploySpec, rfc3339
 from deploy_agent.runtime import Progress
 from deploy_agent.table import ServiceTable
 
@@ -258,12 +258,6 @@ class Admission:
                 waiter.granted.set_exception(_refused("The agent is shutting down; deploy again "
                                                       "when it is back."))
                 waiter.granted.exception()  # retrieved: every caller raises it anyway
-
-    def describe(self) -> list[JSONObject]:
-        return [{"name": w.name, "priority": w.priority, "since": w.since, "needs_gb": w.needs_gb,
-                 "position": position, "callers": len(w.callers)}
-                for position, w in enumerate(self.waiting(), start=1)]
-
 
 def _refused(message: str) -> NoGpuCapacity:
     return NoGpuCapacity(message, free_gb={})

@@ -325,18 +325,18 @@ class ServiceTable:
         while (done := self._evicting.get(name)) is not None:
             await done.wait()
 
-    def evicting(self, name: str) -> bool:
-        return name in self._evicting
-
     def _candidates(self, min_resident_s: float, now: float) -> list[Candidate]:
         """Idle services eviction may take: not busy, resident long enough."""
-        return [
-            Candidate(name=s.spec.name, owner=s.owner, gpu=gpu, idle_since=s.idle_since or now,
-                      gb=max(s.spec.vram_gb, self._gpus.observed_gb(s.spec.name, gpu) or 0.0),
-                      deploy_s=s.deploy_s)
-            for s in (self._services[n] for n in sorted(self.idle_names()))
-            if (gpu := self._gpus.index_of(s.owner)) is not None and not self.busy(s.spec.name)
-            and now - s.started_at >= min_resident_s]
+        return [self._candidate(s, gpu, s.idle_since or now)
+                for s in (self._services[n] for n in sorted(self.idle_names()))
+                if (gpu := self._gpus.index_of(s.owner)) is not None and not self.busy(s.spec.name)
+                and now - s.started_at >= min_resident_s]
+
+    def _candidate(self, service: Service, gpu: int, since: float, held: bool = False) -> Candidate:
+        """What stopping `service` frees on `gpu` (max of declared and observed), and costs."""
+        return Candidate(name=service.spec.name, owner=service.owner, gpu=gpu, idle_since=since,
+                         gb=max(service.spec.vram_gb, self._gpus.observed_gb(service.spec.name, gpu) or 0.0),
+                         deploy_s=service.deploy_s, held=held)
 
     def plan_room(self, name: str, vram_gb: float, min_resident_s: float,
                   freeing: Owner | None = None) -> Eviction | None:
@@ -416,10 +416,7 @@ class ServiceTable:
                     or max(lease.priority for lease in leases) >= priority
                     or now - service.started_at < min_resident_s):
                 continue
-            candidates.append(Candidate(
-                name=service.spec.name, owner=service.owner, gpu=gpu, idle_since=service.started_at,
-                gb=max(service.spec.vram_gb, self._gpus.observed_gb(service.spec.name, gpu) or 0.0),
-                deploy_s=service.deploy_s, held=True))
+            candidates.append(self._candidate(service, gpu, service.started_at, held=True))
         return plan(vram_gb, self._gpus.free_by_gpu(name), candidates, now)
 
     def preempt(self, name: str, for_name: str, priority: int, grace_s: float) -> float:

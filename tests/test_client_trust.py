@@ -33,14 +33,7 @@ from deploy_agent.models import ServiceView
 from tests.agent_process import AgentProcess, free_port, post_json
 from tests.conftest import TEST_IMAGE
 from tests.standins import SilentProxy, StandInNode, listed, stand_in_node
-
-
-def wait_for(check: Any, timeout: float = 15, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(every)
-    return found
+from tests.test_visible_deploys import wait_for
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from importlib import resources
 from typing import Any
 
@@ -18,11 +18,13 @@ from aiohttp.typedefs import Handler
 
 from deploy_agent import __version__
 from deploy_agent.browsers import JSON
+from deploy_agent.caches import Caches
 from deploy_agent.config import Config
 from deploy_agent.convert import parse_deploy_request, parse_renew_request, parse_stop_request
 from deploy_agent.deployer import Deployer, DeployOutcome
 from deploy_agent.errors import AgentError, InvalidRequest, UnsupportedMediaType
 from deploy_agent.events import MEMORY_EVENTS, EventLog
+from deploy_agent.images import ImageStore
 from deploy_agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from deploy_agent.metrics import AgentMetrics
 from deploy_agent.models import (
@@ -66,6 +68,8 @@ EVENTS_KEY = web.AppKey("events", EventLog)
 OPENAPI_KEY = web.AppKey("openapi", bytes)
 METRICS_KEY = web.AppKey("metrics", AgentMetrics)
 LISTING_KEY = web.AppKey("listing", ListingCache)
+IMAGES_KEY = web.AppKey("images", ImageStore)
+CACHES_KEY = web.AppKey("caches", Caches)
 
 INTERNAL_ERROR = {"ok": False, "error": "internal_error",
                   "message": "The agent failed unexpectedly; its log has the details."}
@@ -177,6 +181,7 @@ def health_warnings(app: web.Application) -> list[HealthWarning]:
         warnings.append(HealthWarning(
             "event_log_not_writable", f"events.jsonl cannot be written ({event_error}); events "
             "are kept in memory and retried."))
+    warnings += app[IMAGES_KEY].warnings() + app[CACHES_KEY].warnings()
     refusals = app[RECONCILER_KEY].refusals
     if refusals:
         listed = "; ".join(f"{subject}: {message}" for subject, message in sorted(refusals.items()))
@@ -288,20 +293,28 @@ async def stream_deploy(request: web.Request, deploy_request: DeployRequest) -> 
     """One JSON event per line while deploying; the last line is the plain answer (or error).
 
     The deploy runs to its end even if the caller goes away, so nothing is left half-done.
-    Once the stream has begun, every outcome is a line: never a second response.
     """
+    async def work(progress: Progress) -> Any:
+        outcome = await run_deploy(request, deploy_request, progress)
+        return request.app[CONVERTER_KEY].unstructure(deploy_answer(request, outcome))
+    return await stream_progress(request, work, f"deploy of {deploy_request.spec.name}")
+
+
+async def stream_progress(request: web.Request, work: Callable[[Progress], Awaitable[Any]],
+                          what: str) -> web.StreamResponse:
+    """NDJSON: each progress event `work` reports, then its answer (or error) as the last line.
+    Once the stream has begun, every outcome is a line: never a second response."""
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
     await response.prepare(request)
     events: asyncio.Queue[JSONObject | None] = asyncio.Queue()
     writer = asyncio.ensure_future(_write_lines(response, events))
     final: Any
     try:
-        outcome = await run_deploy(request, deploy_request, events.put_nowait)
-        final = request.app[CONVERTER_KEY].unstructure(deploy_answer(request, outcome))
+        final = await work(events.put_nowait)
     except AgentError as err:
         final = err.to_json()
     except Exception:
-        _LOGGER.exception("Unhandled error in the streamed deploy of %s", deploy_request.spec.name)
+        _LOGGER.exception("Unhandled error in the streamed %s", what)
         final = INTERNAL_ERROR
     finally:
         events.put_nowait(None)

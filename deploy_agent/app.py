@@ -15,10 +15,12 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from deploy_agent.api import (
+    CACHES_KEY,
     CONFIG_KEY,
     CONVERTER_KEY,
     DEPLOYER_KEY,
     EVENTS_KEY,
+    IMAGES_KEY,
     METRICS_KEY,
     RECONCILER_KEY,
     STREAMS_KEY,
@@ -32,9 +34,11 @@ from deploy_agent.browsers import host_middleware, own_host_names
 from deploy_agent.config import Config
 from deploy_agent.convert import make_converter
 from deploy_agent.deployer import Deployer
+from deploy_agent.disk_api import add_disk_routes
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import GpuInventory
 from deploy_agent.metrics import AgentMetrics
+from deploy_agent.models import Service
 from deploy_agent.page import add_page
 from deploy_agent.streams import Streams
 from deploy_agent.supervise import Supervisor
@@ -53,6 +57,7 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
     app[CONVERTER_KEY] = make_converter()
     app[STREAMS_KEY] = Streams(config.max_streams)
     add_routes(app)
+    add_disk_routes(app)
     add_page(app)
 
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -60,12 +65,25 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         await asyncio.to_thread(events.load)
         backend = await build(config, app[CONVERTER_KEY], events, docker=docker, gpus=gpus)
         table, reconciler = backend.table, backend.reconciler
-        deployer = Deployer(config, backend.runtime, table, events)
+        images, caches = backend.images, backend.caches
+
+        async def deployed(service: Service) -> None:
+            await caches.touch(service.spec)
+            if service.cold_start is not None:
+                await images.deployed(service.spec.image, service.spec.name, service.cold_start)
+                app[METRICS_KEY].cold_start(service.cold_start)
+
+        async def stopped(service: Service) -> None:
+            await caches.touch(service.spec)
+
+        deployer = Deployer(config, backend.runtime, table, events, deployed, stopped)
         supervisor = Supervisor()
         app[TABLE_KEY] = table
         app[EVENTS_KEY] = events
         app[DEPLOYER_KEY] = deployer
         app[RECONCILER_KEY] = reconciler
+        app[IMAGES_KEY] = images
+        app[CACHES_KEY] = caches
         app[METRICS_KEY] = AgentMetrics(table, reconciler, supervisor, app[STREAMS_KEY], events)
         try:
             await reconciler.start_up()
@@ -78,6 +96,9 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         supervisor.start("stream-watch", app[STREAMS_KEY].watch)
         supervisor.start("event-log", events.keep_written)
         supervisor.start("enforce", deployer.enforce)
+        supervisor.start("caches", caches.keep_measured)
+        if config.prepull:  # in the background: readiness does not wait for it
+            supervisor.start("prepull", lambda: images.prepull(config.prepull), once=True)
         yield
         try:
             await supervisor.close()

@@ -85,6 +85,10 @@ class Config:
     max_priority: int = 9  # cap on a deploy's priority
     preempt_grace_s: float = 30.0  # a preempted service's warning before it is stopped
     default_shm_gb: float = 2.0  # /dev/shm of a GPU service that doesn't say shm_gb
+    registry_auth: Path | None = None  # a Docker client config; None: $DOCKER_CONFIG or ~/.docker
+    prepull: tuple[str, ...] = ()  # images pulled in the background at start-up
+    cache_max_gb: float | None = None  # unmounted caches beyond this are pruned, oldest use first
+    cache_measure_s: float = 60.0  # how often the caches' sizes are measured (a slow engine call)
     vram_overuse: Literal["warn", "stop"] = "warn"
     swarm: bool = False
     node_grace_s: float = 30.0
@@ -204,6 +208,21 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--default-shm-gb", type=_positive, default=_env(environ, "default_shm_gb", "2"),
         metavar="GB", help="/dev/shm size of a GPU service whose deploy doesn't say shm_gb "
         "(default: 2)")
+    add("--registry-auth", type=Path, default=_env(environ, "registry_auth"), metavar="PATH",
+        help="the Docker client config whose credentials pulls use (auths, credsStore, "
+        "credHelpers), read at every pull (default: $DOCKER_CONFIG/config.json, else "
+        "~/.docker/config.json of the agent's user: what `docker login` writes)")
+    add("--prepull", action="append", metavar="IMAGE",
+        default=[i for i in (_env(environ, "prepull") or "").split(",") if i],
+        help="pull this image in the background at start-up, under the image policy; "
+        "repeatable (env: comma-separated)")
+    add("--cache-max-gb", type=_positive, default=_env(environ, "cache_max_gb"), metavar="GB",
+        help="keep the caches no running service mounts under this many GB in all, removing "
+        "the least recently used first (default: no limit)")
+    add("--cache-measure-interval", type=_duration,
+        default=_env(environ, "cache_measure_interval", "60s"), metavar="DURATION",
+        help="how often the caches' sizes are measured: the engine walks every volume, so "
+        "not too often (default: 60s)")
     add("--vram-overuse", choices=["warn", "stop"], default=_env(environ, "vram_overuse", "warn"),
         help="a service seen using more VRAM than it declared (3 resyncs in a row): only "
         "flag it (warn), or also stop it (stop; GPU deploys must then declare vram_gb) "
@@ -351,6 +370,10 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         max_priority=args.max_priority,
         preempt_grace_s=args.preempt_grace,
         default_shm_gb=args.default_shm_gb,
+        registry_auth=args.registry_auth,
+        prepull=tuple(dict.fromkeys(args.prepull)),
+        cache_max_gb=args.cache_max_gb,
+        cache_measure_s=args.cache_measure_interval,
         vram_overuse=args.vram_overuse,
         swarm=args.swarm,
         node_grace_s=args.node_grace,

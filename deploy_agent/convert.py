@@ -19,6 +19,7 @@ from cattrs.gen import make_dict_unstructure_fn, override
 
 from deploy_agent.errors import InvalidRequest
 from deploy_agent.models import (
+    CacheMap,
     Command,
     DeployRequest,
     DeploySpec,
@@ -56,7 +57,7 @@ MANIFEST_REQUIRES = {"gpu": "gpu", "vram_gb": "vram_gb", "ram_gb": None}
 MANIFEST_DEPLOY = {
     "image": "image", "port": "port", "env": "env", "volumes": "volumes", "health": "health",
     "ready_timeout": "ready_timeout", "command": "command", "memory_gb": "memory_gb", "shm_gb": "shm_gb",
-    "runtime": None,
+    "cache": "cache", "runtime": None,
 }
 # Top-level keys of a deploy that are not the service's spec: the caller's intent.
 REQUEST_KEYS = ("replace", "lease_s", "lease_id", "keep_warm_s", "wait_s", "priority")
@@ -171,6 +172,24 @@ def _volume_list(value: Any, _: Any) -> VolumeList:
     return VolumeList(tuple(value))
 
 
+def _cache_map(value: Any, _: Any) -> CacheMap:
+    if not isinstance(value, dict):
+        raise FieldError(f"must be a map of cache names to container paths, not {_json_type(value)}")
+    for name, target in value.items():
+        if not VOLUME_NAME_RE.fullmatch(name):
+            raise FieldError(f"{name!r} is not a cache name (letters, digits, '_', '.', '-')")
+        if not isinstance(target, str):
+            raise FieldError(f"path of {name!r} must be a string, not {_json_type(target)}")
+        _check_target(f"{name}: {target}", target)
+    return CacheMap(dict(value))
+
+
+def _check_target(entry: str, target: str) -> None:
+    if not target.startswith("/") or target == "/" or ".." in target.split("/") or ":" in target:
+        raise FieldError(f"{entry!r}: target must be an absolute path other than '/', without "
+                         "'..' or ':'")
+
+
 def _check_volume(entry: str) -> None:
     parts = entry.split(":")
     if len(parts) == 3 and parts[2] in ("ro", "rw"):
@@ -180,8 +199,7 @@ def _check_volume(entry: str) -> None:
     source, target = parts
     if not (source.startswith("/") or VOLUME_NAME_RE.fullmatch(source)):
         raise FieldError(f"{entry!r}: source must be a volume name or an absolute host path")
-    if not target.startswith("/") or target == "/" or ".." in target.split("/"):
-        raise FieldError(f"{entry!r}: target must be an absolute path other than '/', without '..'")
+    _check_target(entry, target)
 
 
 def _command(value: Any, _: Any) -> Command:
@@ -218,6 +236,8 @@ FIELD_SCHEMAS: dict[Any, JSONObject] = {
     EnvMap: {"type": "object", "propertyNames": {"pattern": ENV_KEY_RE.pattern},
              "additionalProperties": {"type": ["string", "number", "boolean"]}},
     VolumeList: {"type": "array", "items": {"type": "string"}},
+    CacheMap: {"type": "object", "propertyNames": {"pattern": VOLUME_NAME_RE.pattern},
+               "additionalProperties": {"type": "string", "pattern": "^/"}},
     Command: {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
 }
 # The deploy keys that are the caller's intent, not the spec (parse_deploy_request).
@@ -269,7 +289,8 @@ def make_converter() -> cattrs.Converter:
         (ServiceName, _service_name), (ImageRef, _image_ref), (Port, _port),
         (VramGb, _vram_gb), (MemoryGb, _memory_gb), (HealthPath, _health_path),
         (ReadyTimeout, _ready_timeout),
-        (EnvMap, _env_map), (VolumeList, _volume_list), (Command, _command),
+        (EnvMap, _env_map), (VolumeList, _volume_list), (CacheMap, _cache_map),
+        (Command, _command),
     )
     for newtype, rule in rules:
         converter.register_structure_hook(newtype, rule)
@@ -359,6 +380,7 @@ def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployReques
         details.append({"field": origin.get("shm_gb", "shm_gb"),
                         "message": f"is counted within memory_gb ({spec.memory_gb:g}): at most that"})
     if spec is not None:
+        details.extend(_mount_clashes(spec, origin))
         details.extend({"field": origin.get("env", "env"),
                         "message": f"{key!r} steers the NVIDIA container toolkit, which hands out "
                                    "GPUs: the agent sets it alone (deploy with gpu: true and vram_gb)"}
@@ -368,6 +390,16 @@ def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployReques
         raise InvalidRequest(f"The deploy request is invalid ({fields}); see details.", details=details)
     return DeployRequest(spec=spec, replace=replace, lease_s=lease_s, lease_id=lease_id,
                          keep_warm_s=keep_warm_s, wait_s=wait_s or 0.0, priority=priority)
+
+
+def _mount_clashes(spec: DeploySpec, origin: dict[str, str]) -> list[JSONObject]:
+    """A container path mounted twice (by volumes, caches, or both): the engine refuses it."""
+    targets = [entry.split(":")[1].rstrip("/") for entry in spec.volumes]
+    targets += [target.rstrip("/") for target in spec.cache.values()]
+    twice = sorted({target for target in targets if targets.count(target) > 1})
+    return [{"field": origin.get("cache", "cache") if spec.cache else origin.get("volumes", "volumes"),
+             "message": f"{target} is mounted more than once (volumes and cache together)"}
+            for target in twice]
 
 
 def is_toolkit_key(key: str) -> bool:
@@ -442,20 +474,32 @@ def parse_renew_request(body: Any) -> tuple[str, float | None]:
 
 def parse_stop_request(converter: cattrs.Converter, body: Any) -> ServiceName:
     """`{"name": ...}` -> the name, or InvalidRequest."""
+    del converter
+    return ServiceName(_one_field(body, "name", _service_name, "stop", '{"name": "my-service"}'))
+
+
+def parse_pull_request(body: Any) -> ImageRef:
+    """`{"image": ...}` (POST /images/pull) -> the image reference, or InvalidRequest."""
+    return ImageRef(_one_field(body, "image", _image_ref, "pull", '{"image": "registry:5000/team/x:1"}'))
+
+
+def _one_field(body: Any, field: str, rule: Callable[[Any, Any], Any], what: str, example: str) -> Any:
+    """The value of a body that is `{field: value}` and nothing else, checked by `rule`."""
     if not isinstance(body, dict):
-        raise InvalidRequest("The body must be a JSON object like {\"name\": \"my-service\"}.",
+        raise InvalidRequest(f"The body must be a JSON object like {example}.",
                              details=[{"field": "$", "message": "must be an object"}])
     details = []
-    unknown = sorted(set(body) - {"name"})
+    unknown = sorted(set(body) - {field})
     if unknown:
         details.append({"field": "$", "message": f"unknown field(s): {', '.join(unknown)}"})
-    if "name" not in body:
-        details.append({"field": "name", "message": "is required"})
+    value = None
+    if field not in body:
+        details.append({"field": field, "message": "is required"})
     else:
         try:
-            name = _service_name(body["name"], ServiceName)
+            value = rule(body[field], None)
         except FieldError as err:
-            details.append({"field": "name", "message": str(err)})
+            details.append({"field": field, "message": str(err)})
     if details:
-        raise InvalidRequest("The stop request is invalid; see details.", details=details)
-    return name
+        raise InvalidRequest(f"The {what} request is invalid; see details.", details=details)
+    return value

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -31,7 +30,7 @@ from deploy_agent.events import EventLog
 from deploy_agent.eviction import Eviction
 from deploy_agent.models import DeployRequest, DeploySpec, Lease, Service, VramGb, rfc3339
 from deploy_agent.policy import check_deploy
-from deploy_agent.runtime import DryRunOutcome, Progress, Runtime, no_progress
+from deploy_agent.runtime import ColdStartClock, DryRunOutcome, Progress, Runtime, no_progress
 from deploy_agent.table import ServiceTable
 
 _LOGGER = logging.getLogger(__name__)
@@ -73,6 +72,13 @@ def _waiting_for(name: str, progress: Progress) -> Callable[[float], None]:
     return say
 
 
+ServiceHook = Callable[[Service], Awaitable[None]]
+
+
+async def _nothing(service: Service) -> None:
+    del service
+
+
 class Deployer:
     """Deploys and stops; serialises work per name, runs different names in parallel.
 
@@ -80,8 +86,11 @@ class Deployer:
     cancelled at shutdown) never abandons it half-way: close() waits for it or rolls it back.
     """
 
-    def __init__(self, config: Config, runtime: Runtime, table: ServiceTable, events: EventLog) -> None:
+    def __init__(self, config: Config, runtime: Runtime, table: ServiceTable, events: EventLog,
+                 on_deployed: ServiceHook = _nothing, on_stopped: ServiceHook = _nothing) -> None:
         self._config = config
+        self._on_deployed = on_deployed  # the image records and the caches' use
+        self._on_stopped = on_stopped
         self._runtime = runtime
         self._table = table
         self._events = events
@@ -201,16 +210,17 @@ class Deployer:
         lease = None
         if lease_id is not None and request.lease_s is not None:  # the creator's, into the labels
             lease = Lease(id=lease_id, service=spec.name, lease_s=request.lease_s, expires_at=0.0)
-        started = time.monotonic()
         token = None
         try:
             if spec.gpu:
                 token = await self._make_room(spec, grant)
-            service = await self._runtime.launch(spec, progress, lease)
+            clock = ColdStartClock(progress)
+            service = await self._runtime.launch(spec, clock.progress, lease)
         finally:
             if token is not None:
                 self._table.gpus.drop_earmark(token)  # taken by the launch, or unused
-        service.deploy_s = round(time.monotonic() - started, 3)
+        service.cold_start = clock.finish()
+        await self._on_deployed(service)
         self._table.carry_holds(service, existing)
         self._events.emit("deployed", spec.name, image=spec.image, port=service.host_port,
                           gpu=service.gpu)
@@ -381,6 +391,7 @@ class Deployer:
         self._events.emit("stopped", service.spec.name, reason, **details)  # before the await
         self.admission.serve()  # its room may be a waiter's
         await self._table.persist()
+        await self._on_stopped(service)
         _LOGGER.info("Stopped %s (%s)", service.spec.name, reason)
 
     async def _discard(self, service: Service) -> None:

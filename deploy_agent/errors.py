@@ -99,6 +99,20 @@ class ImageNotFound(AgentError):
     code = "image_not_found"
 
 
+class RegistryDenied(AgentError):
+    """The registry refused the pull: no credentials, wrong ones, or no access to the image."""
+
+    status = 403
+    code = "registry_denied"
+
+
+class NotSupported(AgentError):
+    """What this backend cannot do (a pull ahead of time onto a swarm's nodes)."""
+
+    status = 501
+    code = "not_supported"
+
+
 class ContainerExited(AgentError):
     """The container exited before it became healthy."""
 

@@ -31,7 +31,7 @@ KEEPALIVE_S = 15.0  # a follow that has had nothing to say this long says an emp
 
 KINDS = ("deployed", "replaced", "stopped", "crashed", "restarted", "adopted", "removed",
          "deploy_failed", "engine_lost", "engine_back", "vram_overuse", "rescheduled", "pending",
-         "idle", "evicted", "preempting")
+         "idle", "evicted", "preempting", "cache_removed")
 
 
 @attrs.frozen

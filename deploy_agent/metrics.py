@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from deploy_agent import __version__
 from deploy_agent.events import EventLog
-from deploy_agent.models import Status
+from deploy_agent.models import ColdStart, Status
 from deploy_agent.runtime import Reconciler
 from deploy_agent.streams import Streams
 from deploy_agent.supervise import Supervisor
@@ -40,11 +40,21 @@ class AgentMetrics:
             "deploy_agent_deploy_duration_seconds", "Time to answer a deploy, pull and health wait included.",
             ["outcome"], registry=self.registry,
             buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+        self._cold_start = Histogram(
+            "deploy_agent_cold_start_seconds", "Phases of the deploys that started a service: "
+            "pull (up to the create), start (create and start), healthy (start to healthy).",
+            ["phase"], registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
         self.registry.register(_StateCollector(table, reconciler, supervisor, streams, events))
 
     def deploy_finished(self, outcome: str, seconds: float) -> None:
         self._deploys.labels(outcome).inc()
         self._duration.labels(outcome).observe(seconds)
+
+    def cold_start(self, phases: ColdStart) -> None:
+        self._cold_start.labels("pull").observe(phases.pull_s)
+        self._cold_start.labels("start").observe(phases.start_s)
+        self._cold_start.labels("healthy").observe(phases.healthy_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,6 +22,7 @@ HealthPath = NewType("HealthPath", str)
 ReadyTimeout = NewType("ReadyTimeout", float)
 EnvMap = NewType("EnvMap", dict[str, str])
 VolumeList = NewType("VolumeList", tuple[str, ...])
+CacheMap = NewType("CacheMap", dict[str, str])  # cache (an agent volume) name -> container path
 Command = NewType("Command", tuple[str, ...])
 
 Status = Literal["starting", "healthy", "unhealthy", "exited", "restarting",
@@ -58,6 +59,7 @@ class DeploySpec:
     command: Command | None = None
     memory_gb: MemoryGb | None = None  # a hard memory limit; none by default
     shm_gb: MemoryGb | None = None  # /dev/shm size; GPU services get --default-shm-gb
+    cache: CacheMap = attrs.field(factory=lambda: CacheMap({}))
     version: str | None = None
     description: str | None = None
 
@@ -75,7 +77,7 @@ class DeploySpec:
 
 
 RUNTIME_FIELDS = ("image", "port", "gpu", "vram_gb", "env", "volumes", "health", "command",
-                  "memory_gb", "shm_gb")
+                  "memory_gb", "shm_gb", "cache")
 
 
 @attrs.frozen
@@ -120,6 +122,22 @@ def new_attempt() -> str:
     return secrets.token_hex(8)
 
 
+
+@attrs.frozen
+class ColdStart:
+    """A deploy's phases, in seconds: the pull (up to the create; 0 when the image was there,
+    and in front of a swarm, where the node pulls after the create), create and start, and
+    start to healthy."""
+
+    pull_s: float
+    start_s: float
+    healthy_s: float
+    pulled: bool  # whether it pulled anything
+
+    @property
+    def total_s(self) -> float:
+        return self.pull_s + self.start_s + self.healthy_s
+
 @attrs.define
 class Service:
     """A deployment the agent tracks, from reservation until stop."""
@@ -144,7 +162,7 @@ class Service:
     keep_warm_s: float = 0.0
     idle_since: float | None = None
     idle_until: float | None = None
-    deploy_s: float | None = None  # how long its deploy took to be healthy (eviction's cost)
+    cold_start: ColdStart | None = None  # its deploy's phases (eviction's cost)
     attempt: str = attrs.field(factory=new_attempt)  # the deploy that holds its reservations
 
     @property
@@ -183,6 +201,7 @@ class ServiceView:
     hold: Hold | None = attrs.field(metadata={"schema": {"enum": ["pinned", "leased", "idle", None]}})
     idle_until: str | None = attrs.field(metadata={"schema": DATE_TIME})
     preempt_at: str | None = attrs.field(default=None, metadata={"schema": DATE_TIME})
+    cold_start: ColdStart | None = None
 
     @classmethod
     def of(cls, service: Service, advertise_host: str, now: float, leases: list[Lease],
@@ -209,6 +228,7 @@ class ServiceView:
             reason=service.reason,
             hold=service.hold(bool(leases)),
             idle_until=rfc3339(service.idle_until) if service.idle_until is not None else None,
+            cold_start=service.cold_start,
         )
 
     @classmethod
@@ -263,6 +283,24 @@ class DryRunAnswer:
 @attrs.frozen
 class StopAnswer:
     """The answer to a successful `POST /stop`."""
+
+    name: str
+    ok: bool = always(True)
+
+
+@attrs.frozen
+class PullAnswer:
+    """The answer to a successful `POST /images/pull`: the image as the node now has it."""
+
+    image: str
+    digest: str | None
+    size_bytes: int
+    ok: bool = always(True)
+
+
+@attrs.frozen
+class CacheRemoved:
+    """The answer to a successful `DELETE /caches/{name}`."""
 
     name: str
     ok: bool = always(True)

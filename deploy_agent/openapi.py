@@ -23,6 +23,7 @@ import attrs
 
 from deploy_agent import __version__
 from deploy_agent.api import EVENTS_LIMIT_DEFAULT, FLAG_VALUES, LOG_TAIL_DEFAULT, LOG_TAIL_MAX
+from deploy_agent.caches import CacheView
 from deploy_agent.convert import (
     FIELD_SCHEMAS,
     MANIFEST_DEPLOY,
@@ -32,7 +33,10 @@ from deploy_agent.convert import (
 )
 from deploy_agent.events import MEMORY_EVENTS, Event
 from deploy_agent.gpus import GpuView, ServiceVram
+from deploy_agent.images import ImageView
 from deploy_agent.models import (
+    CacheRemoved,
+    ColdStart,
     DeployAnswer,
     DeploySpec,
     DryRunAnswer,
@@ -40,6 +44,7 @@ from deploy_agent.models import (
     HealthWarning,
     JSONObject,
     LeaseAnswer,
+    PullAnswer,
     QueueEntry,
     ReleaseAnswer,
     ServiceView,
@@ -56,6 +61,8 @@ ANSWERS: dict[str, type] = {
     "DeployAnswer": DeployAnswer, "DryRunAnswer": DryRunAnswer, "StopAnswer": StopAnswer,
     "LeaseAnswer": LeaseAnswer, "ReleaseAnswer": ReleaseAnswer, "Gpu": GpuView,
     "ServiceVram": ServiceVram, "Event": Event, "QueueEntry": QueueEntry,
+    "ColdStart": ColdStart, "PullAnswer": PullAnswer, "Image": ImageView, "Cache": CacheView,
+    "CacheRemoved": CacheRemoved,
 }
 COMPONENT_OF = {model: name for name, model in ANSWERS.items()}
 
@@ -107,6 +114,18 @@ FIELD_DOCS: dict[tuple[type, str], str] = {
                                   "whole_gpu (the driver hides processes: all use counts as "
                                   "foreign), declared (fake GPUs, another node's).",
     (Event, "id"): "Increasing, across restarts and file rotation.",
+    (DeploySpec, "cache"): "Caches to mount: name -> container path. Each is one of the agent's "
+                           "own volumes, shared by every service naming it, kept across stops, "
+                           "evictions and restarts (GET /caches).",
+    (ServiceView, "cold_start"): "Its deploy's phases in seconds (null when adopted, not deployed, "
+                                 "by this agent process).",
+    (ImageView, "last_deployed"): "When a deploy last started a service from it (kept across "
+                                  "restarts); null when never.",
+    (ImageView, "services"): "The services that deployed it, most recent last.",
+    (ImageView, "cold_start"): "The last deploy's phases: what the queue and eviction expect.",
+    (CacheView, "size_bytes"): "Measured in the background (--cache-measure-interval); null "
+                               "until the first measurement.",
+    (CacheView, "last_used"): "When a service last mounted it (now, while one does).",
 }
 
 
@@ -234,6 +253,8 @@ def deploy_schemas() -> dict[str, JSONObject]:
         },
         "StopRequest": {"type": "object", "additionalProperties": False, "required": ["name"],
                         "properties": {"name": flat["name"]}},
+        "PullRequest": {"type": "object", "additionalProperties": False, "required": ["image"],
+                        "properties": {"image": flat["image"]}},
         "RenewRequest": {"type": "object", "additionalProperties": False, "required": ["lease_id"],
                          "properties": {
                              "lease_id": {**_without_null(request_keys["lease_id"]),
@@ -321,10 +342,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                                '"health", ...} (lease: first, with lease_s, its lease_id; waiting: '
                                "every 5 s while another deploy or stop of the name is under way); "
                                "last line: DeployAnswer or Error."}})},
-        errors={**BAD_BODY, 403: "Mount or image not allowed by the node's policy, or a Host name "
-                                 "not the agent's (host_not_allowed).",
+        errors={**BAD_BODY,
                 404: "lease_id is not a lease held on that service (lease_not_found).",
                 409: "Deployed with a different spec (see differing_fields), or the name is taken.",
+                403: "Mount or image not allowed by the node's policy, a Host name not the agent's "
+                     "(host_not_allowed), or the registry refused the pull (registry_denied: "
+                     "`registry`, `credentials_sent`).",
                 422: "Image not found or not pullable.",
                 502: "The container exited before becoming healthy, or the engine refused an operation.",
                 503: "Engine unreachable or not answering within --engine-timeout, no GPU, no GPU "
@@ -377,6 +400,34 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         answers={200: ("Events (with follow=1: one JSON event per line, as they happen)", {
             **json_of(array_of("Event")), "application/x-ndjson": {"schema": ref("Event")}})},
         errors={400: "Bad since, limit or follow.", STREAMS[0]: STREAMS[1]}),
+    ("post", "/images/pull"): Operation(
+        "pullImage", "Pull an image now, ahead of its deploys", body="PullRequest",
+        description="Always asks the registry (a moved tag is refreshed), with the node's registry "
+                    "credentials, under the image policy. With `Accept: application/x-ndjson` the "
+                    "answer streams pull progress and ends with the object the plain answer would "
+                    "have been, errors included.",
+        answers={200: ("Pulled", {**json_of(ref("PullAnswer")),
+                                  "application/x-ndjson": {"schema": {"type": "string"}}})},
+        errors={**BAD_BODY, 403: "Image not allowed (image_not_allowed), or the registry refused "
+                                 "the pull (registry_denied).",
+                422: "Image not found in its registry.",
+                501: "In front of a swarm: the engine can't pull onto other nodes (not_supported).",
+                503: "The Docker engine is unreachable or did not answer in time.",
+                504: "The pull made no progress for --pull-stall-timeout (pull_stalled)."}),
+    ("get", "/images"): Operation(
+        "listImages", "The images on this node that deploys may use",
+        answers={200: ("Images", json_of(array_of("Image")))},
+        errors={503: "The Docker engine is unreachable or did not answer in time."}),
+    ("get", "/caches"): Operation(
+        "listCaches", "The agent's volumes (caches), their sizes and who mounts them",
+        answers={200: ("Caches", json_of(array_of("Cache")))},
+        errors={503: "The Docker engine is unreachable or did not answer in time."}),
+    ("delete", "/caches/{name}"): Operation(
+        "removeCache", "Remove a cache no service mounts",
+        answers={200: ("Removed", json_of(ref("CacheRemoved")))},
+        errors={404: "The agent has no cache of that name.",
+                409: "Mounted by a service (or one being deployed): stop it first.",
+                503: "The Docker engine is unreachable or did not answer in time."}),
     ("get", "/"): Operation("statusPage", "The status page (HTML; reads this same API)", public=True,
                             answers={200: ("The page", {"text/html": {"schema": {"type": "string"}}})}),
     ("get", "/static/{name}"): Operation(

@@ -97,14 +97,17 @@ def check_nesting(spec: DeploySpec, others: Mapping[str, tuple[str, ...]],
                     volume=str(ours), service=name)
 
 
-def check_image(spec: DeploySpec, config: Config) -> None:
-    """With --allow-image patterns, the image reference must match one (shell-style glob)."""
+def image_allowed(image: str, config: Config) -> bool:
+    """Without --allow-image patterns every image; else those matching one (shell-style glob)."""
     patterns = config.allow_images
-    if patterns and not any(fnmatch.fnmatchcase(spec.image, p) for p in patterns):
-        raise ImageNotAllowed(
-            f"Image {spec.image} is not allowed on this node (allowed: {', '.join(patterns)}).",
-            image=spec.image,
-        )
+    return not patterns or any(fnmatch.fnmatchcase(image, p) for p in patterns)
+
+
+def check_image(image: str, config: Config) -> None:
+    """ImageNotAllowed unless the image reference may be deployed (or pulled) here."""
+    if not image_allowed(image, config):
+        raise ImageNotAllowed(f"Image {image} is not allowed on this node (allowed: "
+                              f"{', '.join(config.allow_images)}).", image=image)
 
 
 def check_deploy(spec: DeploySpec, config: Config,
@@ -112,6 +115,6 @@ def check_deploy(spec: DeploySpec, config: Config,
     """Every policy check; runs before the image is pulled or anything is created (and off
     the event loop: it resolves host paths). `others`: the volumes of the node's other
     services and deploys in flight, by name."""
-    check_image(spec, config)
+    check_image(spec.image, config)
     check_mounts(spec, config)
     check_nesting(spec, others or {})

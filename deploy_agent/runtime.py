@@ -11,14 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
 from deploy_agent.errors import Conflict, HealthTimeout, NoPortAvailable, PortTaken
-from deploy_agent.models import CONTAINER_PREFIX, DeploySpec, HealthWarning, JSONObject, Lease, Service
+from deploy_agent.models import (
+    CONTAINER_PREFIX,
+    ColdStart,
+    DeploySpec,
+    HealthWarning,
+    JSONObject,
+    Lease,
+    Service,
+)
 from deploy_agent.table import ServiceTable
+
+if TYPE_CHECKING:
+    from deploy_agent.caches import Caches
+    from deploy_agent.images import ImageStore
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -43,6 +56,36 @@ Progress = Callable[[JSONObject], None]
 
 def no_progress(event: JSONObject) -> None:
     del event
+
+
+class ColdStartClock:
+    """Times a launch's phases from the progress it reports, whichever backend runs it: the
+    pull ends at the (last) `created`, the start at `started` or the first health probe,
+    and the wait for health when the launch returns."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._began = time.monotonic()
+        self._created: float | None = None
+        self._started: float | None = None
+        self._pulled = False
+
+    def progress(self, event: JSONObject) -> None:
+        now, kind = time.monotonic(), event.get("event")
+        if kind == "pull":
+            self._pulled = True
+        elif kind == "created":  # again after a port the engine refused: that try's start
+            self._created, self._started = now, None
+        elif kind in ("started", "health") and self._created is not None and self._started is None:
+            self._started = now
+        self._progress(event)
+
+    def finish(self) -> ColdStart:
+        now = time.monotonic()
+        created = self._created if self._created is not None else now
+        started = self._started if self._started is not None else created
+        return ColdStart(pull_s=round(created - self._began, 3), start_s=round(started - created, 3),
+                         healthy_s=round(now - started, 3), pulled=self._pulled)
 
 
 async def on_a_free_port(reserve: Callable[[frozenset[int]], Awaitable[int]],
@@ -206,4 +249,6 @@ class Backend:
     table: ServiceTable  # its records and reservations, with the GPUs it places on
     runtime: Runtime
     reconciler: Reconciler
+    images: ImageStore  # pulls ahead of deploys, what the node has
+    caches: Caches  # the agent's volumes
     close: Callable[[], Awaitable[None]]  # its engine clients and GPU inventory, last

@@ -198,7 +198,7 @@ class StateFile:
         with self._thread_lock:
             if sequence <= self._written:  # a later state is there already: it includes this one
                 return
-            _write_atomically(self.path, document)
+            write_atomically(self.path, document)
             self._written = sequence
 
     def load(self) -> SavedState | None:
@@ -223,7 +223,7 @@ class StateFile:
             return None
 
 
-def _write_atomically(path: Path, document: Any) -> None:
+def write_atomically(path: Path, document: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)  # heals a state dir deleted under us
     data = json.dumps(document, indent=1, sort_keys=True).encode()
     # A temp file of its own (mkstemp makes it 0600: specs carry env values, often API keys).

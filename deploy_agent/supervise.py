@@ -22,17 +22,21 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self.failures: Counter[str] = Counter()  # per loop, for /metrics
 
-    def start(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
-        task = asyncio.create_task(self._run(name, loop), name=name)
+    def start(self, name: str, loop: Callable[[], Awaitable[None]], once: bool = False) -> None:
+        """Run `loop` until shutdown, restarted with backoff when it ends or fails; with
+        `once`, a job that is done when it returns (and retried only when it raises)."""
+        task = asyncio.create_task(self._run(name, loop, once), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    async def _run(self, name: str, loop: Callable[[], Awaitable[None]], once: bool) -> None:
         backoff = MIN_BACKOFF_S
         while True:
             started = time.monotonic()
             try:
                 await loop()
+                if once:
+                    return
                 _LOGGER.error("Background task %s ended by itself; restarting it in %.1f s",
                               name, backoff)
             except asyncio.CancelledError:

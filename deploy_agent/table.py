@@ -336,7 +336,8 @@ class ServiceTable:
         """What stopping `service` frees on `gpu` (max of declared and observed), and costs."""
         return Candidate(name=service.spec.name, owner=service.owner, gpu=gpu, idle_since=since,
                          gb=max(service.spec.vram_gb, self._gpus.observed_gb(service.spec.name, gpu) or 0.0),
-                         deploy_s=service.deploy_s, held=held)
+                         deploy_s=service.cold_start.total_s if service.cold_start else None,
+                         held=held)
 
     def plan_room(self, name: str, vram_gb: float, min_resident_s: float,
                   freeing: Owner | None = None) -> Eviction | None:
@@ -540,6 +541,10 @@ class ServiceTable:
             yield
         finally:
             del self._in_flight[token]
+
+    def specs_in_use(self) -> list[DeploySpec]:
+        """The specs of every tracked service and of every deploy in flight (replaces too)."""
+        return [s.spec for s in self._services.values()] + list(self._in_flight.values())
 
     def in_flight(self) -> list[InFlight]:
         """First deploys of names with no record yet, by name, with the GPU and host port

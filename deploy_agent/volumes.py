@@ -1,5 +1,6 @@
 """Volumes belong to the agent: a deploy's named volume is the agent's own, never another
-application's.
+application's. A deploy's `cache` entries (`{"hf": "/root/.cache/huggingface"}`) are such
+volumes too, always the agent's: weights that outlive the containers that downloaded them.
 
 A deploy says `models:/app/models`; the engine gets the volume `tidybot-<instance>-models`,
 labelled as this agent instance's, created on first use, shared by every service that
@@ -22,6 +23,7 @@ VOLUME_LABEL = "tidybot.volume"  # the name the deploys use, on the agent's own 
 class Mount:
     """One entry of a deploy's `volumes`, as the engine mounts it."""
 
+    name: str  # as the deploy wrote it: a volume or cache name, or a host path
     source: str  # a host path, or the engine's volume name
     target: str
     read_only: bool
@@ -44,20 +46,28 @@ def volume_labels(name: str, instance: str) -> dict[str, str]:
 
 
 def mounts_of(spec: DeploySpec, config: Config) -> list[Mount]:
-    """The engine's mounts for a spec's `volumes` (already validated by the converter)."""
+    """The engine's mounts for a spec's `volumes` and `cache` (already validated by the
+    converter)."""
     mounts = []
     for entry in spec.volumes:
         parts = entry.split(":")
         source, target = parts[0], parts[1]
         read_only = len(parts) == 3 and parts[2] == "ro"
         if source.startswith("/"):
-            mounts.append(Mount(source, target, read_only, host_path=True, owned=False))
+            mounts.append(Mount(source, source, target, read_only, host_path=True, owned=False))
         elif source in config.allow_volumes:
-            mounts.append(Mount(source, target, read_only, host_path=False, owned=False))
+            mounts.append(Mount(source, source, target, read_only, host_path=False, owned=False))
         else:
-            mounts.append(Mount(engine_volume(source, config.instance), target, read_only,
+            mounts.append(Mount(source, engine_volume(source, config.instance), target, read_only,
                                 host_path=False, owned=True))
+    mounts.extend(Mount(name, engine_volume(name, config.instance), target, read_only=False,
+                        host_path=False, owned=True) for name, target in sorted(spec.cache.items()))
     return mounts
+
+
+def owned_volume_names(spec: DeploySpec, config: Config) -> set[str]:
+    """The agent's own volumes (by the deploy's names) a spec mounts: its caches and volumes."""
+    return {mount.name for mount in mounts_of(spec, config) if mount.owned}
 
 
 def is_ours(labels: dict[str, str] | None, name: str, instance: str) -> bool:

@@ -58,7 +58,7 @@ class TestImageAllowlist:
     """--allow-image globs match the full reference; without any, every image is allowed."""
 
     def test_no_patterns_allow_all(self) -> None:
-        check_image(spec(image="anything/at:all"), make_config(Path("/tmp")))
+        check_image("anything/at:all", make_config(Path("/tmp")))
 
     @pytest.mark.parametrize(("image", "allowed"), [
         ("registry.lab:5000/vision/yolo:1", True), ("registry.lab:5000/x", True),
@@ -68,8 +68,8 @@ class TestImageAllowlist:
     def test_patterns(self, image: str, allowed: bool) -> None:
         config = make_config(Path("/tmp"), allow_images=("registry.lab:5000/*", "tidybot/yolo:0.*"))
         if allowed:
-            check_image(spec(image=image), config)
+            check_image(image, config)
         else:
             with pytest.raises(ImageNotAllowed) as caught:
-                check_image(spec(image=image), config)
+                check_image(image, config)
             assert caught.value.status == 403 and caught.value.code == "image_not_allowed"

@@ -17,7 +17,9 @@ from typing import Any, TypeVar
 
 import aiodocker
 import aiodocker.events
+import aiodocker.volumes
 import aiohttp
+from aiodocker.jsonstream import json_stream_stream
 
 from deploy_agent.config import Config
 from deploy_agent.errors import (
@@ -28,8 +30,10 @@ from deploy_agent.errors import (
     ImageNotFound,
     PortTaken,
     PullStalled,
+    RegistryDenied,
 )
 from deploy_agent.models import MANAGED_LABEL, DeploySpec, JSONObject
+from deploy_agent.registry_auth import RegistryCredentials, registry_of
 from deploy_agent.runtime import DROPPED_CAPABILITIES
 
 _LOGGER = logging.getLogger(__name__)
@@ -42,10 +46,21 @@ CONTROL_CONNECTIONS = 100
 UNREACHABLE = 900  # aiodocker's status for "cannot connect to the engine"
 PING_TIMEOUT_S = 2.0
 GIB = 1024**3
+DISK_USAGE_TIMEOUT_S = 300.0  # the engine walks every volume to size it
 # What the engine client can raise besides DockerError: time-outs, dropped connections,
 # a half-read body, JSON it cannot parse.
 _TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientError, OSError)
 _PAYLOAD_ERRORS = (ValueError, KeyError, TypeError)
+# How the engine words a registry's refusal (its errors are text): no or wrong credentials,
+# or no access to the repository. Docker Hub says "denied" for a repository that doesn't
+# exist too, which is why the answer names both.
+_DENIED_MARKS = ("no basic auth credentials", "unauthorized", "denied", "authentication required",
+                 "403 forbidden", "401 unauthorized")
+
+
+def refused_by_registry(reason: str) -> bool:
+    lowered = reason.lower()
+    return any(mark in lowered for mark in _DENIED_MARKS)
 
 
 def _unavailable(action: str, reason: str) -> EngineUnavailable:
@@ -112,8 +127,9 @@ class Engine:
 
     def __init__(self, control: aiodocker.Docker, streams: aiodocker.Docker, *,
                  instance: str = "default", timeout_s: float = 30.0,
-                 pull_stall_s: float = 120.0) -> None:
+                 pull_stall_s: float = 120.0, credentials: RegistryCredentials | None = None) -> None:
         self._docker = control
+        self.credentials = credentials or RegistryCredentials()
         self._streams = streams
         self._ours = f"{MANAGED_LABEL}={instance}"  # label filter: this agent's containers only
         self.timeout_s = timeout_s
@@ -125,12 +141,13 @@ class Engine:
                 return await call
 
     async def post_json(self, action: str, path: str, body: JSONObject,
-                        params: dict[str, Any] | None = None) -> Any:
+                        params: dict[str, Any] | None = None,
+                        headers: dict[str, str] | None = None) -> Any:
         """POST `body` as it is to an Engine API path, bounded; its JSON answer. For the calls
         aiodocker's own methods reshape (a Swarm service's Env on create, a whole spec on
         update): the one place that reaches below aiodocker's public API."""
         return await self._bounded(action, self._docker._query_json(
-            path, method="POST", data=json.dumps(body), params=params))
+            path, method="POST", data=json.dumps(body), params=params, headers=headers))
 
     async def ping(self) -> bool:
         """Whether the engine answers within a couple of seconds, right now."""
@@ -141,27 +158,40 @@ class Engine:
         return True
 
     async def has_image(self, ref: str) -> bool:
+        return await self.inspect_image(ref) is not None
+
+    async def inspect_image(self, ref: str) -> JSONObject | None:
+        """The image's inspect document (RepoDigests, Size...); None when the node lacks it."""
         try:
-            await self._bounded(f"inspect image {ref}", self._docker.images.inspect(ref))
+            found: JSONObject = await self._bounded(f"inspect image {ref}",
+                                                    self._docker.images.inspect(ref))
         except EngineError as err:
             if err.engine_status == 404:
-                return False
+                return None
             raise
-        return True
+        return found
+
+    async def registry_auth(self, ref: str) -> dict[str, str]:
+        """The X-Registry-Auth header for `ref`'s registry; {} when it has no credential."""
+        credential = await self.credentials.lookup(ref)
+        return {"X-Registry-Auth": credential.header()} if credential is not None else {}
 
     async def pull(self, ref: str, on_progress: Callable[[JSONObject], None]) -> None:
-        """Pull `ref`, reporting each progress message (per layer: status, current, total).
+        """Pull `ref` with its registry's credentials, reporting each progress message (per
+        layer: status, current, total).
 
         Bounded by progress, not by the clock: the engine must answer within timeout_s and
-        then say something at least every pull_stall_s. ImageNotFound when no registry has
-        it; PullStalled when the engine answers pings but the pull goes quiet.
+        then say something at least every pull_stall_s. RegistryDenied when the registry
+        refuses it, ImageNotFound when no registry has it; PullStalled when the engine
+        answers pings but the pull goes quiet.
         """
         loop = asyncio.get_running_loop()
         action = f"pull {ref}"
+        headers = await self.registry_auth(ref)
         try:
             with translated(action):
                 async with asyncio.timeout(self.timeout_s) as deadline:
-                    async for message in self._streams.images.pull(ref, stream=True):
+                    async for message in self._pull_stream(ref, headers):
                         deadline.reschedule(loop.time() + self._pull_stall_s)
                         detail = message.get("progressDetail") or {}
                         step = {"status": message.get("status", ""), "layer": message.get("id")}
@@ -177,8 +207,35 @@ class Engine:
         except EngineError as err:
             cause = err.__cause__
             reason = cause.message if isinstance(cause, aiodocker.DockerError) else repr(cause)
+            if refused_by_registry(reason):
+                registry, sent = registry_of(ref), bool(headers)
+                raise RegistryDenied(
+                    f"The registry {registry} refused the pull of {ref} "
+                    f"({'with the credentials the agent has' if sent else 'no credentials sent'}"
+                    f"): {reason}. Log in as the agent's user (docker login {registry}) or name "
+                    "a Docker config with --registry-auth; check that the image exists.",
+                    image=ref, registry=registry, credentials_sent=sent) from err
             raise ImageNotFound(f"Image {ref} is not on this node and could not be pulled: {reason}",
                                 image=ref) from err
+
+    async def _pull_stream(self, ref: str, headers: dict[str, str]) -> AsyncIterator[JSONObject]:
+        """The engine's pull progress, one message at a time. Not aiodocker's images.pull:
+        it guesses the registry of an authenticated pull from the first path component,
+        which is wrong for Docker Hub names (`library/x`, `user/x`)."""
+        params = {"fromImage": ref}
+        name_part = ref.rsplit("/", 1)[-1]
+        if ":" not in name_part and "@" not in ref:
+            params["tag"] = "latest"
+        async with self._streams._query("images/create", "POST", params=params, headers=headers,
+                                        timeout=self._streams._resolve_long_running_timeout(None)
+                                        ) as response:
+            async for message in json_stream_stream(response):
+                yield message
+
+    async def list_images(self) -> list[JSONObject]:
+        """`docker images`: Id, RepoTags, RepoDigests, Size per image."""
+        found = await self._bounded("list images", self._docker.images.list())
+        return [dict(image) for image in found]
 
     async def published_ports(self) -> set[int]:
         """Host ports that running containers publish, as the engine reports them."""
@@ -207,6 +264,32 @@ class Engine:
                                      self._docker.volumes.create({"Name": name, "Labels": labels}))
         found = await self._bounded(f"inspect volume {name}", volume.show())
         return dict(found.get("Labels") or {})
+
+    async def list_volumes(self, labels: dict[str, str]) -> list[JSONObject]:
+        """The volumes carrying all these labels: Name, Labels, CreatedAt."""
+        found = await self._bounded("list volumes", self._docker.volumes.list(
+            filters={"label": [f"{key}={value}" for key, value in labels.items()]}))
+        return [dict(volume) for volume in found.get("Volumes") or []]
+
+    async def volume_sizes(self) -> dict[str, int]:
+        """Each volume's size in bytes, by name, from the engine's disk-usage call (slow: it
+        walks every volume; -1 where the engine doesn't know)."""
+        usage = await self._bounded("measure disk usage", self._docker._query_json("system/df"),
+                                    max(self.timeout_s, DISK_USAGE_TIMEOUT_S))
+        return {volume["Name"]: int((volume.get("UsageData") or {}).get("Size", -1))
+                for volume in usage.get("Volumes") or []}
+
+    async def remove_volume(self, name: str) -> None:
+        """Remove the named volume; Conflict while a container (even a stopped one) uses it."""
+        try:
+            await self._bounded(f"remove volume {name}",
+                                aiodocker.volumes.DockerVolume(self._docker, name).delete())
+        except EngineError as err:
+            if err.engine_status == 404:
+                return
+            if err.engine_status == 409:
+                raise Conflict(f"Volume {name} is in use by a container.", volume=name) from err
+            raise
 
     async def create(self, name: str, config: JSONObject) -> str:
         """Create the container; Conflict when the name is taken."""
@@ -391,5 +474,6 @@ def open_engine(kind: type[E], config: Config, docker: aiodocker.Docker | None =
             await close_docker(client)
 
     engine = kind(control, streams, instance=config.instance, timeout_s=config.engine_timeout_s,
-                  pull_stall_s=config.pull_stall_timeout_s)
+                  pull_stall_s=config.pull_stall_timeout_s,
+                  credentials=RegistryCredentials(config.registry_auth))
     return engine, close

@@ -1,5 +1,6 @@
 """What every backend's build() makes the same way: the GPU pool over its inventory, the
-engine adapter, the health probe, services.json and the service table, and how to close them."""
+engine adapter, the health probe, services.json and the service table, the images and caches,
+and how to close them."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import attrs
 import cattrs
 
 from deploy_agent.backends.engine import E, open_engine
+from deploy_agent.caches import Caches
 from deploy_agent.config import Config
+from deploy_agent.events import EventLog
 from deploy_agent.gpus import GpuInventory, GpuPool
+from deploy_agent.images import ImageStore
 from deploy_agent.ports import NodePorts
 from deploy_agent.probe import HealthProbe
 from deploy_agent.state import StateFile
@@ -26,11 +30,14 @@ class Parts:
     probe: HealthProbe
     state_file: StateFile
     table: ServiceTable
+    images: ImageStore
+    caches: Caches
     close: Callable[[], Awaitable[None]]  # the probe, the inventory, the engine clients
 
 
 async def common_parts(kind: type[E], config: Config, converter: cattrs.Converter,
-                       inventory: GpuInventory, docker: aiodocker.Docker | None) -> tuple[E, Parts]:
+                       inventory: GpuInventory, docker: aiodocker.Docker | None,
+                       events: EventLog, *, can_pull: bool = True) -> tuple[E, Parts]:
     """The engine adapter of `kind` and the parts around it."""
     pool = GpuPool(inventory)
     await pool.refresh({})
@@ -38,10 +45,13 @@ async def common_parts(kind: type[E], config: Config, converter: cattrs.Converte
     probe = HealthProbe(config.health_host)
     state_file = StateFile(config.state_dir, converter)
     table = ServiceTable(NodePorts(config.port_range), pool, state_file)
+    images = ImageStore(engine, config, converter, can_pull=can_pull)
+    caches = Caches(engine, table, config, events)
+    await asyncio.gather(asyncio.to_thread(images.load), asyncio.to_thread(caches.load))
 
     async def close() -> None:
         probe.close()
         await asyncio.to_thread(inventory.close)
         await close_engine()
 
-    return engine, Parts(probe, state_file, table, close)
+    return engine, Parts(probe, state_file, table, images, caches, close)

@@ -22,9 +22,9 @@ async def build(config: Config, converter: cattrs.Converter, events: EventLog, *
                 docker: aiodocker.Docker | None = None, gpus: GpuInventory | None = None) -> Backend:
     """The table, runtime and reconciler of one engine; `docker` and `gpus` are tests' seams."""
     inventory = gpus if gpus is not None else await asyncio.to_thread(open_inventory, config.fake_gpus)
-    engine, parts = await common_parts(Engine, config, converter, inventory, docker)
+    engine, parts = await common_parts(Engine, config, converter, inventory, docker, events)
     runtime = DockerRuntime(config, engine, parts.probe, parts.table, converter)
     reconciler = DockerReconciler(parts.table, engine, parts.probe, parts.state_file, converter, events,
                                   config.resync_interval_s, config.instance, HostView(),
                                   config.allow_host_paths)
-    return Backend(parts.table, runtime, reconciler, parts.close)
+    return Backend(parts.table, runtime, reconciler, parts.images, parts.caches, parts.close)

@@ -152,18 +152,17 @@ class DockerRuntime:
         MountNotAllowed when a volume of that name exists and is not this agent's. Without
         `create` (a dry run), only looked at."""
         mounts = mounts_of(spec, self._config)
-        for mount, entry in zip(mounts, spec.volumes, strict=True):
+        for mount in mounts:
             if not mount.owned:
                 continue
-            name = entry.split(":", 1)[0]
-            wanted = volume_labels(name, self._config.instance)
+            wanted = volume_labels(mount.name, self._config.instance)
             labels = (await self._engine.ensure_volume(mount.source, wanted) if create
                       else await self._engine.volume_labels(mount.source))
-            if labels is not None and not is_ours(labels, name, self._config.instance):
+            if labels is not None and not is_ours(labels, mount.name, self._config.instance):
                 raise MountNotAllowed(
                     f"Volume {mount.source} exists on this node but is not this agent's; it is "
-                    f"never mounted for {entry!r}. Remove or rename it, or let services mount it "
-                    f"with --allow-volume {mount.source}.", volume=entry)
+                    f"never mounted for {mount.name!r}. Remove or rename it, or let services "
+                    f"mount it with --allow-volume {mount.source}.", volume=mount.name)
         return [mount.bind for mount in mounts]
 
     async def _create_and_start(self, attempt: _Attempt, assignment: Assignment | None,

@@ -24,11 +24,12 @@ async def build(config: Config, converter: cattrs.Converter, events: EventLog, *
     names. The GPUs are the nodes' (their engine labels), so `gpus` is not used."""
     del gpus
     inventory = SwarmGpus()  # filled from the nodes' engine labels by the reconciler
-    engine, parts = await common_parts(SwarmEngine, config, converter, inventory, docker)
+    engine, parts = await common_parts(SwarmEngine, config, converter, inventory, docker, events,
+                                       can_pull=False)  # the engine can't pull onto other nodes
     runtime = SwarmRuntime(config, engine, parts.probe, parts.table, converter, inventory, events)
     lock = SwarmLock(engine, config.state_dir, config.instance,
                      f"{socket.gethostname()} port {config.port}")
     reconciler = SwarmReconciler(parts.table, engine, parts.probe, parts.state_file, converter, events,
                                  config.resync_interval_s, config.instance, runtime=runtime,
                                  node_grace_s=config.node_grace_s, lock=lock)
-    return Backend(parts.table, runtime, reconciler, parts.close)
+    return Backend(parts.table, runtime, reconciler, parts.images, parts.caches, parts.close)

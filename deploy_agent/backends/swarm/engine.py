@@ -123,7 +123,11 @@ class SwarmEngine(Engine):
     async def create_service(self, body: JSONObject) -> str:
         name = body["Name"]
         try:
-            created = await self.post_json(f"create service {name}", "services/create", body)
+            # The registry's credentials go with the spec, so whichever node runs the task
+            # pulls with them (the CLI's --with-registry-auth).
+            auth = await self.registry_auth(body["TaskTemplate"]["ContainerSpec"]["Image"])
+            created = await self.post_json(f"create service {name}", "services/create", body,
+                                           headers=auth)
         except EngineError as err:
             if err.engine_status == 409:
                 raise Conflict(f"A service named {name} already exists.", service=name) from err

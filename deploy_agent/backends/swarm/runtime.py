@@ -232,8 +232,7 @@ class SwarmRuntime:
             "Init": True,
             "CapabilityDrop": list(DROPPED_CAPABILITIES),
             "StopGracePeriod": self._config.stop_timeout * 1_000_000_000,
-            "Mounts": [_mount(mount, entry.split(":", 1)[0], self._config.instance)
-                       for mount, entry in zip(mounts_of(spec, self._config), spec.volumes, strict=True)],
+            "Mounts": [_mount(mount, self._config.instance) for mount in mounts_of(spec, self._config)],
         }
         if spec.command is not None:
             container["Args"] = list(spec.command)
@@ -487,12 +486,12 @@ class SwarmRuntime:
         await self._table.persist()
 
 
-def _mount(mount: Mount, name: str, instance: str) -> JSONObject:
+def _mount(mount: Mount, instance: str) -> JSONObject:
     """A Swarm mount; the agent's own volumes are made on the node with the agent's labels."""
     found: JSONObject = {"Type": "bind" if mount.host_path else "volume", "Source": mount.source,
                          "Target": mount.target, "ReadOnly": mount.read_only}
     if mount.owned:
-        found["VolumeOptions"] = {"Labels": volume_labels(name, instance)}
+        found["VolumeOptions"] = {"Labels": volume_labels(mount.name, instance)}
     return found
 
 

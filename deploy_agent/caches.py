@@ -1,0 +1,171 @@
+"""The agent's volumes as caches: model weights that outlive the containers that wrote them.
+
+Every volume the agent owns (a deploy's `cache` entries, and its named `volumes`) is listed
+with its size, the services that mount it and when it was last used. The engine reports sizes
+only through its whole-system disk-usage call, which walks every volume (slow, and one at a
+time on API 1.41): it runs in the background every --cache-measure-interval and the last
+figure is kept, null until known. With --cache-max-gb, each measurement is followed by a prune:
+caches that no service mounts are removed, least recently used first, until all fit. In front
+of a swarm, each node has volumes of its own; these are the manager's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+import attrs
+
+from deploy_agent.config import Config
+from deploy_agent.errors import AgentError, Conflict, ServiceNotFound
+from deploy_agent.events import EventLog
+from deploy_agent.models import DATE_TIME, DeploySpec, HealthWarning, JSONObject, rfc3339
+from deploy_agent.records import RecordFile
+from deploy_agent.table import ServiceTable
+from deploy_agent.volumes import VOLUME_LABEL, engine_volume, owned_volume_names, volume_labels
+
+_LOGGER = logging.getLogger(__name__)
+
+GB = 1e9  # --cache-max-gb counts like disks do
+
+
+@attrs.frozen
+class CacheView:
+    """A `GET /caches` entry."""
+
+    name: str  # as deploys name it
+    volume: str  # the engine's volume
+    size_bytes: int | None  # the last measurement; null until the first one
+    services: list[str]  # that mount it now (running, or being deployed)
+    last_used: str | None = attrs.field(metadata={"schema": DATE_TIME})  # last mounted
+
+
+class CacheEngine(Protocol):
+    """What the caches ask of the engine adapter."""
+
+    async def list_volumes(self, labels: dict[str, str]) -> list[JSONObject]: ...
+
+    async def volume_sizes(self) -> dict[str, int]: ...
+
+    async def remove_volume(self, name: str) -> None: ...
+
+
+class Caches:
+    """Lists, measures, removes and prunes the agent's volumes; `touch` records their use."""
+
+    def __init__(self, engine: CacheEngine, table: ServiceTable, config: Config,
+                 events: EventLog) -> None:
+        self._engine = engine
+        self._table = table
+        self._config = config
+        self._events = events
+        self._file = RecordFile(config.state_dir / "caches.json")
+        self._last_used: dict[str, float] = {}  # by cache name, wall clock
+        self._sizes: dict[str, int] = {}  # by cache name, bytes
+        self.measure_error: str | None = None
+
+    def load(self) -> None:
+        """Read caches.json (blocking: run off the event loop at start-up)."""
+        document = self._file.load()
+        if isinstance(document, dict):
+            self._last_used = {str(name): float(when) for name, when in document.items()
+                               if isinstance(when, int | float)}
+
+    def mounted(self) -> dict[str, list[str]]:
+        """Cache name -> the services that mount it, tracked or being deployed."""
+        found: dict[str, set[str]] = {}
+        for spec in self._table.specs_in_use():
+            for name in owned_volume_names(spec, self._config):
+                found.setdefault(name, set()).add(spec.name)
+        return {name: sorted(services) for name, services in found.items()}
+
+    async def touch(self, spec: DeploySpec) -> None:
+        """Its caches were used now (deployed, or stopped: last used until then)."""
+        names = owned_volume_names(spec, self._config)
+        if names:
+            now = time.time()
+            self._last_used.update(dict.fromkeys(names, now))
+            await self._file.save(dict(self._last_used))
+
+    async def _ours(self) -> list[str]:
+        """The names of this instance's volumes on the engine."""
+        labels = {key: value for key, value in volume_labels("", self._config.instance).items()
+                  if key != VOLUME_LABEL}
+        volumes = await self._engine.list_volumes(labels)
+        return sorted({(volume.get("Labels") or {}).get(VOLUME_LABEL, "") for volume in volumes} - {""})
+
+    async def views(self) -> list[CacheView]:
+        mounted = self.mounted()
+        now = time.time()
+        return [CacheView(name=name, volume=engine_volume(name, self._config.instance),
+                          size_bytes=self._sizes.get(name),
+                          services=mounted.get(name, []),
+                          last_used=rfc3339(now if name in mounted else self._last_used[name])
+                          if name in mounted or name in self._last_used else None)
+                for name in await self._ours()]
+
+    async def remove(self, name: str, reason: str = "request") -> None:
+        """Remove one cache: 404 when the agent has none of that name, 409 while mounted."""
+        if name in self.mounted():
+            raise Conflict(f"Cache {name} is mounted by {', '.join(self.mounted()[name])}; stop "
+                           "them first.", cache=name, services=self.mounted()[name])
+        if name not in await self._ours():
+            raise ServiceNotFound(f"This agent has no cache named {name}.", cache=name)
+        await self._engine.remove_volume(engine_volume(name, self._config.instance))
+        size = self._sizes.pop(name, None)
+        if self._last_used.pop(name, None) is not None:
+            await self._file.save(dict(self._last_used))
+        self._events.emit("cache_removed", None, reason, cache=name, size_bytes=size)
+        _LOGGER.info("Removed cache %s (%s)", name, reason)
+
+    async def keep_measured(self) -> None:
+        """The background loop: measure, prune, wait; failures are kept for /health."""
+        while True:
+            try:
+                await self.measure()
+                await self.prune()
+                self.measure_error = None
+            except AgentError as err:
+                self.measure_error = err.message
+                _LOGGER.warning("Measuring the caches failed: %s", err.message)
+            await asyncio.sleep(self._config.cache_measure_s)
+
+    async def measure(self) -> None:
+        sizes = await self._engine.volume_sizes()
+        volume_of = {name: engine_volume(name, self._config.instance) for name in await self._ours()}
+        self._sizes = {name: sizes[volume] for name, volume in volume_of.items()
+                       if sizes.get(volume, -1) >= 0}
+
+    async def prune(self) -> list[str]:
+        """Remove unmounted caches, least recently used first, until all fit --cache-max-gb;
+        the names removed."""
+        if self._config.cache_max_gb is None:
+            return []
+        limit = self._config.cache_max_gb * GB
+        total = sum(self._sizes.values())
+        removed: list[str] = []
+        mounted = self.mounted()
+        for name in sorted((n for n in self._sizes if n not in mounted),
+                           key=lambda n: self._last_used.get(n, 0.0)):
+            if total <= limit:
+                break
+            size = self._sizes[name]
+            try:
+                await self.remove(name, reason="cache_max_gb")
+            except Conflict:
+                continue  # mounted since, or a container of ours still holds it
+            total -= size
+            removed.append(name)
+        return removed
+
+    def warnings(self) -> list[HealthWarning]:
+        found = []
+        if self.measure_error is not None:
+            found.append(HealthWarning("caches_not_measured", "The caches' sizes could not be "
+                                       f"measured ({self.measure_error}); the last figures stand."))
+        if self._file.write_error is not None:
+            found.append(HealthWarning("caches_not_writable", f"caches.json cannot be written "
+                                       f"({self._file.write_error}); kept in memory."))
+        return found

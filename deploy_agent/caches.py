@@ -65,6 +65,7 @@ class Caches:
         self._last_used: dict[str, float] = {}  # by cache name, wall clock
         self._sizes: dict[str, int] = {}  # by cache name, bytes
         self.measure_error: str | None = None
+        self._measuring = asyncio.Lock()  # the loop's and a caller's, one after the other
 
     def load(self) -> None:
         """Read caches.json (blocking: run off the event loop at start-up)."""
@@ -133,7 +134,8 @@ class Caches:
             await asyncio.sleep(self._config.cache_measure_s)
 
     async def measure(self) -> None:
-        sizes = await self._engine.volume_sizes()
+        async with self._measuring:
+            sizes = await self._engine.volume_sizes()
         volume_of = {name: engine_volume(name, self._config.instance) for name in await self._ours()}
         self._sizes = {name: sizes[volume] for name, volume in volume_of.items()
                        if sizes.get(volume, -1) >= 0}

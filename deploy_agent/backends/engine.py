@@ -47,6 +47,7 @@ UNREACHABLE = 900  # aiodocker's status for "cannot connect to the engine"
 PING_TIMEOUT_S = 2.0
 GIB = 1024**3
 DISK_USAGE_TIMEOUT_S = 300.0  # the engine walks every volume to size it
+DISK_USAGE_RETRY_S = 0.5  # while another disk-usage walk runs (the engine allows one)
 # What the engine client can raise besides DockerError: time-outs, dropped connections,
 # a half-read body, JSON it cannot parse.
 _TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientError, OSError)
@@ -274,8 +275,17 @@ class Engine:
     async def volume_sizes(self) -> dict[str, int]:
         """Each volume's size in bytes, by name, from the engine's disk-usage call (slow: it
         walks every volume; -1 where the engine doesn't know)."""
-        usage = await self._bounded("measure disk usage", self._docker._query_json("system/df"),
-                                    max(self.timeout_s, DISK_USAGE_TIMEOUT_S))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(self.timeout_s, DISK_USAGE_TIMEOUT_S)
+        while True:  # the engine runs one disk-usage walk at a time, whoever asked for it
+            try:
+                usage = await self._bounded("measure disk usage", self._docker._query_json("system/df"),
+                                            max(1.0, deadline - loop.time()))
+                break
+            except EngineError as err:
+                if "already running" not in err.message or loop.time() + DISK_USAGE_RETRY_S > deadline:
+                    raise
+                await asyncio.sleep(DISK_USAGE_RETRY_S)
         return {volume["Name"]: int((volume.get("UsageData") or {}).get("Size", -1))
                 for volume in usage.get("Volumes") or []}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections.abc import Callable
 
@@ -31,6 +32,7 @@ HEAD_TOKEN = "queue-head"  # the earmark of what is free on the head waiter's GP
 QUEUED_EVERY_S = 5.0  # a waiting streamed deploy says where it stands at least this often
 LOOK_EVERY_S = 0.5  # how often a waiter looks whether its caller is still there
 RETRY_AFTER_S = NO_ROOM_RETRY_AFTER_S  # what a caller refused for want of room is told to wait
+MAX_RETRY_AFTER_S = 600
 
 
 @attrs.define
@@ -70,8 +72,10 @@ class Admission:
     """The queue: who waits, in what order, and who gets room when it appears."""
 
     def __init__(self, table: ServiceTable, events: EventLog, min_resident_s: float, max_queue: int,
-                 preempt_grace_s: float) -> None:
+                 preempt_grace_s: float,
+                 expected_start_s: Callable[[DeploySpec], float | None] = lambda spec: None) -> None:
         self._table = table
+        self._expected_start_s = expected_start_s  # its image's last recorded cold start
         self._events = events
         self._min_resident_s = min_resident_s
         self._max_queue = max_queue
@@ -79,6 +83,13 @@ class Admission:
         self._waiters: dict[str, Waiter] = {}
         self._seq = itertools.count()
         self._closed = False
+
+    def _queue_retry_s(self) -> int:
+        """When a full queue may have a place: once its head has deployed, as long as its
+        image's recorded cold start (RETRY_AFTER_S when none is recorded)."""
+        head = self.waiting()[0] if self._waiters else None
+        expected = self._expected_start_s(head.spec) if head is not None else None
+        return RETRY_AFTER_S if expected is None else max(1, min(MAX_RETRY_AFTER_S, math.ceil(expected)))
 
     def waiting(self) -> list[Waiter]:
         """The waiters, first served first."""
@@ -120,7 +131,7 @@ class Admission:
         if waiter is None:
             if len(self._waiters) >= self._max_queue:
                 raise QueueFull(f"{len(self._waiters)} deploys already wait for room on this node "
-                                "(--max-queue); try again later.", retry_after_s=RETRY_AFTER_S)
+                                "(--max-queue); try again later.", retry_after_s=self._queue_retry_s())
             waiter = Waiter(spec=spec, priority=priority, seq=next(self._seq), since=time.time())
             self._waiters[spec.name] = waiter
         else:

@@ -76,7 +76,8 @@ def create_app(config: Config, *, docker: aiodocker.Docker | None = None,
         async def stopped(service: Service) -> None:
             await caches.touch(service.spec)
 
-        deployer = Deployer(config, backend.runtime, table, events, deployed, stopped)
+        deployer = Deployer(config, backend.runtime, table, events, deployed, stopped,
+                            images.cold_start_of)
         supervisor = Supervisor()
         app[TABLE_KEY] = table
         app[EVENTS_KEY] = events

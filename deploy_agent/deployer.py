@@ -28,7 +28,7 @@ from deploy_agent.errors import (
 )
 from deploy_agent.events import EventLog
 from deploy_agent.eviction import Eviction
-from deploy_agent.models import DeployRequest, DeploySpec, Lease, Service, VramGb, rfc3339
+from deploy_agent.models import ColdStart, DeployRequest, DeploySpec, Lease, Service, VramGb, rfc3339
 from deploy_agent.policy import check_deploy
 from deploy_agent.runtime import ColdStartClock, DryRunOutcome, Progress, Runtime, no_progress
 from deploy_agent.table import ServiceTable
@@ -87,7 +87,8 @@ class Deployer:
     """
 
     def __init__(self, config: Config, runtime: Runtime, table: ServiceTable, events: EventLog,
-                 on_deployed: ServiceHook = _nothing, on_stopped: ServiceHook = _nothing) -> None:
+                 on_deployed: ServiceHook = _nothing, on_stopped: ServiceHook = _nothing,
+                 cold_start_of: Callable[[str], ColdStart | None] = lambda image: None) -> None:
         self._config = config
         self._on_deployed = on_deployed  # the image records and the caches' use
         self._on_stopped = on_stopped
@@ -96,8 +97,12 @@ class Deployer:
         self._events = events
         self._inflight: set[asyncio.Task[DeployOutcome]] = set()
         self._enforcing: dict[str, asyncio.Task[None]] = {}  # by name: the stops enforce() runs
+        def expected_start_s(spec: DeploySpec) -> float | None:
+            recorded = cold_start_of(spec.image)
+            return recorded.total_s if recorded is not None else None
+
         self.admission = Admission(table, events, config.min_resident_s, config.max_queue,
-                                   config.preempt_grace_s)
+                                   config.preempt_grace_s, expected_start_s)
 
     # -- deploy --------------------------------------------------------------------------
 

@@ -17,10 +17,10 @@ from deploy_agent.backends.engine import Engine
 from deploy_agent.client.nodes import AsyncComputeNodes
 from deploy_agent.convert import make_converter, parse_deploy_request
 from deploy_agent.deployer import Deployer
-from deploy_agent.errors import AgentError, EngineError
+from deploy_agent.errors import NO_ROOM_RETRY_AFTER_S, AgentError, EngineError, QueueFull, ServiceNotFound
 from deploy_agent.events import EventLog
 from deploy_agent.gpus import FakeGpus, GpuPool
-from deploy_agent.models import DeployRequest
+from deploy_agent.models import ColdStart, DeployRequest
 from deploy_agent.ports import NodePorts
 from deploy_agent.probe import HealthProbe
 from deploy_agent.state import StateFile
@@ -72,7 +72,7 @@ class Node:
 async def make(tmp_path: Path) -> Any:
     made: list[Node] = []
 
-    async def build(stand_in: Any = None, **config: Any) -> Node:
+    async def build(stand_in: Any = None, cold_start_of: Any = lambda image: None, **config: Any) -> Node:
         pool = GpuPool(FakeGpus("RTX 4090:24"))
         await pool.refresh({})
         state = tmp_path / f"node{len(made)}"
@@ -84,7 +84,7 @@ async def make(tmp_path: Path) -> Any:
         stand_in = stand_in or engine()
         events = EventLog(state)
         node = Node(Deployer(settings, DockerRuntime(settings, stand_in, probe, table, CONVERTER), table,
-                             events), table, events, stand_in)
+                             events, cold_start_of=cold_start_of), table, events, stand_in)
         made.append(node)
         return node
     yield build
@@ -114,6 +114,46 @@ async def idle(node: Node, name: str, vram_gb: float) -> None:
 
 async def settle() -> None:
     await asyncio.sleep(0.15)
+
+
+class TestRecordedColdStarts:
+    """The queue's Retry-After and eviction's cost use what was measured, not constants."""
+
+    async def test_a_full_queue_says_when_its_head_could_have_started(self, make: Any) -> None:
+        recorded = {"slow:1": ColdStart(pull_s=40.0, start_s=2.0, healthy_s=0.5, pulled=True)}
+        node = await make(cold_start_of=recorded.get, max_queue=1)
+        await node.deployer.deploy(req("held", 20, lease_s=60))
+        head = asyncio.ensure_future(outcome(node.deployer.deploy(req("head", 8, image="slow:1", wait_s=30))))
+        await settle()
+        with pytest.raises(QueueFull) as full:
+            await node.deployer.deploy(req("next", 8, wait_s=30))
+        assert full.value.extra["retry_after_s"] == 43  # ceil(42.5)
+        node.deployer.admission.close()  # the head is refused, as at shutdown
+        assert await head == ("err", "no_gpu_capacity")
+
+    async def test_an_unrecorded_head_gets_the_default(self, make: Any) -> None:
+        node = await make(max_queue=1)
+        await node.deployer.deploy(req("held", 20, lease_s=60))
+        head = asyncio.ensure_future(outcome(node.deployer.deploy(req("head", 8, wait_s=30))))
+        await settle()
+        with pytest.raises(QueueFull) as full:
+            await node.deployer.deploy(req("next", 8, wait_s=30))
+        assert full.value.extra["retry_after_s"] == NO_ROOM_RETRY_AFTER_S
+        node.deployer.admission.close()
+        assert await head == ("err", "no_gpu_capacity")
+
+    async def test_eviction_keeps_the_service_whose_cold_start_was_longest(self, make: Any) -> None:
+        node = await make()
+        await idle(node, "heavy", 10)
+        await idle(node, "light", 10)
+        node.table.service("heavy").cold_start = ColdStart(300.0, 5.0, 60.0, pulled=True)
+        node.table.service("light").cold_start = ColdStart(0.0, 0.5, 0.5, pulled=False)
+        node.table.service("light").idle_since = node.table.service("heavy").idle_since
+        assert (await node.deployer.deploy(req("new", 10))).service.spec.name == "new"
+        assert node.kinds("light")[-1][0] in ("evicted", "stopped")
+        assert node.table.service("heavy").status == "healthy"
+        with pytest.raises(ServiceNotFound):
+            node.table.service("light")
 
 
 class TestEarmarks:

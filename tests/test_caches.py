@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from deploy_agent.api import CACHES_KEY
@@ -19,7 +20,7 @@ from deploy_agent.app import create_app
 from tests.conftest import TEST_IMAGE, make_config, remove_test_containers
 
 pytestmark = pytest.mark.docker
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
 INSTANCE = "tcache"
 KB = 1024
 
@@ -76,7 +77,7 @@ async def stop(client: Client, name: str) -> None:
 
 def state_of(answer: dict[str, Any]) -> str:
     with urllib.request.urlopen(f"{answer['host']}/state", timeout=5) as response:
-        return response.read().decode().strip()
+        return str(response.read().decode().strip())
 
 
 async def listed(client: Client) -> dict[str, dict[str, Any]]:

@@ -85,6 +85,7 @@ class Config:
     max_priority: int = 9  # cap on a deploy's priority
     preempt_grace_s: float = 30.0  # a preempted service's warning before it is stopped
     default_shm_gb: float = 2.0  # /dev/shm of a GPU service that doesn't say shm_gb
+    gpu_memlock: bool = True  # GPU services get unlimited locked memory (NCCL, pinned memory)
     registry_auth: Path | None = None  # a Docker client config; None: $DOCKER_CONFIG or ~/.docker
     prepull: tuple[str, ...] = ()  # images pulled in the background at start-up
     cache_max_gb: float | None = None  # unmounted caches beyond this are pruned, oldest use first
@@ -208,6 +209,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--default-shm-gb", type=_positive, default=_env(environ, "default_shm_gb", "2"),
         metavar="GB", help="/dev/shm size of a GPU service whose deploy doesn't say shm_gb "
         "(default: 2)")
+    add("--gpu-memlock", choices=["unlimited", "off"],
+        default=_env(environ, "gpu_memlock", "unlimited"),
+        help="locked memory of GPU services: unlimited, as NVIDIA's containers expect (pinned "
+        "memory, NCCL), or off (the engine's default) (default: %(default)s)")
     add("--registry-auth", type=Path, default=_env(environ, "registry_auth"), metavar="PATH",
         help="the Docker client config whose credentials pulls use (auths, credsStore, "
         "credHelpers), read at every pull (default: $DOCKER_CONFIG/config.json, else "
@@ -370,6 +375,7 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         max_priority=args.max_priority,
         preempt_grace_s=args.preempt_grace,
         default_shm_gb=args.default_shm_gb,
+        gpu_memlock=args.gpu_memlock == "unlimited",
         registry_auth=args.registry_auth,
         prepull=tuple(dict.fromkeys(args.prepull)),
         cache_max_gb=args.cache_max_gb,

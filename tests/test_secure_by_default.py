@@ -232,3 +232,35 @@ class TestSharedMemory:
         status, refused = post_json(agent.url + "/deploy", {"name": "t-shm-big", "image": TEST_IMAGE,
                                                             "shm_gb": 2, "memory_gb": 1})
         assert status == 400 and refused["details"][0]["field"] == "shm_gb"
+
+    async def test_a_gpu_service_gets_unlimited_memlock_where_the_engine_can(
+            self, agent_processes: Any) -> None:
+        """Unlimited memlock for GPU services; an engine that can't raise it (no
+        CAP_SYS_RESOURCE, like this CI's) is found out once, said on /health, and the
+        service starts with the engine's default; --gpu-memlock off never asks."""
+        engine_can = subprocess.run(["docker", "run", "--rm", "--ulimit", "memlock=-1:-1", TEST_IMAGE,
+                                     "true"], capture_output=True).returncode == 0
+        agent = agent_processes.start("--fake-gpus", "RTX 4090:24")
+        for name in ("t-lock-1", "t-lock-2"):
+            status, answer = post_json(agent.url + "/deploy", {"name": name, "image": TEST_IMAGE,
+                                                               "gpu": True, "vram_gb": 2})
+            assert status == 200, answer
+            seen = subprocess.run(["docker", "exec", f"tidybot-{name}", "sh", "-c", "ulimit -l"],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+            ulimits = (await host_config(name))["Ulimits"]
+            if engine_can:
+                assert seen == "unlimited" and ulimits == [{"Name": "memlock", "Soft": -1, "Hard": -1}]
+            else:
+                assert seen != "unlimited" and not ulimits
+        warnings = [w["code"] for w in get_json(agent.url + "/health")["warnings"]]
+        assert ("memlock_refused" in warnings) == (not engine_can)
+        refusals = agent.log.read_text().count("cannot give GPU services unlimited memlock")
+        assert refusals == (0 if engine_can else 1)  # found out once, not at every deploy
+
+        plain = agent_processes.start("--fake-gpus", "RTX 4090:24", "--gpu-memlock", "off")
+        assert post_json(plain.url + "/deploy", {"name": "t-lock-off", "image": TEST_IMAGE, "gpu": True,
+                                                 "vram_gb": 2})[0] == 200
+        assert not (await host_config("t-lock-off"))["Ulimits"]
+        assert get_json(plain.url + "/health")["warnings"] == []
+        cpu = post_json(agent.url + "/deploy", {"name": "t-lock-cpu", "image": TEST_IMAGE})
+        assert cpu[0] == 200 and not (await host_config("t-lock-cpu"))["Ulimits"]

@@ -34,6 +34,7 @@ from deploy_agent.gpus import GpuPool
 from deploy_agent.models import DeploySpec, JSONObject, Lease, Owner, Service
 from deploy_agent.ports import NodePorts
 from deploy_agent.probe import HealthProbe
+from deploy_agent.registry_auth import RegistryCredentials
 from deploy_agent.state import ATTEMPT_LABEL, StateFile
 from deploy_agent.table import ServiceTable
 from tests.conftest import make_config
@@ -565,3 +566,33 @@ def test_shared_memory_in_a_swarm_service(tmp_path: Path) -> None:
     plain = runtime.service_body(spec_of("web"), nodes["n1"], None, 8001, "a2", None)["TaskTemplate"]
     assert not any(
         m["Target"] == "/dev/shm" for m in plain["ContainerSpec"]["Mounts"])
+    assert container["Ulimits"] == [{"Name": "memlock", "Soft": -1, "Hard": -1}]  # GPU: unlimited
+    assert "Ulimits" not in plain["ContainerSpec"]
+
+
+def test_a_swarm_service_is_created_with_its_registry_credentials(tmp_path: Path) -> None:
+    """The X-Registry-Auth of the image's registry goes with the create, so the node that
+    runs the task pulls with it (the CLI's --with-registry-auth); none without a credential."""
+    import asyncio
+    import base64
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"auths": {"registry.lab:5000": {
+        "auth": base64.b64encode(b"lab:s3cret").decode()}}}))
+    engine = SwarmEngine(MagicMock(), MagicMock(), credentials=RegistryCredentials(config))
+    sent: list[dict[str, str] | None] = []
+
+    async def post_json(action: str, path: str, body: object, params: object = None,
+                        headers: dict[str, str] | None = None) -> dict[str, str]:
+        sent.append(headers)
+        return {"ID": "svc1"}
+
+    engine.post_json = post_json  # type: ignore[method-assign]
+    body = {"Name": "tidybot-x", "TaskTemplate": {"ContainerSpec": {"Image": "registry.lab:5000/x:1"}}}
+    asyncio.run(engine.create_service(body))
+    asyncio.run(engine.create_service({**body, "TaskTemplate": {"ContainerSpec": {"Image": "other.lab/x"}}}))
+    assert sent[1] == {}
+    assert sent[0] is not None
+    header = json.loads(base64.urlsafe_b64decode(sent[0]["X-Registry-Auth"]))
+    assert header == {"username": "lab", "password": "s3cret", "serveraddress": "registry.lab:5000"}

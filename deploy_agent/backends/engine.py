@@ -131,6 +131,7 @@ class Engine:
                  pull_stall_s: float = 120.0, credentials: RegistryCredentials | None = None) -> None:
         self._docker = control
         self.credentials = credentials or RegistryCredentials()
+        self.rlimit_refusal: str | None = None  # why the engine can't set a service's memlock
         self._streams = streams
         self._ours = f"{MANAGED_LABEL}={instance}"  # label filter: this agent's containers only
         self.timeout_s = timeout_s
@@ -424,10 +425,24 @@ def shm_bytes(spec: DeploySpec, default_shm_gb: float) -> int | None:
     return int(shm_gb * GIB) if shm_gb is not None else None
 
 
+UNLIMITED_MEMLOCK: JSONObject = {"Name": "memlock", "Soft": -1, "Hard": -1}
+
+
+def memlock_ulimits(spec: DeploySpec, gpu_memlock: bool) -> list[JSONObject]:
+    """Unlimited locked memory for a GPU service (CUDA pinned memory, NCCL), unless the node
+    says --gpu-memlock off; [] for the rest."""
+    return [dict(UNLIMITED_MEMLOCK)] if spec.gpu and gpu_memlock else []
+
+
+def rlimit_refused(err: AgentError) -> bool:
+    """The engine could not set a ulimit (it lacks CAP_SYS_RESOURCE: rootless, some sandboxes)."""
+    return "setting rlimit" in err.message
+
+
 def container_config(spec: DeploySpec, *, host_port: int, env: dict[str, str],
                      labels: dict[str, str], device_requests: list[JSONObject], binds: list[str],
                      publish_host: str = "", pids_limit: int = 4096,
-                     default_shm_gb: float = 2.0) -> JSONObject:
+                     default_shm_gb: float = 2.0, ulimits: list[JSONObject] | None = None) -> JSONObject:
     """The Engine API create body: one published port, restart unless stopped, hardened."""
     port_key = f"{spec.port}/tcp"
     host_config: JSONObject = {
@@ -455,6 +470,8 @@ def container_config(spec: DeploySpec, *, host_port: int, env: dict[str, str],
     shm = shm_bytes(spec, default_shm_gb)
     if shm is not None:
         host_config["ShmSize"] = shm
+    if ulimits:
+        host_config["Ulimits"] = ulimits
     config: JSONObject = {
         "Image": spec.image,
         "Env": [f"{key}={value}" for key, value in env.items()],

@@ -52,7 +52,13 @@ class DockerReconciler(ReconcilerBase):
         return {**super().loops(), "events": self.follow_events}
 
     def warnings(self) -> list[HealthWarning]:
-        return self.host_view.warnings()
+        found = self.host_view.warnings()
+        if self._engine.rlimit_refusal is not None:
+            found.append(HealthWarning(
+                "memlock_refused", "The engine cannot raise a container's locked-memory limit "
+                f"({self._engine.rlimit_refusal}); GPU services run with its default memlock. "
+                "Give dockerd CAP_SYS_RESOURCE, or say --gpu-memlock off."))
+        return found
 
     async def start_up(self) -> None:
         """Adopt every container the agent created; drop records whose container is gone."""

@@ -11,10 +11,11 @@ from typing import Any
 import attrs
 import cattrs
 
-from deploy_agent.backends.engine import Engine, container_config
+from deploy_agent.backends.engine import Engine, container_config, memlock_ulimits, rlimit_refused
 from deploy_agent.config import Config
 from deploy_agent.errors import (
     ContainerExited,
+    EngineError,
     EngineUnavailable,
     MountNotAllowed,
     may_have_happened,
@@ -137,15 +138,35 @@ class DockerRuntime:
             await self._ensure_image(spec.image, progress)
             binds = await self._binds(spec)
             published = await self._engine.published_ports()
-            return await on_a_free_port(  # tracked: the deployer writes services.json
-                lambda refused: self._table.reserve_port(owner, spec.port, published, refused),
-                lambda port: self._create_and_start(_Attempt(spec, owner, port, lease), assignment,
-                                                    binds, progress),
-                "The engine", spec.name)
+            try:
+                return await self._on_a_free_port(spec, owner, lease, assignment, binds, published,
+                                                  progress)
+            except EngineError as err:
+                if not (self._memlock(spec) and rlimit_refused(err)):
+                    raise
+                # Once, and then never again while the agent runs: its GPU services start
+                # with the engine's memlock, and /health says so.
+                self._engine.rlimit_refusal = err.message
+                _LOGGER.warning("The engine cannot give GPU services unlimited memlock (%s); "
+                                "starting them with its default", err.message)
+                return await self._on_a_free_port(spec, owner, lease, assignment, binds, published,
+                                                  progress)
         except BaseException:
             if assignment is not None:
                 self._table.release_gpu(owner)
             raise
+
+    def _memlock(self, spec: DeploySpec) -> bool:
+        return bool(memlock_ulimits(spec, self._config.gpu_memlock)) and self._engine.rlimit_refusal is None
+
+    async def _on_a_free_port(self, spec: DeploySpec, owner: Owner, lease: Lease | None,
+                              assignment: Assignment | None, binds: list[str], published: set[int],
+                              progress: Progress) -> Service:
+        return await on_a_free_port(  # tracked: the deployer writes services.json
+            lambda refused: self._table.reserve_port(owner, spec.port, published, refused),
+            lambda port: self._create_and_start(_Attempt(spec, owner, port, lease), assignment,
+                                                binds, progress),
+            "The engine", spec.name)
 
     async def _binds(self, spec: DeploySpec, create: bool = True) -> list[str]:
         """The spec's mounts, with the agent's own volumes made (labelled) on first use;
@@ -179,7 +200,8 @@ class DockerRuntime:
                                       labels=labels, device_requests=device_requests,
                                       publish_host=self._config.publish_host,
                                       pids_limit=self._config.service_pids_limit,
-                                      default_shm_gb=self._config.default_shm_gb)
+                                      default_shm_gb=self._config.default_shm_gb,
+                                      ulimits=memlock_ulimits(spec, self._memlock(spec)))
             try:
                 container_id = await self._engine.create(spec.container_name, config)
             except BaseException as err:

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator
 import attrs
 import cattrs
 
-from deploy_agent.backends.engine import shm_bytes
+from deploy_agent.backends.engine import memlock_ulimits, shm_bytes
 from deploy_agent.backends.swarm.engine import (
     LIVE_TASK_STATES,
     SwarmEngine,
@@ -240,6 +240,9 @@ class SwarmRuntime:
         if shm is not None:  # a service's ContainerSpec has no ShmSize: a tmpfs of that size
             container["Mounts"].append({"Type": "tmpfs", "Target": "/dev/shm",
                                         "TmpfsOptions": {"SizeBytes": shm}})
+        ulimits = memlock_ulimits(spec, self._config.gpu_memlock)
+        if ulimits:
+            container["Ulimits"] = ulimits
         limits: JSONObject = {"Pids": self._config.service_pids_limit}
         if spec.memory_gb is not None:
             limits["MemoryBytes"] = int(spec.memory_gb * GIB)

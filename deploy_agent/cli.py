@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "for room, instead of failing at once")
     deploy.add_argument("--priority", type=int, choices=range(10), metavar="0-9",
                         help="its place in the queue: higher first (default: 5)")
+    pull = command("pull", "pull an image on a node now, so its deploys start without pulling")
+    pull.add_argument("image")
+    pull.add_argument("--all", action="store_true",
+                      help="on every node (--node, COMPUTE_NODES) at once, not only the first")
     command("ps", "list services")
     stop = command("stop", "stop and remove a service")
     stop.add_argument("name")
@@ -177,6 +181,38 @@ class Ctl:
             table.add_row(str(row["position"]), row["name"], str(row["priority"]), f"{row['needs_gb']:g}",
                           row["since"], str(row["callers"]), row["node"])
         self.out.print(table if rows else "no deploys waiting")
+
+    async def pull(self) -> None:
+        """The first node, with live progress; with --all, every node at once, a line each."""
+        if not self.args.all:
+            client = self.nodes.clients[0]
+            view = DeployView(self.err, quiet=self.args.json)
+            with view:
+                answer = await client.pull(self.args.image, view.show)
+            if self.args.json:
+                return self.print_json({**answer, "node": client.url})
+            return self.out.print(f"pulled {answer['image']} ({answer['digest']}, "
+                                  f"{answer['size_bytes'] / 1e6:.0f} MB) on {client.url}", highlight=False)
+
+        async def one(client: AsyncAgentClient) -> dict[str, Any]:
+            try:
+                return {**await client.pull(self.args.image), "node": client.url}
+            except AgentRequestError as err:
+                return {"ok": False, "error": err.code, "message": err.message, "node": client.url}
+        rows = await asyncio.gather(*(one(client) for client in self.nodes.clients))
+        if self.args.json:
+            self.print_json(rows)
+        else:
+            for row in rows:
+                self.out.print(f"{row['node']}: " + (f"pulled {row['digest']}" if row["ok"]
+                                                     else f"[red]{row['error']}[/]: {row['message']}"),
+                               highlight=False)
+        failed = [row for row in rows if not row["ok"]]
+        if failed and self.args.json:
+            raise SystemExit(1)  # each node's error is in the JSON already
+        if failed:
+            raise AgentRequestError(0, "pull_failed", f"the pull failed on {len(failed)} of "
+                                    f"{len(rows)} node(s)")
 
     def show_dry_run(self, answer: dict[str, Any]) -> None:
         if self.args.json:

@@ -121,6 +121,28 @@ class TestDeployctl:
         assert "MB" in result.stderr or "kB" in result.stderr  # the per-layer byte bar
         assert "created container" in result.stderr
 
+    def test_pull_on_one_node_then_all(self, agent_processes: AgentProcesses, pushed_image: str,
+                                       registry: str) -> None:
+        first = agent_processes.start()
+        second = agent_processes.start("--allow-image", "deploy-agent-test/*")
+        nodes = f"{first.url},{second.url}"
+        pulled = ctl("pull", pushed_image, nodes=nodes)
+        assert pulled.returncode == 0, pulled.stderr
+        assert f"pulled {pushed_image} (sha256:" in pulled.stdout and first.url in pulled.stdout
+        assert "MB" in pulled.stderr or "kB" in pulled.stderr  # the per-layer byte bar
+        every = ctl("--json", "pull", "--all", pushed_image, nodes=nodes)
+        rows = {row["node"]: row for row in json.loads(every.stdout)}
+        assert every.returncode == 1  # the second node's policy refuses it
+        assert rows[first.url]["ok"] is True and rows[first.url]["digest"].startswith("sha256:")
+        assert (rows[second.url]["ok"], rows[second.url]["error"]) == (False, "image_not_allowed")
+        plain = ctl("pull", "--all", pushed_image, nodes=nodes)
+        assert plain.returncode == 1 and "image_not_allowed" in plain.stdout
+        assert "the pull failed on 1 of 2 node(s)" in plain.stderr
+        missing = ctl("pull", f"{registry}/deploy-agent-test/absent:1", nodes=first.url)
+        assert missing.returncode == 1 and "could not be pulled" in missing.stderr
+        bad = ctl("pull", "Not An Image", nodes=first.url)
+        assert bad.returncode == 2, bad.stderr
+
     def test_several_nodes(self, two_nodes: tuple[AgentProcess, AgentProcess, str], tmp_path: Path) -> None:
         small, big, dead = two_nodes
         nodes = f"{dead},{small.url},{big.url}"

@@ -24,6 +24,7 @@ from deploy_agent.client import (
     ConflictError,
     DeployInterrupted,
     HealthTimeoutError,
+    ImageError,
     InvalidRequestError,
     NodeUnreachable,
     PolicyError,
@@ -206,6 +207,28 @@ class TestLogsEndpoint:
 
 class TestComputeNodes:
     """ensure() finds or places a service across nodes, skipping dead ones."""
+
+    def test_prepull_on_every_node_that_could_run_it(
+        self, two_nodes: tuple[AgentProcess, AgentProcess, str], pushed_image: str
+    ) -> None:
+        small, big, dead = two_nodes
+        on_disk = ["docker", "image", "inspect", pushed_image]
+        with ComputeNodes([dead, small.url, big.url], probe_timeout=1.0) as nodes:
+            # 40 GB: only the 80 GB node could ever run it (both share this engine, so the
+            # answers say where it was pulled).
+            pulled = nodes.prepull(manifest("t-pre", gpu=True, vram_gb=40, image=pushed_image))
+            assert list(pulled) == [big.url]
+            answer = pulled[big.url]
+            assert isinstance(answer, dict) and answer["digest"].startswith("sha256:")
+            assert subprocess.run(on_disk, capture_output=True).returncode == 0
+            anywhere = nodes.prepull(manifest("t-pre", image=pushed_image))
+            assert sorted(anywhere) == sorted([small.url, big.url])
+        with AgentClient(small.url) as client:
+            seen: list[dict[str, Any]] = []
+            done = client.pull(pushed_image, seen.append)  # the sync client, with progress
+            assert done["image"] == pushed_image and seen and seen[0]["event"] == "pull"
+            with pytest.raises(ImageError):
+                client.pull(f"{pushed_image.rsplit(':', 1)[0]}:absent")
 
     def test_places_where_it_fits_and_is_idempotent(
         self, two_nodes: tuple[AgentProcess, AgentProcess, str]

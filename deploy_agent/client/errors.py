@@ -126,7 +126,8 @@ ERRORS_BY_STATUS: dict[int, type[AgentRequestError]] = {
 }
 ERRORS_BY_CODE: dict[str, type[AgentRequestError]] = {"pull_stalled": PullStalledError,
                                                       "lease_not_found": LeaseNotFoundError,
-                                                      "queue_full": CapacityError}
+                                                      "queue_full": CapacityError,
+                                                      "registry_denied": ImageError}
 
 
 def _status_by_code() -> dict[str, int]:
@@ -175,7 +176,7 @@ def said(err: BaseException, token: str | None) -> str:
 
 
 def interrupted(url: str, err: BaseException, token: str | None,
-                lease_id: str | None = None) -> DeployInterrupted:
-    return DeployInterrupted(0, "interrupted", f"{url} stopped answering during the deploy "
+                lease_id: str | None = None, what: str = "deploy") -> DeployInterrupted:
+    return DeployInterrupted(0, "interrupted", f"{url} stopped answering during the {what} "
                              f"({said(err, token)}); it may still finish there.",
                              {"lease_id": lease_id} if lease_id else None, node=url)

@@ -7,7 +7,7 @@ import json
 import os
 import urllib.parse
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -325,9 +325,38 @@ class AsyncAgentClient:
         An error answer as the last event raises its AgentRequestError after being yielded;
         silence for stall_timeout, or a dropped connection, raises DeployInterrupted.
         """
+        body = deploy_body(manifest, replace, lease_s, lease_id, intent)
+        async for event in self._progress("/deploy", body, "deploy", lease_id):
+            yield event
+
+    async def pull_events(self, image: str) -> AsyncIterator[dict[str, Any]]:
+        """Progress events of a pull on the node (per layer: status, current, total); the last
+        is the answer (image, digest, size_bytes), or raises its error like deploy_events."""
+        async for event in self._progress("/images/pull", {"image": image}, "pull"):
+            yield event
+
+    async def pull(self, image: str, on_progress: Callable[[dict[str, Any]], None] | None = None
+                   ) -> dict[str, Any]:
+        """Pull `image` on the node now (its registry is asked even when the node has it), so
+        a deploy of it later starts without pulling; `on_progress` hears each event."""
+        answer: dict[str, Any] | None = None
+        async for event in self.pull_events(image):
+            if "event" in event and on_progress is not None:
+                on_progress(event)
+            answer = event
+        if answer is None or "event" in answer:
+            raise DeployInterrupted(0, "interrupted", f"{self.url} closed the pull stream "
+                                    "without an answer.", node=self.url)
+        return answer
+
+    async def _progress(self, path: str, body: Any, what: str, lease_id: str | None = None
+                        ) -> AsyncIterator[dict[str, Any]]:
+        """A POST answered as NDJSON progress: each event, the last being the answer; an error
+        answer raises after being yielded, silence or a dropped connection DeployInterrupted
+        (with the lease the deploy announced, if any)."""
         held = lease_id
-        async with self._stream("POST", "/deploy", deploy_body(manifest, replace, lease_s, lease_id, intent),
-                                accept=NDJSON, stall_timeout=self.stall_timeout) as response:
+        async with self._stream("POST", path, body, accept=NDJSON,
+                                stall_timeout=self.stall_timeout) as response:
             failure: AgentRequestError | None = None
             try:
                 async for line in response.content:
@@ -344,7 +373,7 @@ class AsyncAgentClient:
                         code = str(event.get("error", "error"))
                         raise error_from(STATUS_BY_CODE.get(code, 500), event, self.url)
             except (TimeoutError, aiohttp.ClientError, OSError) as err:
-                failure = interrupted(self.url, err, self._token, held)
+                failure = interrupted(self.url, err, self._token, held, what)
             if failure is not None:
                 raise failure
 

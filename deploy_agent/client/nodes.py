@@ -331,6 +331,26 @@ class AsyncComputeNodes:
             return {**already_running_answer(Service.of(entry.raw, node=client.url)),
                     "already_running": False}
 
+    async def prepull(self, manifest: Manifest) -> dict[str, dict[str, Any] | AgentRequestError]:
+        """Pull the manifest's image on every reachable node that could ever run it (for a
+        GPU service: a GPU at least its vram_gb), all at once; by node URL, its answer or
+        its error (registry_denied, image_not_allowed, ...). NodeUnreachable when none answers."""
+        body = load_manifest(manifest)
+        gpu, vram_gb = requirements(body)
+        nested = body.get("deploy")
+        image = str((nested if isinstance(nested, Mapping) else body).get("image", ""))
+        found = await self.ask_all(lambda client: client.gpus())
+        able = [client for client, gpus in zip(self._clients, found, strict=True) if gpus is not None
+                and (not gpu or max((g.vram_total_gb for g in gpus), default=0.0) >= vram_gb)]
+
+        async def pull(client: AsyncAgentClient) -> dict[str, Any] | AgentRequestError:
+            try:
+                return await client.pull(image)
+            except AgentRequestError as err:
+                return err
+        answers = await asyncio.gather(*(pull(client) for client in able))
+        return {client.url: answer for client, answer in zip(able, answers, strict=True)}
+
     async def candidates(self, body: Mapping[str, Any], waiting: bool = False) -> list[AsyncAgentClient]:
         """Reachable nodes that could run `body`, best first: for a GPU service, those where
         it fits now (most free VRAM first), then those where evicting idle services makes

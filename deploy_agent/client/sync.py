@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
+from deploy_agent.client.errors import AgentRequestError
 from deploy_agent.client.lease import Lease, LeaseCallback
 from deploy_agent.client.manifests import Intent, Manifest
 from deploy_agent.client.node import DEFAULT_NODE, AsyncAgentClient
@@ -244,6 +245,12 @@ class AgentClient:
     def queue(self, timeout: float | None = None) -> list[dict[str, Any]]:
         return self._run(self._async.queue(timeout))
 
+    def pull(self, image: str, on_progress: Callable[[dict[str, Any]], None] | None = None
+             ) -> dict[str, Any]:
+        """Pull `image` on the node now; `on_progress` hears each event (in the client's
+        worker thread)."""
+        return self._run(self._async.pull(image, on_progress))
+
     def renew(self, name: str, lease_id: str, lease_s: float | None = None,
               timeout: float | None = None) -> dict[str, Any]:
         return self._run(self._async.renew(name, lease_id, lease_s, timeout))
@@ -338,6 +345,10 @@ class ComputeNodes:
     def ensure(self, manifest: Manifest, replace: bool = False,
                lease_s: float | None = None, **intent: Unpack[Intent]) -> dict[str, Any]:
         return self._run(self._async.ensure(manifest, replace, lease_s, **intent))
+
+    def prepull(self, manifest: Manifest) -> dict[str, dict[str, Any] | AgentRequestError]:
+        """Pull its image on every node that could run it (see AsyncComputeNodes.prepull)."""
+        return self._run(self._async.prepull(manifest))
 
     def stop(self, name: str) -> dict[str, Any]:
         return self._run(self._async.stop(name))

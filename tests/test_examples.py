@@ -40,8 +40,14 @@ def test_hello_deploys_with_deployctl(hello_image: str, tmp_path: Path) -> None:
         host = deployed.stdout.split('"host": "')[1].split('"')[0]
         with urllib.request.urlopen(host + "/", timeout=5) as response:
             assert response.read().decode().strip() == "hello from deploy-agent"
+        assert starts(host) == "1"
         stopped = subprocess.run([deployctl, "stop", "hello"], capture_output=True, text=True, env=env)
         assert stopped.returncode == 0, stopped.stderr
+        again = subprocess.run([deployctl, "--json", "deploy", str(HELLO / "service.yaml")],
+                               capture_output=True, text=True, env=env, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert starts(again.stdout.split('"host": "')[1].split('"')[0]) == "2"  # its cache was kept
+        assert subprocess.run([deployctl, "stop", "hello"], capture_output=True, env=env).returncode == 0
     finally:
         agent.close()
         leftover = subprocess.run(  # only this test agent's own container, whatever happened
@@ -50,3 +56,10 @@ def test_hello_deploys_with_deployctl(hello_image: str, tmp_path: Path) -> None:
         if leftover:
             subprocess.run(["docker", "rm", "-f", *leftover], capture_output=True)
         remove_test_containers()
+        subprocess.run(["docker", "volume", "rm", "-f", f"tidybot-test-{agent.port}-hello-cache"],
+                       capture_output=True)
+
+
+def starts(host: str) -> str:
+    with urllib.request.urlopen(host + "/starts", timeout=5) as response:
+        return str(response.read().decode().strip())

@@ -8,7 +8,10 @@ Baselines:
   idempotent re-deploy, GET /services: the agent's own GET /health (the loopback HTTP floor);
   RSS, start-up, resync CPU: the same agent with no services;
   a deploy that evicts: the engine floor of a stop plus that of a deploy;
-  a waiter's placement, an impossible deploy's refusal: the figures themselves (targets).
+  a waiter's placement, an impossible deploy's refusal: the figures themselves (targets);
+  a deploy that pulls: `docker pull` of an image of the same size + the engine floor; a deploy
+      after POST /images/pull: the engine floor; a redeploy finding its cache: the first
+      deploy, which wrote it.
 Everything it creates carries the label tidybot.deploy-agent=bench-* and is removed at the end.
 An agent that exits, or a service that never answers, fails the run with a message (its
 log is kept) instead of hanging it.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +49,8 @@ IMAGE = "deploy-agent-test/httpd:1"
 NVML_STANDIN = Path(__file__).resolve().parent.parent / "tests" / "nvml_standin"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WAIT_S = 60.0  # the longest any agent or service is waited for before the run fails
+PULL_LAYER_MB = 64  # the layer each cold-start figure's image must pull
+CACHE_MB = 500  # the weights the cache figure's service writes
 
 
 class BenchError(Exception):
@@ -127,7 +134,7 @@ class Agent:
 
 class Bench:
     def __init__(self, rounds: int, workdir: Path,
-                 only: tuple[str, ...] = ("deploy", "scale", "contention")) -> None:
+                 only: tuple[str, ...] = ("deploy", "scale", "contention", "cold")) -> None:
         self.rounds = rounds
         self.only = only
         self.workdir = workdir
@@ -142,18 +149,20 @@ class Bench:
     # -- the engine floor ---------------------------------------------------------------------
 
     async def floor_deploy(self, docker: aiodocker.Docker, session: aiohttp.ClientSession,
-                           name: str, host_port: int, env: dict[str, str] | None = None) -> float:
+                           name: str, host_port: int, env: dict[str, str] | None = None,
+                           image: str = IMAGE) -> float:
         """create + start through the engine, then /health every 20 ms: the least any agent can do.
 
         The container is removed afterwards, outside the time measured.
         """
-        elapsed, container = await self._floor_start(docker, session, name, host_port, env)
+        elapsed, container = await self._floor_start(docker, session, name, host_port, env, image)
         await container.delete(force=True)
         return elapsed
 
     async def _floor_start(self, docker: aiodocker.Docker, session: aiohttp.ClientSession, name: str,
-                           host_port: int, env: dict[str, str] | None) -> tuple[float, Any]:
-        spec = self.converter.structure({"name": name, "image": IMAGE, "env": env or {}}, DeploySpec)
+                           host_port: int, env: dict[str, str] | None,
+                           image: str = IMAGE) -> tuple[float, Any]:
+        spec = self.converter.structure({"name": name, "image": image, "env": env or {}}, DeploySpec)
         config = container_config(spec, host_port=host_port, env=dict(spec.env), device_requests=[], binds=[],
                                   labels=labels_for(self.converter, spec, host_port, None,
                                                     "bench-floor", "floor"))
@@ -316,6 +325,75 @@ class Bench:
             if time.monotonic() > deadline:
                 raise BenchError(f"never got to: {what}")
             await asyncio.sleep(0.05)
+
+    # -- cold starts: pulls from a registry, pre-pulls, caches -----------------------------------
+
+    async def cold_figures(self, docker: aiodocker.Docker, session: aiohttp.ClientSession) -> None:
+        rounds = max(3, self.rounds // 3)
+        with local_registry(self.workdir) as registry:
+            images = [push_image(registry, self.workdir, f"cold{i}-{kind}", PULL_LAYER_MB)
+                      for i in range(rounds) for kind in ("floor", "agent", "pre")]
+            agent = Agent("bench-cold", "31300-31399", self.workdir)
+            agent.spawn()
+            await agent.wait_for(session, 0)
+            try:
+                pulled, floor, prepulled, floor_present = [], [], [], []
+                for i in range(rounds):  # interleaved, so both see the same machine
+                    floor_image, agent_image, pre_image = images[3 * i: 3 * i + 3]
+                    started = time.perf_counter()
+                    await docker.images.pull(floor_image)
+                    floor.append(time.perf_counter() - started
+                                 + await self.floor_deploy(docker, session, f"c{i}", 31800 + i,
+                                                           image=floor_image))
+                    pulled.append(await self.timed_deploy(session, agent, {"name": f"bench-c{i}",
+                                                                           "image": agent_image}))
+                    async with session.post(agent.url + "/images/pull", json={"image": pre_image}) as answer:
+                        if answer.status != 200:
+                            raise BenchError(f"POST /images/pull answered {answer.status}")
+                    floor_present.append(await self.floor_deploy(docker, session, f"p{i}", 31850 + i,
+                                                                 image=floor_image))
+                    prepulled.append(await self.timed_deploy(session, agent, {"name": f"bench-pre{i}",
+                                                                              "image": pre_image}))
+                    for name in (f"bench-c{i}", f"bench-pre{i}"):
+                        await self.agent_stop(session, agent, name)
+                a, f = statistics.median(pulled), statistics.median(floor)
+                self.report(f"9a. deploy pulling {PULL_LAYER_MB} MB from a local registry",
+                            f"{a * 1000:.0f} ms", f"{f * 1000:.0f} ms (docker pull + floor)",
+                            "ratio <= 1.10", a / f <= 1.10)
+                a, f = statistics.median(prepulled), statistics.median(floor_present)
+                self.report("9b. deploy after POST /images/pull", f"{a * 1000:.0f} ms",
+                            f"{f * 1000:.0f} ms (floor, image present)", "ratio <= 1.10", a / f <= 1.10)
+                await self.cache_figure(session, agent)
+            finally:
+                agent.stop()
+                for image in images:
+                    with contextlib.suppress(aiodocker.DockerError):
+                        await docker.images.delete(image, force=True)
+                await asyncio.to_thread(subprocess.run, ["docker", "volume", "rm", "-f",
+                                                         "tidybot-bench-cold-bench-weights"],
+                                        capture_output=True)
+
+    async def cache_figure(self, session: aiohttp.ClientSession, agent: Agent) -> None:
+        """A service that writes its weights into its cache unless they are there: the first
+        deploy writes them, the redeploy after a stop finds them."""
+        write = (f"if [ -f /cache/weights ]; then echo reused > /www/state; else dd if=/dev/zero "
+                 f"of=/cache/weights bs=1M count={CACHE_MB} 2>/dev/null && sync && "
+                 "echo wrote > /www/state; fi; exec httpd -f -p 8000 -h /www")
+        body = {"name": "bench-weights", "image": IMAGE, "command": ["sh", "-c", write],
+                "cache": {"bench-weights": "/cache"}, "ready_timeout": 300}
+        times, said = [], []
+        for _ in range(2):
+            times.append(await self.timed_deploy(session, agent, body))
+            async with session.get(agent.url + "/services/bench-weights") as response:
+                port = (await response.json())["port"]
+            async with session.get(f"http://127.0.0.1:{port}/state") as response:
+                said.append((await response.text()).strip())
+            await self.agent_stop(session, agent, "bench-weights")
+        first, again = times
+        self.report(f"9c. redeploy finding {CACHE_MB} MB in its cache",
+                    f"{again * 1000:.0f} ms ({first - again:.1f} s saved)",
+                    f"{first * 1000:.0f} ms (writing them)", "found, not rewritten",
+                    said == ["wrote", "reused"] and again < first)
 
     # -- figures ------------------------------------------------------------------------------
 
@@ -482,6 +560,9 @@ class Bench:
                 if "contention" in self.only:
                     print("contention figures", flush=True)
                     await self.contention_figures(docker, session)
+                if "cold" in self.only:
+                    print("cold-start figures", flush=True)
+                    await self.cold_figures(docker, session)
             finally:
                 await cleanup(docker)
 
@@ -532,6 +613,53 @@ def wrk(url: str, seconds: int = 5) -> dict[str, float]:
     return {"rps": rps, "p50": latency("50%"), "p99": latency("99%")}
 
 
+@contextlib.contextmanager
+def local_registry(workdir: Path) -> Iterator[str]:
+    """A docker-registry on 127.0.0.1 for the run; its address."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        raise BenchError("the cold-start figures need docker-registry (apt-get install docker-registry)")
+    port = free_port()
+    root = workdir / "registry"
+    root.mkdir()
+    (root / "config.yml").write_text(json.dumps({
+        "version": 0.1, "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+        "http": {"addr": f"127.0.0.1:{port}"}, "log": {"level": "error"}}))
+    process = subprocess.Popen([binary, "serve", str(root / "config.yml")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError("the local registry did not start") from None
+                time.sleep(0.05)
+        yield f"localhost:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def push_image(registry: str, workdir: Path, name: str, megabytes: int) -> str:
+    """The test image plus a layer of `megabytes` random bytes, pushed, and gone from the
+    engine: a deploy of it must pull that layer."""
+    ref = f"{registry}/bench/{name}:1"
+    context = workdir / f"image-{name}"
+    context.mkdir()
+    (context / "blob").write_bytes(os.urandom(megabytes * 1024 * 1024))
+    (context / "Dockerfile").write_text(f"FROM {IMAGE}\nCOPY blob /blob\n")
+    for command in (["docker", "build", "-q", "-t", ref, str(context)], ["docker", "push", ref],
+                    ["docker", "rmi", ref]):
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BenchError(f"{' '.join(command[:2])} {ref} failed: {done.stderr.strip()}")
+    shutil.rmtree(context)
+    return ref
+
+
 async def cleanup(docker: aiodocker.Docker) -> None:
     containers = await docker.containers.list(all=True, filters={"label": [MANAGED_LABEL]})
     doomed = [c for c in containers if str(c["Labels"].get(MANAGED_LABEL, "")).startswith("bench-")]
@@ -553,13 +681,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15,
                         help="deploys per latency figure (single deploys vary by about 50 ms here)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--only", choices=["deploy", "scale", "contention"], action="append",
+    parser.add_argument("--only", choices=["deploy", "scale", "contention", "cold"], action="append",
                         help="run one group of figures (repeatable; default: all)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench: needs wrk (apt-get install wrk)")
     workdir = Path(tempfile.mkdtemp(prefix="deploy-agent-bench-"))
-    bench = Bench(args.rounds, workdir, tuple(args.only or ("deploy", "scale", "contention")))
+    bench = Bench(args.rounds, workdir, tuple(args.only or ("deploy", "scale", "contention", "cold")))
     print(f"machine: {machine()}", flush=True)
     try:
         asyncio.run(bench.run())

@@ -128,3 +128,18 @@ def test_config_path_follows_docker_config_then_home(tmp_path: Path) -> None:
     assert default_config_path({"DOCKER_CONFIG": "/etc/deploy-agent"}) == Path(
         "/etc/deploy-agent/config.json")
     assert default_config_path({"HOME": str(tmp_path)}) == tmp_path / ".docker" / "config.json"
+
+
+@pytest.mark.parametrize(("reason", "refused"), [
+    ("Head \"https://10.0.0.5:5000/v2/x/manifests/1\": no basic auth credentials", True),
+    ("unauthorized: authentication required", True),
+    ("pull access denied for lab/x, repository does not exist or may require 'docker login': "
+     "denied: requested access to the resource is denied", True),
+    ("error parsing HTTP 403 response body: 403 Forbidden", True),
+    ("manifest for localhost:5000/x:1 not found: manifest unknown", False),
+    ("failed to register layer: open /var/lib/docker/overlay2/x: permission denied", False),
+    ("Get \"https://registry.lab/v2/\": dial tcp: lookup registry.lab: no such host", False),
+])
+def test_the_engines_refusals_are_told_from_other_pull_failures(reason: str, refused: bool) -> None:
+    from deploy_agent.backends.engine import refused_by_registry
+    assert refused_by_registry(reason) is refused

@@ -55,12 +55,14 @@ _PAYLOAD_ERRORS = (ValueError, KeyError, TypeError)
 # How the engine words a registry's refusal (its errors are text): no or wrong credentials,
 # or no access to the repository. Docker Hub says "denied" for a repository that doesn't
 # exist too, which is why the answer names both.
-_DENIED_MARKS = ("no basic auth credentials", "unauthorized", "denied", "authentication required",
-                 "403 forbidden", "401 unauthorized")
+_DENIED_MARKS = ("no basic auth credentials", "unauthorized", "access denied", "denied: ",
+                 "is denied", "authentication required", "403 forbidden")
 
 
 def refused_by_registry(reason: str) -> bool:
-    lowered = reason.lower()
+    """Whether the engine's pull error is a registry's refusal (not, say, "permission denied"
+    on the node's own disk)."""
+    lowered = reason.lower().replace("permission denied", "")
     return any(mark in lowered for mark in _DENIED_MARKS)
 
 

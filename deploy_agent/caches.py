@@ -5,7 +5,8 @@ with its size, the services that mount it and when it was last used. The engine 
 only through its whole-system disk-usage call, which walks every volume (slow, and one at a
 time on API 1.41): it runs in the background every --cache-measure-interval and the last
 figure is kept, null until known. With --cache-max-gb, each measurement is followed by a prune:
-caches that no service mounts are removed, least recently used first, until all fit. In front
+caches (volumes made for a deploy's `cache`, never its named `volumes`) that no service
+mounts are removed, least recently used first, until all fit. In front
 of a swarm, each node has volumes of its own; these are the manager's.
 """
 
@@ -21,10 +22,11 @@ import attrs
 from deploy_agent.config import Config
 from deploy_agent.errors import AgentError, Conflict, ServiceNotFound
 from deploy_agent.events import EventLog
-from deploy_agent.models import DATE_TIME, DeploySpec, HealthWarning, JSONObject, rfc3339
+from deploy_agent.models import DATE_TIME, MANAGED_LABEL, DeploySpec, HealthWarning, JSONObject, rfc3339
 from deploy_agent.records import RecordFile
+from deploy_agent.state import parse_docker_time
 from deploy_agent.table import ServiceTable
-from deploy_agent.volumes import VOLUME_LABEL, engine_volume, owned_volume_names, volume_labels
+from deploy_agent.volumes import CACHE_LABEL, VOLUME_LABEL, engine_volume, owned_volume_names
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -40,6 +42,13 @@ class CacheView:
     size_bytes: int | None  # the last measurement; null until the first one
     services: list[str]  # that mount it now (running, or being deployed)
     last_used: str | None = attrs.field(metadata={"schema": DATE_TIME})  # last mounted
+    cache: bool  # made for a deploy's `cache` (else its `volumes`): --cache-max-gb may prune it
+
+
+@attrs.frozen
+class _Volume:
+    cache: bool
+    created: float  # wall clock
 
 
 class CacheEngine(Protocol):
@@ -49,7 +58,7 @@ class CacheEngine(Protocol):
 
     async def volume_sizes(self) -> dict[str, int]: ...
 
-    async def remove_volume(self, name: str) -> None: ...
+    async def remove_volume(self, name: str) -> bool: ...
 
 
 class Caches:
@@ -66,6 +75,7 @@ class Caches:
         self._sizes: dict[str, int] = {}  # by cache name, bytes
         self.measure_error: str | None = None
         self._measuring = asyncio.Lock()  # the loop's and a caller's, one after the other
+        self._pruning = asyncio.Lock()  # likewise
 
     def load(self) -> None:
         """Read caches.json (blocking: run off the event loop at start-up)."""
@@ -90,36 +100,51 @@ class Caches:
             self._last_used.update(dict.fromkeys(names, now))
             await self._file.save(dict(self._last_used))
 
-    async def _ours(self) -> list[str]:
-        """The names of this instance's volumes on the engine."""
-        labels = {key: value for key, value in volume_labels("", self._config.instance).items()
-                  if key != VOLUME_LABEL}
-        volumes = await self._engine.list_volumes(labels)
-        return sorted({(volume.get("Labels") or {}).get(VOLUME_LABEL, "") for volume in volumes} - {""})
+    async def _ours(self) -> dict[str, _Volume]:
+        """This instance's volumes on the engine, by the name deploys use."""
+        found = {}
+        for volume in await self._engine.list_volumes({MANAGED_LABEL: self._config.instance}):
+            labels = volume.get("Labels") or {}
+            name = labels.get(VOLUME_LABEL)
+            if name:
+                found[name] = _Volume(cache=labels.get(CACHE_LABEL) == "1",
+                                      created=parse_docker_time(volume.get("CreatedAt")) or 0.0)
+        return found
+
+    def _used_at(self, name: str, volume: _Volume, now: float, mounted: dict[str, list[str]]) -> float:
+        """Now while mounted; else when last recorded (mounted, or unmounted at a stop), else
+        when the engine made it (a volume from before the records, or records lost)."""
+        return now if name in mounted else self._last_used.get(name, volume.created)
 
     async def views(self) -> list[CacheView]:
-        mounted = self.mounted()
-        now = time.time()
+        mounted, now = self.mounted(), time.time()
         return [CacheView(name=name, volume=engine_volume(name, self._config.instance),
-                          size_bytes=self._sizes.get(name),
-                          services=mounted.get(name, []),
-                          last_used=rfc3339(now if name in mounted else self._last_used[name])
-                          if name in mounted or name in self._last_used else None)
-                for name in await self._ours()]
+                          size_bytes=self._sizes.get(name), services=mounted.get(name, []),
+                          last_used=rfc3339(self._used_at(name, volume, now, mounted)),
+                          cache=volume.cache)
+                for name, volume in sorted((await self._ours()).items())]
 
     async def remove(self, name: str, reason: str = "request") -> None:
         """Remove one cache: 404 when the agent has none of that name, 409 while mounted."""
-        if name in self.mounted():
-            raise Conflict(f"Cache {name} is mounted by {', '.join(self.mounted()[name])}; stop "
-                           "them first.", cache=name, services=self.mounted()[name])
+        self._refuse_if_mounted(name)
         if name not in await self._ours():
             raise ServiceNotFound(f"This agent has no cache named {name}.", cache=name)
-        await self._engine.remove_volume(engine_volume(name, self._config.instance))
+        # Again, with no await before the removal: a deploy naming it may have begun meanwhile.
+        self._refuse_if_mounted(name)
+        if not await self._engine.remove_volume(engine_volume(name, self._config.instance)):
+            raise ServiceNotFound(f"This agent has no cache named {name} (removed meanwhile).",
+                                  cache=name)
         size = self._sizes.pop(name, None)
         if self._last_used.pop(name, None) is not None:
             await self._file.save(dict(self._last_used))
         self._events.emit("cache_removed", None, reason, cache=name, size_bytes=size)
         _LOGGER.info("Removed cache %s (%s)", name, reason)
+
+    def _refuse_if_mounted(self, name: str) -> None:
+        services = self.mounted().get(name)
+        if services:
+            raise Conflict(f"Cache {name} is mounted by {', '.join(services)}; stop them first.",
+                           cache=name, services=services)
 
     async def keep_measured(self) -> None:
         """The background loop: measure, prune, wait; failures are kept for /health."""
@@ -141,25 +166,33 @@ class Caches:
                        if sizes.get(volume, -1) >= 0}
 
     async def prune(self) -> list[str]:
-        """Remove unmounted caches, least recently used first, until all fit --cache-max-gb;
-        the names removed."""
+        """Remove caches (not other volumes) that no service mounts, least recently used
+        first, until all the agent's volumes together fit --cache-max-gb; the names removed."""
         if self._config.cache_max_gb is None:
             return []
-        limit = self._config.cache_max_gb * GB
+        async with self._pruning:
+            return await self._prune(self._config.cache_max_gb * GB)
+
+    async def _prune(self, limit: float) -> list[str]:
         total = sum(self._sizes.values())
         removed: list[str] = []
-        mounted = self.mounted()
-        for name in sorted((n for n in self._sizes if n not in mounted),
-                           key=lambda n: self._last_used.get(n, 0.0)):
+        ours, mounted, now = await self._ours(), self.mounted(), time.time()
+        prunable = sorted((name for name, volume in ours.items()
+                           if volume.cache and name in self._sizes and name not in mounted),
+                          key=lambda name: self._used_at(name, ours[name], now, mounted))
+        for name in prunable:
             if total <= limit:
                 break
-            size = self._sizes[name]
+            size = self._sizes.get(name, 0)  # a DELETE may have taken it meanwhile
             try:
                 await self.remove(name, reason="cache_max_gb")
             except Conflict:
                 continue  # mounted since, or a container of ours still holds it
+            except ServiceNotFound:
+                pass  # removed meanwhile (a DELETE): its room is free all the same
+            else:
+                removed.append(name)
             total -= size
-            removed.append(name)
         return removed
 
     def warnings(self) -> list[HealthWarning]:

@@ -19,7 +19,7 @@ import attrs
 import cattrs
 
 from deploy_agent.config import Config
-from deploy_agent.errors import AgentError, NotSupported
+from deploy_agent.errors import AgentError, ImageNotFound, NotSupported
 from deploy_agent.models import DATE_TIME, ColdStart, HealthWarning, JSONObject, PullAnswer, rfc3339
 from deploy_agent.policy import check_image, image_allowed
 from deploy_agent.records import RecordFile
@@ -107,7 +107,10 @@ class ImageStore:
                 "time; each node pulls at its first deploy of the image, with the agent's "
                 "registry credentials.", image=image)
         await self._engine.pull(image, lambda step: progress({"event": "pull", **step}))
-        found = await self._engine.inspect_image(image) or {}
+        found = await self._engine.inspect_image(image)
+        if found is None:  # removed under us, or the engine lost it
+            raise ImageNotFound(f"Image {image} was pulled but is not on this node now; pull it "
+                                "again.", image=image)
         return PullAnswer(image=image, digest=_digest(found.get("RepoDigests") or []),
                           size_bytes=int(found.get("Size", 0)))
 

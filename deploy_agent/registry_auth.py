@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ HUB_SERVER = "https://index.docker.io/v1/"  # the name Docker Hub has in config 
 HUB_HOSTS = frozenset({DOCKER_HUB, "index.docker.io", "registry-1.docker.io"})
 HELPER_TIMEOUT_S = 10.0
 HELPER_OUTPUT_LIMIT = 64 * 1024
+HELPER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # docker-credential-<this>
 
 
 def registry_of(image: str) -> str:
@@ -120,35 +123,67 @@ class RegistryCredentials:
             raise CredentialProblem(f"{self.path} is not valid JSON") from None
         if not isinstance(config, dict):
             raise CredentialProblem(f"{self.path} is not a JSON object")
+        for key, kind in (("auths", dict), ("credHelpers", dict), ("credsStore", str)):
+            if key in config and not isinstance(config[key], kind):
+                raise CredentialProblem(f"{self.path}: {key} is not a JSON "
+                                        f"{'object' if kind is dict else 'string'}")
         return config
 
     async def _from_helper(self, helper: str, registry: str) -> Credential | None:
+        if not HELPER_NAME_RE.fullmatch(helper):
+            raise CredentialProblem(f"{self.path} names a credential helper {helper[:40]!r} that "
+                                    "is not a plain name; it is not run")
         program = f"docker-credential-{helper}"
         try:
             process = await asyncio.create_subprocess_exec(
                 program, "get", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
+                stderr=asyncio.subprocess.DEVNULL)
         except OSError:
             raise CredentialProblem(f"the credential helper {program} named in {self.path} is "
                                     "not installed (or not on the agent's PATH); pulls from "
                                     f"{registry} go without credentials") from None
         try:
             async with asyncio.timeout(HELPER_TIMEOUT_S):
-                out, _ = await process.communicate(server_address(registry).encode())
+                out = await _answer(process, server_address(registry).encode())
         except TimeoutError:
-            process.kill()
-            await process.wait()
             raise CredentialProblem(f"the credential helper {program} did not answer within "
                                     f"{HELPER_TIMEOUT_S:g} s") from None
+        finally:  # whatever happened (a time-out, a cancellation, too much said): it ends
+            if process.returncode is None:
+                process.kill()
+                await asyncio.shield(process.wait())
+        if out is None:
+            raise CredentialProblem(f"the credential helper {program} said more than "
+                                    f"{HELPER_OUTPUT_LIMIT // 1024} KiB") from None
         if process.returncode != 0:
             return None  # "credentials not found": it has none for this registry
         try:
-            found = json.loads(out[:HELPER_OUTPUT_LIMIT])
-            username, secret = str(found["Username"]), str(found["Secret"])
+            found = json.loads(out)
+            username, secret = found["Username"], found["Secret"]
+            if not isinstance(username, str) or not isinstance(secret, str):
+                raise TypeError
         except (ValueError, KeyError, TypeError):
             raise CredentialProblem(f"the credential helper {program} answered something that "
                                     "is not its JSON") from None
         return Credential(registry, username, secret, identity_token=username == "<token>")
+
+
+async def _answer(process: asyncio.subprocess.Process, question: bytes) -> bytes | None:
+    """Ask the helper and read its answer to the end; None when it says too much."""
+    assert process.stdin is not None and process.stdout is not None
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        process.stdin.write(question)
+        await process.stdin.drain()
+        process.stdin.close()
+    out = await process.stdout.read(HELPER_OUTPUT_LIMIT + 1)
+    if len(out) > HELPER_OUTPUT_LIMIT:
+        return None
+    while chunk := await process.stdout.read(HELPER_OUTPUT_LIMIT + 1 - len(out)):
+        out += chunk
+        if len(out) > HELPER_OUTPUT_LIMIT:
+            return None
+    await process.wait()
+    return out
 
 
 def _from_auths(auths: Mapping[str, Any], registry: str) -> Credential | None:

@@ -212,6 +212,10 @@ class StateFile:
             if document.get("version") != FORMAT_VERSION:
                 raise ValueError(f"unknown format version {document.get('version')!r}")
             del document["version"]
+            for service in document.get("services", []):
+                # Written before cold starts were recorded: its one figure is not kept.
+                if isinstance(service, dict):
+                    service.pop("deploy_s", None)
             return self._converter.structure(document, SavedState)
         except FileNotFoundError:
             return None

@@ -14,9 +14,10 @@ from __future__ import annotations
 import attrs
 
 from deploy_agent.config import Config
-from deploy_agent.models import MANAGED_LABEL, DeploySpec
+from deploy_agent.models import MANAGED_LABEL, DeploySpec, JSONObject
 
 VOLUME_LABEL = "tidybot.volume"  # the name the deploys use, on the agent's own volumes
+CACHE_LABEL = "tidybot.cache"  # on volumes made for a deploy's `cache`: --cache-max-gb may prune them
 
 
 @attrs.frozen
@@ -29,6 +30,7 @@ class Mount:
     read_only: bool
     host_path: bool
     owned: bool  # a volume the agent makes and labels (not a host path, not an allowed one)
+    cache: bool = False  # made for a deploy's `cache` (else its `volumes`)
 
     @property
     def bind(self) -> str:
@@ -36,13 +38,24 @@ class Mount:
         return f"{self.source}:{self.target}{':ro' if self.read_only else ''}"
 
 
+def engine_mount(mount: Mount, instance: str) -> JSONObject:
+    """The Engine API form (HostConfig.Mounts, a Swarm ContainerSpec's Mounts). The agent's own
+    volumes carry its labels, so one the engine makes on the fly (removed a moment before)
+    is still the agent's."""
+    found: JSONObject = {"Type": "bind" if mount.host_path else "volume", "Source": mount.source,
+                         "Target": mount.target, "ReadOnly": mount.read_only}
+    if mount.owned:
+        found["VolumeOptions"] = {"Labels": volume_labels(mount.name, instance, mount.cache)}
+    return found
+
+
 def engine_volume(name: str, instance: str) -> str:
     """The engine's name for the agent's volume `name`."""
     return f"tidybot-{instance}-{name}"
 
 
-def volume_labels(name: str, instance: str) -> dict[str, str]:
-    return {MANAGED_LABEL: instance, VOLUME_LABEL: name}
+def volume_labels(name: str, instance: str, cache: bool = False) -> dict[str, str]:
+    return {MANAGED_LABEL: instance, VOLUME_LABEL: name, **({CACHE_LABEL: "1"} if cache else {})}
 
 
 def mounts_of(spec: DeploySpec, config: Config) -> list[Mount]:
@@ -61,7 +74,8 @@ def mounts_of(spec: DeploySpec, config: Config) -> list[Mount]:
             mounts.append(Mount(source, engine_volume(source, config.instance), target, read_only,
                                 host_path=False, owned=True))
     mounts.extend(Mount(name, engine_volume(name, config.instance), target, read_only=False,
-                        host_path=False, owned=True) for name, target in sorted(spec.cache.items()))
+                        host_path=False, owned=True, cache=True)
+                  for name, target in sorted(spec.cache.items()))
     return mounts
 
 

@@ -98,7 +98,7 @@ class TestSharedAndKept:
 
         entry = (await listed(client))["t-hf"]
         assert entry["services"] == ["t-c1", "t-c2"] and entry["volume"] == f"tidybot-{INSTANCE}-t-hf"
-        assert entry["size_bytes"] is None  # not measured yet
+        assert entry["cache"] is True
         await client.app[CACHES_KEY].measure()
         assert (await listed(client))["t-hf"]["size_bytes"] >= 300 * KB
 
@@ -155,22 +155,107 @@ class TestRemoveAndPrune:
 
     async def test_prune_takes_the_least_recently_used_unmounted_first(
             self, caches_agent: Callable[..., Awaitable[Client]]) -> None:
-        # Three caches of about 300 KiB each, the limit at about 700 KiB: one must go.
-        client = await caches_agent(cache_max_gb=700 * KB / 1e9)
+        # Three caches and a volume of about 300 KiB each, the limit at about 1000 KiB: one
+        # cache must go.
+        client = await caches_agent(cache_max_gb=1000 * KB / 1e9)
         for name in ("t-old", "t-new"):
             await deploy(client, f"t-{name}-svc", command=writer(300), cache={name: "/cache"})
             await stop(client, f"t-{name}-svc")
             await asyncio.sleep(0.05)  # last used: t-old before t-new
         await deploy(client, "t-busy-svc", command=writer(300), cache={"t-busy": "/cache"})
+        # A named volume (a database's data, say) is never a cache to prune, stopped or not.
+        await deploy(client, "t-data-svc", command=writer(300, "/data"), volumes=["t-data:/data"])
+        await stop(client, "t-data-svc")
         caches = client.app[CACHES_KEY]
         await caches.measure()
         assert await caches.prune() == ["t-old"]
-        assert sorted(await listed(client)) == ["t-busy", "t-new"]
+        assert sorted(await listed(client)) == ["t-busy", "t-data", "t-new"]
+        assert (await listed(client))["t-data"]["cache"] is False
         client = await caches_agent(cache_max_gb=1 * KB / 1e9)  # after a restart: all unmounted go
         caches = client.app[CACHES_KEY]
         await caches.measure()  # the agent's own loop may have pruned already
         await caches.prune()
-        assert sorted(await listed(client)) == ["t-busy"]  # mounted: never pruned
+        assert sorted(await listed(client)) == ["t-busy", "t-data"]  # mounted, or not a cache
         events = await (await client.get("/events")).json()
         assert [(e["details"]["cache"], e["reason"]) for e in events if e["kind"] == "cache_removed"] == [
             ("t-old", "cache_max_gb"), ("t-new", "cache_max_gb")]
+
+
+class FakeVolumes:
+    """The engine's side of the caches, in memory: volumes with labels and creation times."""
+
+    def __init__(self, instance: str, created: dict[str, str]) -> None:
+        self.volumes = {f"tidybot-{instance}-{name}": {
+            "Name": f"tidybot-{instance}-{name}", "CreatedAt": when,
+            "Labels": {"tidybot.deploy-agent": instance, "tidybot.volume": name, "tidybot.cache": "1"}}
+            for name, when in created.items()}
+        self.removed: list[str] = []
+        self.listing: asyncio.Event | None = None  # set: list_volumes waits for it
+        self.gone_under_us: set[str] = set()
+
+    async def list_volumes(self, labels: dict[str, str]) -> list[dict[str, Any]]:
+        if self.listing is not None:
+            await self.listing.wait()
+        return list(self.volumes.values())
+
+    async def volume_sizes(self) -> dict[str, int]:
+        return dict.fromkeys(self.volumes, 100 * KB)
+
+    async def remove_volume(self, name: str) -> bool:
+        self.volumes.pop(name, None)
+        if name in self.gone_under_us:
+            return False
+        self.removed.append(name)
+        return True
+
+
+class FakeTable:
+    def __init__(self) -> None:
+        self.specs: list[Any] = []
+
+    def specs_in_use(self) -> list[Any]:
+        return list(self.specs)
+
+
+def caches_of(tmp_path: Path, engine: FakeVolumes, table: FakeTable, **config: Any) -> Any:
+    from deploy_agent.caches import Caches
+    from deploy_agent.events import EventLog
+    return Caches(engine, table, make_config(tmp_path, instance=INSTANCE, **config),  # type: ignore[arg-type]
+                  EventLog(tmp_path))
+
+
+class TestCachesInProcess:
+    """Orders and races that the engine can't be made to show on demand."""
+
+    async def test_without_records_the_oldest_made_goes_first(self, tmp_path: Path) -> None:
+        engine = FakeVolumes(INSTANCE, {"young": "2026-12-01T10:00:00Z", "old": "2026-01-01T10:00:00Z",
+                                        "middle": "2026-06-01T10:00:00Z"})
+        caches = caches_of(tmp_path, engine, FakeTable(), cache_max_gb=150 * KB / 1e9)
+        await caches.measure()
+        assert await caches.prune() == ["old", "middle"]
+
+    async def test_one_removed_by_another_meanwhile_counts_silently(self, tmp_path: Path) -> None:
+        engine = FakeVolumes(INSTANCE, {"a": "2026-01-01T10:00:00Z", "b": "2026-02-01T10:00:00Z"})
+        engine.gone_under_us.add(f"tidybot-{INSTANCE}-a")
+        caches = caches_of(tmp_path, engine, FakeTable(), cache_max_gb=100 * KB / 1e9)
+        await caches.measure()
+        assert await caches.prune() == []  # a was gone already: its room freed, b stays
+        assert f"tidybot-{INSTANCE}-b" in engine.volumes
+        assert [e.kind for e in caches._events.since(None, 10)] == []
+
+    async def test_a_deploy_that_begins_during_a_delete_keeps_its_cache(self, tmp_path: Path) -> None:
+        from deploy_agent.convert import make_converter
+        from deploy_agent.errors import Conflict
+        from deploy_agent.models import DeploySpec
+        engine = FakeVolumes(INSTANCE, {"hf": "2026-01-01T10:00:00Z"})
+        table = FakeTable()
+        caches = caches_of(tmp_path, engine, table)
+        engine.listing = asyncio.Event()
+        deleting = asyncio.ensure_future(caches.remove("hf"))
+        await asyncio.sleep(0.01)  # the DELETE is listing the volumes
+        table.specs.append(make_converter().structure(
+            {"name": "t-x", "image": "img:1", "cache": {"hf": "/c"}}, DeploySpec))  # a deploy begins
+        engine.listing.set()
+        with pytest.raises(Conflict):
+            await deleting
+        assert engine.removed == [] and f"tidybot-{INSTANCE}-hf" in engine.volumes

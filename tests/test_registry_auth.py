@@ -143,3 +143,79 @@ def test_config_path_follows_docker_config_then_home(tmp_path: Path) -> None:
 def test_the_engines_refusals_are_told_from_other_pull_failures(reason: str, refused: bool) -> None:
     from deploy_agent.backends.engine import refused_by_registry
     assert refused_by_registry(reason) is refused
+
+
+def install_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, script: str) -> None:
+    helper = tmp_path / "bin" / f"docker-credential-{name}"
+    helper.parent.mkdir(exist_ok=True)
+    helper.write_text("#!/bin/sh\n" + script)
+    helper.chmod(helper.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{helper.parent}:{os.environ['PATH']}")
+
+
+class TestHelpersThatMisbehave:
+    """A helper is a program the config names: bounded in time and output, never a path."""
+
+    async def test_one_that_floods_its_output(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        install_helper(tmp_path, monkeypatch, "flood", "exec yes\n")
+        credentials = RegistryCredentials(write_config(tmp_path / "c.json", {"credsStore": "flood"}))
+        assert await credentials.lookup("registry.lab/x") is None
+        assert "said more than" in credentials.problems["helper flood"]
+
+    async def test_one_that_hangs(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        install_helper(tmp_path, monkeypatch, "hang", f"echo $$ > {tmp_path}/pid\nexec sleep 60\n")
+        monkeypatch.setattr("deploy_agent.registry_auth.HELPER_TIMEOUT_S", 0.5)
+        credentials = RegistryCredentials(write_config(tmp_path / "c.json", {"credsStore": "hang"}))
+        assert await credentials.lookup("registry.lab/x") is None
+        assert "did not answer" in credentials.problems["helper hang"]
+        pid = int((tmp_path / "pid").read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # killed and reaped, not left behind
+
+    @pytest.mark.parametrize("name", ["../../tmp/evil", "a b", "-rf", ""])
+    async def test_a_name_that_is_not_a_plain_name_is_not_run(self, tmp_path: Path, name: str) -> None:
+        credentials = RegistryCredentials(write_config(tmp_path / "c.json", {"credHelpers": {
+            "registry.lab": name}, "credsStore": name} if name else {"credsStore": "../x"}))
+        assert await credentials.lookup("registry.lab/x") is None
+        assert any("not a plain name" in problem for problem in credentials.problems.values())
+
+    @pytest.mark.parametrize("config", [{"credHelpers": ["ecr"]}, {"auths": "x"}, {"credsStore": 3},
+                                        {"auths": {"registry.lab": "not an object"}}])
+    async def test_a_config_of_the_wrong_shape_is_a_problem_not_a_crash(self, tmp_path: Path,
+                                                                         config: object) -> None:
+        credentials = RegistryCredentials(write_config(tmp_path / "c.json", config))
+        assert await credentials.lookup("registry.lab/x") is None
+        if "auths" not in config or isinstance(config["auths"], str):  # type: ignore[operator,index]
+            assert "config" in credentials.problems
+
+
+def test_what_urls_carry_is_redacted_from_engine_errors() -> None:
+    from deploy_agent.backends.engine import redacted
+    said = ('Get "https://bucket.s3.amazonaws.com/blob?X-Amz-Credential=AKIA&X-Amz-Security-Token='
+            'SECRET123": net/http: TLS handshake timeout; https://lab:hunter2@registry.lab/v2/')
+    clean = redacted(said)
+    assert "SECRET123" not in clean and "AKIA" not in clean and "hunter2" not in clean
+    assert "https://bucket.s3.amazonaws.com/blob?***" in clean and "https://***@registry.lab/v2/" in clean
+
+
+@pytest.mark.parametrize(("url", "plain"), [
+    ("unix:///var/run/docker.sock", False), ("tcp://127.0.0.1:2375", False), ("tcp://localhost:2375", False),
+    ("tcp://10.0.0.9:2375", True), ("http://gpu-2:2375", True), ("https://gpu-2:2376", False),
+    ("ssh://ops@gpu-2", False),
+])
+def test_credentials_never_cross_a_plaintext_engine_connection(url: str, plain: bool) -> None:
+    from deploy_agent.backends.engine import plaintext_remote
+    assert plaintext_remote(url) is plain
+
+
+async def test_a_plaintext_remote_engine_gets_no_credentials(tmp_path: Path) -> None:
+    from unittest.mock import MagicMock
+
+    from deploy_agent.backends.engine import Engine
+    credentials = RegistryCredentials(write_config(tmp_path / "c.json", {"auths": {
+        "registry.lab": {"auth": auth("u", "p")}}}))
+    engine = Engine(MagicMock(), MagicMock(), credentials=credentials)
+    assert "X-Registry-Auth" in await engine.registry_auth("registry.lab/x")
+    engine.plaintext_remote = True
+    assert await engine.registry_auth("registry.lab/x") == {}
+    assert "plain TCP" in credentials.problems["engine"]

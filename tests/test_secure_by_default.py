@@ -241,6 +241,13 @@ class TestSharedMemory:
         engine_can = subprocess.run(["docker", "run", "--rm", "--ulimit", "memlock=-1:-1", TEST_IMAGE,
                                      "true"], capture_output=True).returncode == 0
         agent = agent_processes.start("--fake-gpus", "RTX 4090:24")
+        # A command named like the runtime's refusal fails with or without memlock: it must
+        # not turn memlock off for every GPU service.
+        status, crafted = post_json(agent.url + "/deploy", {
+            "name": "t-lock-crafted", "image": TEST_IMAGE, "gpu": True, "vram_gb": 2,
+            "command": ["error setting rlimit type 8: operation not permitted"]})
+        assert status == 502, crafted
+        assert get_json(agent.url + "/health")["warnings"] == []
         for name in ("t-lock-1", "t-lock-2"):
             status, answer = post_json(agent.url + "/deploy", {"name": name, "image": TEST_IMAGE,
                                                                "gpu": True, "vram_gb": 2})

@@ -103,3 +103,23 @@ class TestInterleavedWrites:
         (tmp_path / ".services.json.k1ll3d.tmp").write_text("{")  # a write the process died in
         assert state_file.load() == saved("a")
         assert names(tmp_path) == ["services.json"]
+
+
+def test_a_services_json_written_before_cold_starts_loads_whole(tmp_path: Path) -> None:
+    """An agent upgraded from one that recorded `deploy_s` keeps its services and leases
+    (the field is dropped), instead of setting the file aside as unreadable."""
+    import json
+
+    from deploy_agent.state import FORMAT_VERSION, StateFile
+    spec = {"name": "svc", "image": "img:1", "port": 8000, "gpu": False, "vram_gb": 0.0, "env": {},
+            "volumes": [], "health": "/health", "ready_timeout": 60.0}
+    (tmp_path / "services.json").write_text(json.dumps({
+        "version": FORMAT_VERSION,
+        "services": [{"spec": spec, "container_id": "c1", "host_port": 8000, "status": "healthy",
+                      "started_at": 1.0, "pinned": False, "deploy_s": 2.5, "attempt": "a1"}],
+        "leases": [{"id": "l1", "service": "svc", "lease_s": 60.0, "expires_at": 2e9}]}))
+    loaded = StateFile(tmp_path, make_converter()).load()
+    assert loaded is not None
+    assert [s.spec.name for s in loaded.services] == ["svc"] and loaded.services[0].cold_start is None
+    assert [lease.id for lease in loaded.leases] == ["l1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["services.json"]  # nothing set aside

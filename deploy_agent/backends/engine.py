@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -57,6 +58,16 @@ _PAYLOAD_ERRORS = (ValueError, KeyError, TypeError)
 # exist too, which is why the answer names both.
 _DENIED_MARKS = ("no basic auth credentials", "unauthorized", "access denied", "denied: ",
                  "is denied", "authentication required", "403 forbidden")
+
+
+_URL_QUERY = re.compile(r"(\w+://[^\s\"'?#]*)[?#][^\s\"']*")
+_URL_USERINFO = re.compile(r"(\w+://)[^/\s\"'@]+@")
+
+
+def redacted(text: str) -> str:
+    """An engine's error text without what URLs may carry: a query (signed blob URLs hold
+    tokens: X-Amz-Security-Token=, verify=) or a user:password@."""
+    return _URL_USERINFO.sub(r"\1***@", _URL_QUERY.sub(r"\1?***", text))
 
 
 def refused_by_registry(reason: str) -> bool:
@@ -120,6 +131,14 @@ def open_docker(url: str, connection_limit: int) -> aiodocker.Docker:
     return _Docker(url=url)  # TLS, ssh: aiodocker's own connector
 
 
+def plaintext_remote(url: str) -> bool:
+    """Whether an engine URL is unencrypted TCP to another machine."""
+    if not url.startswith(("tcp://", "http://")):
+        return False
+    host = url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+    return host not in ("localhost", "::1") and not host.startswith("127.")
+
+
 async def close_docker(docker: aiodocker.Docker) -> None:
     await docker.close()
     await docker.connector.close()  # ours when open_docker made it; closing twice is harmless
@@ -128,12 +147,15 @@ async def close_docker(docker: aiodocker.Docker) -> None:
 class Engine:
     """A thin, typed face over the engine: one client for control calls, one for streams."""
 
+    credentials: RegistryCredentials
+    rlimit_refusal: str | None = None  # why the engine can't set a service's memlock
+    plaintext_remote: bool = False  # --docker-host is tcp:// or http:// to another machine
+
     def __init__(self, control: aiodocker.Docker, streams: aiodocker.Docker, *,
                  instance: str = "default", timeout_s: float = 30.0,
                  pull_stall_s: float = 120.0, credentials: RegistryCredentials | None = None) -> None:
         self._docker = control
         self.credentials = credentials or RegistryCredentials()
-        self.rlimit_refusal: str | None = None  # why the engine can't set a service's memlock
         self._streams = streams
         self._ours = f"{MANAGED_LABEL}={instance}"  # label filter: this agent's containers only
         self.timeout_s = timeout_s
@@ -176,9 +198,18 @@ class Engine:
         return found
 
     async def registry_auth(self, ref: str) -> dict[str, str]:
-        """The X-Registry-Auth header for `ref`'s registry; {} when it has no credential."""
+        """The X-Registry-Auth header for `ref`'s registry; {} when it has no credential, or
+        when the engine is reached in clear text beyond this machine (it would cross the
+        network as base64)."""
         credential = await self.credentials.lookup(ref)
-        return {"X-Registry-Auth": credential.header()} if credential is not None else {}
+        if credential is None:
+            return {}
+        if self.plaintext_remote:
+            self.credentials.problems["engine"] = (
+                "--docker-host is reached over plain TCP beyond this machine: registry "
+                "credentials are not sent to it (use the unix socket, ssh:// or TLS)")
+            return {}
+        return {"X-Registry-Auth": credential.header()}
 
     async def pull(self, ref: str, on_progress: Callable[[JSONObject], None]) -> None:
         """Pull `ref` with its registry's credentials, reporting each progress message (per
@@ -210,7 +241,7 @@ class Engine:
                               image=ref) from err
         except EngineError as err:
             cause = err.__cause__
-            reason = cause.message if isinstance(cause, aiodocker.DockerError) else repr(cause)
+            reason = redacted(cause.message if isinstance(cause, aiodocker.DockerError) else repr(cause))
             if refused_by_registry(reason):
                 registry, sent = registry_of(ref), bool(headers)
                 raise RegistryDenied(
@@ -233,6 +264,8 @@ class Engine:
         async with self._streams._query("images/create", "POST", params=params, headers=headers,
                                         timeout=self._streams._resolve_long_running_timeout(None)
                                         ) as response:
+            # An in-band {"error": ...} line (the registry refused) raises DockerStreamError
+            # (aiodocker >= 0.27: earlier ones yield it as progress).
             async for message in json_stream_stream(response):
                 yield message
 
@@ -292,17 +325,19 @@ class Engine:
         return {volume["Name"]: int((volume.get("UsageData") or {}).get("Size", -1))
                 for volume in usage.get("Volumes") or []}
 
-    async def remove_volume(self, name: str) -> None:
-        """Remove the named volume; Conflict while a container (even a stopped one) uses it."""
+    async def remove_volume(self, name: str) -> bool:
+        """Remove the named volume; False when there was none. Conflict while a container (even
+        a stopped one) uses it."""
         try:
             await self._bounded(f"remove volume {name}",
                                 aiodocker.volumes.DockerVolume(self._docker, name).delete())
         except EngineError as err:
             if err.engine_status == 404:
-                return
+                return False
             if err.engine_status == 409:
                 raise Conflict(f"Volume {name} is in use by a container.", volume=name) from err
             raise
+        return True
 
     async def create(self, name: str, config: JSONObject) -> str:
         """Create the container; Conflict when the name is taken."""
@@ -436,15 +471,18 @@ def memlock_ulimits(spec: DeploySpec, gpu_memlock: bool) -> list[JSONObject]:
     return [dict(UNLIMITED_MEMLOCK)] if spec.gpu and gpu_memlock else []
 
 
-def rlimit_refused(err: AgentError) -> bool:
-    """The engine could not set a ulimit (it lacks CAP_SYS_RESOURCE: rootless, some sandboxes)."""
-    return "setting rlimit" in err.message
+def memlock_refused(err: AgentError) -> bool:
+    """The runtime could not raise RLIMIT_MEMLOCK (type 8): the engine lacks CAP_SYS_RESOURCE
+    (rootless, some sandboxes). Not any failure that mentions rlimits (a command of that
+    name, another limit)."""
+    return "error setting rlimit type 8: operation not permitted" in err.message
 
 
 def container_config(spec: DeploySpec, *, host_port: int, env: dict[str, str],
                      labels: dict[str, str], device_requests: list[JSONObject], binds: list[str],
                      publish_host: str = "", pids_limit: int = 4096,
-                     default_shm_gb: float = 2.0, ulimits: list[JSONObject] | None = None) -> JSONObject:
+                     default_shm_gb: float = 2.0, ulimits: list[JSONObject] | None = None,
+                     mounts: list[JSONObject] | None = None) -> JSONObject:
     """The Engine API create body: one published port, restart unless stopped, hardened."""
     port_key = f"{spec.port}/tcp"
     host_config: JSONObject = {
@@ -474,6 +512,8 @@ def container_config(spec: DeploySpec, *, host_port: int, env: dict[str, str],
         host_config["ShmSize"] = shm
     if ulimits:
         host_config["Ulimits"] = ulimits
+    if mounts:
+        host_config["Mounts"] = mounts
     config: JSONObject = {
         "Image": spec.image,
         "Env": [f"{key}={value}" for key, value in env.items()],
@@ -505,4 +545,5 @@ def open_engine(kind: type[E], config: Config, docker: aiodocker.Docker | None =
     engine = kind(control, streams, instance=config.instance, timeout_s=config.engine_timeout_s,
                   pull_stall_s=config.pull_stall_timeout_s,
                   credentials=RegistryCredentials(config.registry_auth))
+    engine.plaintext_remote = plaintext_remote(config.docker_host)
     return engine, close

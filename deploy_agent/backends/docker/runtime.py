@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import cattrs
 
-from deploy_agent.backends.engine import Engine, container_config, memlock_ulimits, rlimit_refused
+from deploy_agent.backends.engine import Engine, container_config, memlock_refused, memlock_ulimits
 from deploy_agent.config import Config
 from deploy_agent.errors import (
     ContainerExited,
@@ -34,7 +34,7 @@ from deploy_agent.runtime import (
 )
 from deploy_agent.state import labels_for, service_from_container
 from deploy_agent.table import ServiceTable
-from deploy_agent.volumes import is_ours, mounts_of, volume_labels
+from deploy_agent.volumes import Mount, engine_mount, is_ours, mounts_of, volume_labels
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -136,21 +136,26 @@ class DockerRuntime:
             assignment = self._table.reserve_gpu(owner, spec.vram_gb)
         try:
             await self._ensure_image(spec.image, progress)
-            binds = await self._binds(spec)
+            mounts = await self._mounts(spec)
             published = await self._engine.published_ports()
+            memlock = self._memlock(spec)
             try:
-                return await self._on_a_free_port(spec, owner, lease, assignment, binds, published,
-                                                  progress)
+                return await self._on_a_free_port(spec, owner, lease, assignment, mounts, published,
+                                                  progress, memlock)
             except EngineError as err:
-                if not (self._memlock(spec) and rlimit_refused(err)):
+                if not (memlock and memlock_refused(err)):
                     raise
-                # Once, and then never again while the agent runs: its GPU services start
-                # with the engine's memlock, and /health says so.
-                self._engine.rlimit_refusal = err.message
+                refusal = err.message
+            # Again without: only when that starts is the engine found out (not a command
+            # that merely prints the runtime's words). From then on GPU services start with
+            # the engine's memlock, and /health says so.
+            service = await self._on_a_free_port(spec, owner, lease, assignment, mounts, published,
+                                                  progress, memlock=False)
+            if self._engine.rlimit_refusal is None:
+                self._engine.rlimit_refusal = refusal
                 _LOGGER.warning("The engine cannot give GPU services unlimited memlock (%s); "
-                                "starting them with its default", err.message)
-                return await self._on_a_free_port(spec, owner, lease, assignment, binds, published,
-                                                  progress)
+                                "starting them with its default", refusal)
+            return service
         except BaseException:
             if assignment is not None:
                 self._table.release_gpu(owner)
@@ -160,15 +165,15 @@ class DockerRuntime:
         return bool(memlock_ulimits(spec, self._config.gpu_memlock)) and self._engine.rlimit_refusal is None
 
     async def _on_a_free_port(self, spec: DeploySpec, owner: Owner, lease: Lease | None,
-                              assignment: Assignment | None, binds: list[str], published: set[int],
-                              progress: Progress) -> Service:
+                              assignment: Assignment | None, mounts: list[Mount], published: set[int],
+                              progress: Progress, memlock: bool) -> Service:
         return await on_a_free_port(  # tracked: the deployer writes services.json
             lambda refused: self._table.reserve_port(owner, spec.port, published, refused),
             lambda port: self._create_and_start(_Attempt(spec, owner, port, lease), assignment,
-                                                binds, progress),
+                                                mounts, progress, memlock),
             "The engine", spec.name)
 
-    async def _binds(self, spec: DeploySpec, create: bool = True) -> list[str]:
+    async def _mounts(self, spec: DeploySpec, create: bool = True) -> list[Mount]:
         """The spec's mounts, with the agent's own volumes made (labelled) on first use;
         MountNotAllowed when a volume of that name exists and is not this agent's. Without
         `create` (a dry run), only looked at."""
@@ -176,7 +181,7 @@ class DockerRuntime:
         for mount in mounts:
             if not mount.owned:
                 continue
-            wanted = volume_labels(mount.name, self._config.instance)
+            wanted = volume_labels(mount.name, self._config.instance, mount.cache)
             labels = (await self._engine.ensure_volume(mount.source, wanted) if create
                       else await self._engine.volume_labels(mount.source))
             if labels is not None and not is_ours(labels, mount.name, self._config.instance):
@@ -184,10 +189,10 @@ class DockerRuntime:
                     f"Volume {mount.source} exists on this node but is not this agent's; it is "
                     f"never mounted for {mount.name!r}. Remove or rename it, or let services "
                     f"mount it with --allow-volume {mount.source}.", volume=mount.name)
-        return [mount.bind for mount in mounts]
+        return mounts
 
     async def _create_and_start(self, attempt: _Attempt, assignment: Assignment | None,
-                                binds: list[str], progress: Progress) -> Service:
+                                mounts: list[Mount], progress: Progress, memlock: bool) -> Service:
         """Create, start, wait healthy. On any failure nothing is left: container, port, record."""
         spec, host_port = attempt.spec, attempt.host_port
         try:
@@ -196,12 +201,17 @@ class DockerRuntime:
                                         else (dict(NO_GPU_ENV), []))
             labels = labels_for(self._converter, spec, host_port, gpu, self._config.instance,
                                 attempt.id, attempt.lease)
-            config = container_config(spec, host_port=host_port, env={**spec.env, **gpu_env}, binds=binds,
+            config = container_config(spec, host_port=host_port, env={**spec.env, **gpu_env},
+                                      # Host paths as Binds (their directory is made if missing);
+                                      # the agent's volumes as Mounts, with its labels.
+                                      binds=[m.bind for m in mounts if not m.owned],
+                                      mounts=[engine_mount(m, self._config.instance)
+                                              for m in mounts if m.owned],
                                       labels=labels, device_requests=device_requests,
                                       publish_host=self._config.publish_host,
                                       pids_limit=self._config.service_pids_limit,
                                       default_shm_gb=self._config.default_shm_gb,
-                                      ulimits=memlock_ulimits(spec, self._memlock(spec)))
+                                      ulimits=memlock_ulimits(spec, memlock))
             try:
                 container_id = await self._engine.create(spec.container_name, config)
             except BaseException as err:
@@ -271,7 +281,7 @@ class DockerRuntime:
         if spec.gpu:
             await self._table.refresh_gpus()
             gpu = self._table.gpus.place(spec.vram_gb, freeing=freeing).local_index
-        await self._binds(spec, create=False)
+        await self._mounts(spec, create=False)
         pull_needed = not await self._engine.has_image(spec.image)
         published = await self._engine.published_ports()
         freed = {replacing.host_port} if replacing is not None else set()

@@ -66,7 +66,7 @@ from deploy_agent.runtime import (
 )
 from deploy_agent.state import attempt_of, labels_for, lease_of, recorded_in
 from deploy_agent.table import Held, ServiceTable
-from deploy_agent.volumes import Mount, mounts_of, volume_labels
+from deploy_agent.volumes import engine_mount, mounts_of
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class SwarmRuntime:
             "Init": True,
             "CapabilityDrop": list(DROPPED_CAPABILITIES),
             "StopGracePeriod": self._config.stop_timeout * 1_000_000_000,
-            "Mounts": [_mount(mount, self._config.instance) for mount in mounts_of(spec, self._config)],
+            "Mounts": [engine_mount(mount, self._config.instance) for mount in mounts_of(spec, self._config)],
         }
         if spec.command is not None:
             container["Args"] = list(spec.command)
@@ -487,15 +487,6 @@ class SwarmRuntime:
         self._table.park(service, message)
         self._events.emit("pending", service.spec.name, why, message=message)
         await self._table.persist()
-
-
-def _mount(mount: Mount, instance: str) -> JSONObject:
-    """A Swarm mount; the agent's own volumes are made on the node with the agent's labels."""
-    found: JSONObject = {"Type": "bind" if mount.host_path else "volume", "Source": mount.source,
-                         "Target": mount.target, "ReadOnly": mount.read_only}
-    if mount.owned:
-        found["VolumeOptions"] = {"Labels": volume_labels(mount.name, instance)}
-    return found
 
 
 def service_from_swarm(converter: cattrs.Converter, found: JSONObject, instance: str,

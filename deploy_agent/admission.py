@@ -85,11 +85,12 @@ class Admission:
         self._closed = False
 
     def _queue_retry_s(self) -> int:
-        """When a full queue may have a place: once its head has deployed, as long as its
-        image's recorded cold start (RETRY_AFTER_S when none is recorded)."""
+        """When a full queue may have a place: not before its head has deployed, which takes
+        at least its image's recorded cold start; never sooner than RETRY_AFTER_S (the head
+        waits for room first, which no record tells)."""
         head = self.waiting()[0] if self._waiters else None
         expected = self._expected_start_s(head.spec) if head is not None else None
-        return RETRY_AFTER_S if expected is None else max(1, min(MAX_RETRY_AFTER_S, math.ceil(expected)))
+        return max(RETRY_AFTER_S, min(MAX_RETRY_AFTER_S, math.ceil(expected or 0)))
 
     def waiting(self) -> list[Waiter]:
         """The waiters, first served first."""

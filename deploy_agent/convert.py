@@ -7,9 +7,11 @@ FieldError, and `transform_error` turns a whole failed body into one detail per 
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 import shlex
 from collections.abc import Callable
+from pathlib import PurePosixPath
 from typing import Any
 
 import attrs
@@ -44,7 +46,9 @@ IMAGE_RE = re.compile(
     rf"^(?:{_REGISTRY}/)?{_COMPONENT}(?:/{_COMPONENT})*"
     r"(?::[\w][\w.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
 )
-VOLUME_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+VOLUME_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
+MAX_CACHES = 16  # per deploy
+SYSTEM_TARGETS = (PurePosixPath("/dev"), PurePosixPath("/proc"), PurePosixPath("/sys"))
 ENV_KEY_RE = re.compile(r"^[^=\x00]+$")
 TOOLKIT_ENV_PREFIX = "NVIDIA_"
 LEASE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -175,6 +179,8 @@ def _volume_list(value: Any, _: Any) -> VolumeList:
 def _cache_map(value: Any, _: Any) -> CacheMap:
     if not isinstance(value, dict):
         raise FieldError(f"must be a map of cache names to container paths, not {_json_type(value)}")
+    if len(value) > MAX_CACHES:
+        raise FieldError(f"names {len(value)} caches; at most {MAX_CACHES}")
     for name, target in value.items():
         if not VOLUME_NAME_RE.fullmatch(name):
             raise FieldError(f"{name!r} is not a cache name (letters, digits, '_', '.', '-')")
@@ -188,6 +194,11 @@ def _check_target(entry: str, target: str) -> None:
     if not target.startswith("/") or target == "/" or ".." in target.split("/") or ":" in target:
         raise FieldError(f"{entry!r}: target must be an absolute path other than '/', without "
                          "'..' or ':'")
+    path = PurePosixPath(posixpath.normpath(target))
+    for system in SYSTEM_TARGETS:
+        if path == system or system in path.parents:
+            raise FieldError(f"{entry!r}: nothing is mounted at or under {system} (the runtime's "
+                             "own; /dev/shm is shm_gb)")
 
 
 def _check_volume(entry: str) -> None:
@@ -237,6 +248,7 @@ FIELD_SCHEMAS: dict[Any, JSONObject] = {
              "additionalProperties": {"type": ["string", "number", "boolean"]}},
     VolumeList: {"type": "array", "items": {"type": "string"}},
     CacheMap: {"type": "object", "propertyNames": {"pattern": VOLUME_NAME_RE.pattern},
+               "maxProperties": MAX_CACHES,
                "additionalProperties": {"type": "string", "pattern": "^/"}},
     Command: {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
 }
@@ -393,13 +405,23 @@ def parse_deploy_request(converter: cattrs.Converter, body: Any) -> DeployReques
 
 
 def _mount_clashes(spec: DeploySpec, origin: dict[str, str]) -> list[JSONObject]:
-    """A container path mounted twice (by volumes, caches, or both): the engine refuses it."""
-    targets = [entry.split(":")[1].rstrip("/") for entry in spec.volumes]
-    targets += [target.rstrip("/") for target in spec.cache.values()]
-    twice = sorted({target for target in targets if targets.count(target) > 1})
-    return [{"field": origin.get("cache", "cache") if spec.cache else origin.get("volumes", "volumes"),
-             "message": f"{target} is mounted more than once (volumes and cache together)"}
-            for target in twice]
+    """A container path mounted twice (by volumes, caches, or both: the engine refuses it),
+    or a mount inside a cache or a cache inside a mount: a cache is shared with other
+    services, which could swap the inner mount point for a symlink."""
+    def normal(target: str) -> PurePosixPath:
+        return PurePosixPath(posixpath.normpath(target))
+    volumes = [normal(entry.split(":")[1]) for entry in spec.volumes]
+    caches = [normal(target) for target in spec.cache.values()]
+    targets = volumes + caches
+    field = origin.get("cache", "cache") if spec.cache else origin.get("volumes", "volumes")
+    details: list[JSONObject] = [
+        {"field": field, "message": f"{target} is mounted more than once (volumes and cache together)"}
+        for target in sorted({t for t in targets if targets.count(t) > 1})]
+    details += [{"field": field, "message": f"{inner} is mounted inside the cache mount {outer}, or "
+                                            "the other way round: mount them side by side"}
+                for cache in caches for other in targets
+                for outer, inner in ((cache, other), (other, cache)) if outer in inner.parents]
+    return details
 
 
 def is_toolkit_key(key: str) -> bool:

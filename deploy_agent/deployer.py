@@ -225,11 +225,19 @@ class Deployer:
             if token is not None:
                 self._table.gpus.drop_earmark(token)  # taken by the launch, or unused
         service.cold_start = clock.finish()
-        await self._on_deployed(service)
         self._table.carry_holds(service, existing)
         self._events.emit("deployed", spec.name, image=spec.image, port=service.host_port,
                           gpu=service.gpu)
+        await self._after(self._on_deployed, service)
         return service, False
+
+    async def _after(self, hook: ServiceHook, service: Service) -> None:
+        """A hook on a deploy or stop that has happened: what it fails to record is logged, and
+        the deploy or stop stands."""
+        try:
+            await hook(service)
+        except Exception:
+            _LOGGER.exception("Recording what %s did failed; it stands", service.spec.name)
 
     async def _make_room(self, spec: DeploySpec, grant: Grant | None) -> str:
         """Room for a GPU deploy under its name's lock: the room its wait was granted, else,
@@ -396,7 +404,7 @@ class Deployer:
         self._events.emit("stopped", service.spec.name, reason, **details)  # before the await
         self.admission.serve()  # its room may be a waiter's
         await self._table.persist()
-        await self._on_stopped(service)
+        await self._after(self._on_stopped, service)
         _LOGGER.info("Stopped %s (%s)", service.spec.name, reason)
 
     async def _discard(self, service: Service) -> None:

@@ -10,6 +10,7 @@ service is created with.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from deploy_agent.registry_auth import RegistryCredentials
 _LOGGER = logging.getLogger(__name__)
 
 MAX_SERVICES_LISTED = 32  # per image, the names that deployed it most recently
+MAX_RECORDS = 512  # images remembered; the least recently deployed are forgotten first
+MAX_PULLS = 4  # POST /images/pull and --prepull pulls at once; more wait their turn
 
 
 class ImageEngine(Protocol):
@@ -73,7 +76,8 @@ class ImageStore:
         self._converter = converter
         self._can_pull = can_pull
         self._file = RecordFile(config.state_dir / "images.json")
-        self._records: dict[str, ImageRecord] = {}
+        self._records: dict[str, ImageRecord] = {}  # by reference as `docker images` lists it
+        self._pulls = asyncio.Semaphore(MAX_PULLS)
         self.prepull_failures: dict[str, str] = {}  # by image: why its --prepull failed
 
     def load(self) -> None:
@@ -86,16 +90,20 @@ class ImageStore:
                             self._file.path, err)
 
     def cold_start_of(self, image: str) -> ColdStart | None:
-        record = self._records.get(image)
+        record = self._records.get(listed_as(image))
         return record.cold_start if record is not None else None
 
     async def deployed(self, image: str, name: str, cold_start: ColdStart) -> None:
         """Record a deploy; a write that fails is retried with the next (the deploy stands)."""
-        record = self._records.setdefault(image, ImageRecord(last_deployed=time.time()))
+        record = self._records.setdefault(listed_as(image), ImageRecord(last_deployed=time.time()))
         record.last_deployed = time.time()
         others = [n for n in record.services if n != name]
         record.services = [*others[-MAX_SERVICES_LISTED + 1:], name]
         record.cold_start = cold_start
+        if len(self._records) > MAX_RECORDS:
+            for forgotten in sorted(self._records, key=lambda ref: self._records[ref].last_deployed)[
+                    :len(self._records) - MAX_RECORDS]:
+                del self._records[forgotten]
         await self._file.save(self._converter.unstructure(self._records))
 
     async def pull(self, image: str, progress: Callable[[JSONObject], None]) -> PullAnswer:
@@ -106,7 +114,11 @@ class ImageStore:
                 "In front of a swarm the engine's API cannot pull onto another node ahead of "
                 "time; each node pulls at its first deploy of the image, with the agent's "
                 "registry credentials.", image=image)
-        await self._engine.pull(image, lambda step: progress({"event": "pull", **step}))
+        if self._pulls.locked():
+            progress({"event": "waiting", "reason": "pulls_busy",
+                      "message": f"{MAX_PULLS} pulls are under way on this node"})
+        async with self._pulls:
+            await self._engine.pull(image, lambda step: progress({"event": "pull", **step}))
         found = await self._engine.inspect_image(image)
         if found is None:  # removed under us, or the engine lost it
             raise ImageNotFound(f"Image {image} was pulled but is not on this node now; pull it "
@@ -151,6 +163,18 @@ class ImageStore:
                                        f"({self._file.write_error}); image records are kept in "
                                        "memory."))
         return found
+
+
+def listed_as(image: str) -> str:
+    """A reference as `docker images` lists it: with its tag (`:latest` when none), and
+    without Docker Hub's `docker.io/` and `library/`. A digest reference stays as it is."""
+    if "@" in image:
+        return image
+    if ":" not in image.rsplit("/", 1)[-1]:
+        image += ":latest"
+    for prefix in ("docker.io/", "index.docker.io/"):
+        image = image.removeprefix(prefix)
+    return image.removeprefix("library/")
 
 
 def _digest(repo_digests: list[Any]) -> str | None:

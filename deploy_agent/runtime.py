@@ -60,8 +60,9 @@ def no_progress(event: JSONObject) -> None:
 
 class ColdStartClock:
     """Times a launch's phases from the progress it reports, whichever backend runs it: the
-    pull ends at the (last) `created`, the start at `started` or the first health probe,
-    and the wait for health when the launch returns."""
+    pull ends at the first `created`, the start at the (last try's) `started` or its first
+    health probe, and the wait for health when the launch returns. Tries the engine refused
+    (a port taken, memlock) count in the start."""
 
     def __init__(self, progress: Progress) -> None:
         self._progress = progress
@@ -74,8 +75,9 @@ class ColdStartClock:
         now, kind = time.monotonic(), event.get("event")
         if kind == "pull":
             self._pulled = True
-        elif kind == "created":  # again after a port the engine refused: that try's start
-            self._created, self._started = now, None
+        elif kind == "created":  # again after a try the engine refused: that try's start
+            self._created = now if self._created is None else self._created
+            self._started = None
         elif kind in ("started", "health") and self._created is not None and self._started is None:
             self._started = now
         self._progress(event)

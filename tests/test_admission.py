@@ -72,7 +72,8 @@ class Node:
 async def make(tmp_path: Path) -> Any:
     made: list[Node] = []
 
-    async def build(stand_in: Any = None, cold_start_of: Any = lambda image: None, **config: Any) -> Node:
+    async def build(stand_in: Any = None, cold_start_of: Any = lambda image: None,
+                    on_deployed: Any = None, **config: Any) -> Node:
         pool = GpuPool(FakeGpus("RTX 4090:24"))
         await pool.refresh({})
         state = tmp_path / f"node{len(made)}"
@@ -84,7 +85,9 @@ async def make(tmp_path: Path) -> Any:
         stand_in = stand_in or engine()
         events = EventLog(state)
         node = Node(Deployer(settings, DockerRuntime(settings, stand_in, probe, table, CONVERTER), table,
-                             events, cold_start_of=cold_start_of), table, events, stand_in)
+                             events, cold_start_of=cold_start_of,
+                             **({"on_deployed": on_deployed} if on_deployed else {})),
+                    table, events, stand_in)
         made.append(node)
         return node
     yield build
@@ -154,6 +157,17 @@ class TestRecordedColdStarts:
         assert node.table.service("heavy").status == "healthy"
         with pytest.raises(ServiceNotFound):
             node.table.service("light")
+
+
+class TestRecordsAfterTheFact:
+    async def test_a_record_that_fails_leaves_the_deploy_standing(self, make: Any) -> None:
+        async def broken(service: Any) -> None:
+            raise OSError(28, "No space left on device")
+        node = await make(on_deployed=broken)
+        done = await node.deployer.deploy(req("svc", 4, lease_s=60))
+        assert done.lease is not None and node.table.service("svc").status == "healthy"
+        assert node.kinds("svc")[-1] == ("deployed", None)
+        assert node.deployer.renew("svc", done.lease.id, 60).id == done.lease.id  # its lease holds
 
 
 class TestEarmarks:

@@ -129,9 +129,19 @@ class TestSharedAndKept:
                                                           "cache": cache})
             answer = await response.json()
             assert response.status == 400 and answer["details"][0]["field"] == field, cache
-        clash = await client.post("/deploy", json={"name": "t-bad", "image": TEST_IMAGE,
-                                                   "volumes": ["t-v:/data"], "cache": {"t-a": "/data/"}})
-        assert clash.status == 400 and "more than once" in (await clash.json())["details"][0]["message"]
+        for cache in ({"ok": "/dev/shm"}, {"ok": "/proc/x"}, {"ok": "/sys"}, {"ok": "/dev"},
+                      {f"c{i}": f"/c{i}" for i in range(17)}):
+            response = await client.post("/deploy", json={"name": "t-bad", "image": TEST_IMAGE,
+                                                          "cache": cache})
+            assert response.status == 400, cache
+        for named, cache, said in ((["t-v:/data"], {"t-a": "/data/"}, "more than once"),
+                                     (["t-v:/data"], {"t-a": "/data/."}, "more than once"),
+                                     (["t-v:/data/models"], {"t-a": "/data"}, "inside the cache"),
+                                     (["t-v:/data"], {"t-a": "/data/cache"}, "inside the cache"),
+                                     ([], {"t-a": "/x", "t-b": "/x/y"}, "inside the cache")):
+            clash = await client.post("/deploy", json={"name": "t-bad", "image": TEST_IMAGE,
+                                                       "volumes": named, "cache": cache})
+            assert clash.status == 400 and said in (await clash.json())["details"][0]["message"], cache
         assert sorted(volumes()) == [f"tidybot-{INSTANCE}-t-a"]  # nothing made for the refused
 
 

@@ -273,3 +273,20 @@ class TestReviewFindings:
         outcome = await deployer.deploy(request(lease_s=60, keep_warm_s=0), progress)
         assert said and outcome.lease is None and table.leases_of("svc") == []
         assert table.stop_reason("svc") == "lease_expired"  # held by no one: it goes
+
+
+def test_cold_start_phases_count_refused_tries_in_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pull: up to the first create (a pull reported); start: from there to the start of the
+    try that worked (a refused try included); healthy: from that start to the end."""
+    from deploy_agent.runtime import ColdStartClock
+    clock_at = iter([0.0, 4.0, 5.0, 6.0, 7.0, 9.0, 10.0, 11.0])
+    monkeypatch.setattr("deploy_agent.runtime.time.monotonic", lambda: next(clock_at))
+    seen: list[dict[str, Any]] = []
+    clock = ColdStartClock(seen.append)
+    for event in ({"event": "pull", "status": "Downloading"}, {"event": "created"},
+                  {"event": "started"}, {"event": "created"}, {"event": "started"},
+                  {"event": "health", "healthy": True}):
+        clock.progress(event)
+    phases = clock.finish()
+    assert (phases.pull_s, phases.start_s, phases.healthy_s, phases.pulled) == (5.0, 4.0, 2.0, True)
+    assert len(seen) == 6  # every event passed on

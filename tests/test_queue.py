@@ -130,13 +130,13 @@ class TestWaiting:
                                          headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=10)
-        # Told to come back once the head waiter (t-q1, the test image) could have started,
-        # by that image's recorded cold start (t-full's deploy), not a constant.
+        # Told to come back once the head waiter (t-q1, the test image) could have started:
+        # that image's recorded cold start (t-full's deploy), at least 10 s.
         recorded = next(image["cold_start"] for image in get_json(agent.url + "/images")
                         if image["reference"] == TEST_IMAGE)
         total = recorded["pull_s"] + recorded["start_s"] + recorded["healthy_s"]
         assert caught.value.code == 429
-        assert caught.value.headers["Retry-After"] == str(max(1, math.ceil(total)))
+        assert caught.value.headers["Retry-After"] == str(max(10, math.ceil(total)))
         assert json.loads(caught.value.read())["error"] == "queue_full"
 
     def test_a_caller_that_leaves_leaves_the_queue(self, one_gpu: AgentProcess) -> None:

@@ -219,3 +219,59 @@ async def test_a_plaintext_remote_engine_gets_no_credentials(tmp_path: Path) -> 
     engine.plaintext_remote = True
     assert await engine.registry_auth("registry.lab/x") == {}
     assert "plain TCP" in credentials.problems["engine"]
+
+
+@pytest.mark.parametrize(("image", "listed"), [
+    ("busybox", "busybox:latest"), ("docker.io/library/busybox:1", "busybox:1"),
+    ("library/busybox", "busybox:latest"), ("docker.io/user/x", "user/x:latest"),
+    ("localhost:5000/x", "localhost:5000/x:latest"),
+    ("localhost:5000/library/x:2", "localhost:5000/library/x:2"),
+    ("registry.lab/x@sha256:" + "a" * 64, "registry.lab/x@sha256:" + "a" * 64),
+])
+def test_image_records_are_kept_by_the_reference_docker_lists(image: str, listed: str) -> None:
+    from deploy_agent.images import listed_as
+    assert listed_as(image) == listed
+
+
+async def test_image_records_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deploy_agent.convert import make_converter
+    from deploy_agent.images import ImageStore
+    from deploy_agent.models import ColdStart
+    from tests.conftest import make_config
+    monkeypatch.setattr("deploy_agent.images.MAX_RECORDS", 3)
+    store = ImageStore(None, make_config(tmp_path), make_converter())  # type: ignore[arg-type]
+    for i in range(5):
+        await store.deployed(f"img{i}", "svc", ColdStart(1.0, 1.0, 1.0, pulled=True))
+    assert [store.cold_start_of(f"img{i}") is not None for i in range(5)] == [False, False, True, True, True]
+    assert store.cold_start_of("img4:latest") == ColdStart(1.0, 1.0, 1.0, pulled=True)
+    reloaded = ImageStore(None, make_config(tmp_path), make_converter())  # type: ignore[arg-type]
+    reloaded.load()
+    assert reloaded.cold_start_of("img2") is not None and reloaded.cold_start_of("img0") is None
+
+
+async def test_pulls_ahead_are_bounded(tmp_path: Path) -> None:
+    """More POST /images/pull at once than MAX_PULLS wait their turn, and say so."""
+    import asyncio
+
+    from deploy_agent.convert import make_converter
+    from deploy_agent.images import MAX_PULLS, ImageStore
+    from tests.conftest import make_config
+
+    class SlowEngine:
+        running, most = 0, 0
+
+        async def pull(self, ref: str, on_progress: object) -> None:
+            SlowEngine.running += 1
+            SlowEngine.most = max(SlowEngine.most, SlowEngine.running)
+            await asyncio.sleep(0.05)
+            SlowEngine.running -= 1
+
+        async def inspect_image(self, ref: str) -> dict[str, object]:
+            return {"RepoDigests": [f"{ref}@sha256:{'b' * 64}"], "Size": 10}
+
+    store = ImageStore(SlowEngine(), make_config(tmp_path), make_converter())  # type: ignore[arg-type]
+    said: list[dict[str, object]] = []
+    answers = await asyncio.gather(*(store.pull(f"registry.lab/x{i}:1", said.append)
+                                     for i in range(MAX_PULLS + 3)))
+    assert SlowEngine.most == MAX_PULLS and all(a.digest == "sha256:" + "b" * 64 for a in answers)
+    assert [e["reason"] for e in said if e.get("event") == "waiting"] == ["pulls_busy"] * 3

@@ -315,8 +315,9 @@ class Engine:
         deadline = loop.time() + max(self.timeout_s, DISK_USAGE_TIMEOUT_S)
         while True:  # the engine runs one disk-usage walk at a time, whoever asked for it
             try:
-                usage = await self._bounded("measure disk usage", self._docker._query_json("system/df"),
-                                            max(1.0, deadline - loop.time()))
+                # type=volume: only the volumes are walked (API 1.42+; older engines ignore it)
+                usage = await self._bounded("measure disk usage", self._docker._query_json(
+                    "system/df", params={"type": "volume"}), max(1.0, deadline - loop.time()))
                 break
             except EngineError as err:
                 if "already running" not in err.message or loop.time() + DISK_USAGE_RETRY_S > deadline:

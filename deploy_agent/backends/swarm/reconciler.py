@@ -91,7 +91,16 @@ class SwarmReconciler(ReconcilerBase):
         return {**super().loops(), "swarm-lock": self._lock.keep_held}
 
     def warnings(self) -> list[HealthWarning]:
-        return self._lock.warnings()
+        found = self._lock.warnings()
+        refused = self._runtime.memlock_refusals
+        if refused:
+            names = sorted(node.hostname if (node := self._runtime.nodes.get(node_id)) else node_id
+                           for node_id in refused)
+            found.append(HealthWarning(
+                "memlock_refused", f"The engines of {', '.join(names)} cannot raise a container's "
+                "locked-memory limit; GPU services there run with their default memlock. Give "
+                "dockerd CAP_SYS_RESOURCE there, or say --gpu-memlock off."))
+        return found
 
     async def close(self) -> None:
         """Let the lock go, so another agent may take over at once."""

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator
 import attrs
 import cattrs
 
-from deploy_agent.backends.engine import memlock_ulimits, shm_bytes
+from deploy_agent.backends.engine import memlock_refused, memlock_ulimits, shm_bytes
 from deploy_agent.backends.swarm.engine import (
     LIVE_TASK_STATES,
     SwarmEngine,
@@ -88,6 +88,7 @@ class _Launch:
     node: SwarmNode
     assignment: Assignment | None
     lease: Lease | None
+    memlock: bool = True  # asks for unlimited memlock, if a GPU service (--gpu-memlock)
 
 
 @attrs.frozen
@@ -142,6 +143,9 @@ class SwarmRuntime:
         self._events = events
         self.nodes: dict[str, SwarmNode] = {}  # by id, as of the last look
         self._rollbacks: set[asyncio.Task[None]] = set()
+        # Nodes whose engine can't raise a GPU service's memlock, and what it said: their GPU
+        # services start with the engine's default (found out once per node; /health says so).
+        self.memlock_refusals: dict[str, str] = {}
 
     def saw(self, nodes: list[SwarmNode]) -> None:
         """The swarm's nodes as the reconciler just found them: where to place, and their GPUs."""
@@ -205,20 +209,40 @@ class SwarmRuntime:
     async def launch(self, spec: DeploySpec, progress: Progress, lease: Lease | None) -> Service:
         owner = Owner(spec.name, new_attempt())
         node, assignment = self._choose(spec, owner)
-        launch = _Launch(spec, owner, node, assignment, lease)
+        launch = _Launch(spec, owner, node, assignment, lease,
+                         memlock=node.id not in self.memlock_refusals)
         try:
-            return await on_a_free_port(  # tracked: the deployer writes services.json
-                lambda refused: self._table.reserve_port(owner, spec.port, set(), refused, node=node.id),
-                lambda port: self._create_and_wait(launch, port, progress),
-                node.hostname, spec.name, refuse=lambda port: self._table.refuse_port(port, node.id))
+            try:
+                return await self._on_a_free_port(launch, progress)
+            except ContainerExited as err:
+                # A task the node rejected for want of memlock: once more without it (as on
+                # one engine), unless the try left something behind.
+                if not (launch.memlock and spec.gpu and self._config.gpu_memlock
+                        and memlock_refused(err)) or self._table.holds(owner):
+                    raise
+                refusal = err.message
+            service = await self._on_a_free_port(attrs.evolve(launch, memlock=False), progress)
+            if node.id not in self.memlock_refusals:
+                self.memlock_refusals[node.id] = refusal
+                _LOGGER.warning("The engine of %s cannot give GPU services unlimited memlock; "
+                                "starting them with its default", node.hostname)
+            return service
         except BaseException:
             # A rollback that left it stopping, or abandoned it, keeps its GPU held.
             if assignment is not None and not self._table.holds(owner):
                 self._table.release_gpu(owner)
             raise
 
+    async def _on_a_free_port(self, launch: _Launch, progress: Progress) -> Service:
+        spec, owner, node = launch.spec, launch.owner, launch.node
+        return await on_a_free_port(  # tracked: the deployer writes services.json
+            lambda refused: self._table.reserve_port(owner, spec.port, set(), refused, node=node.id),
+            lambda port: self._create_and_wait(launch, port, progress),
+            node.hostname, spec.name, refuse=lambda port: self._table.refuse_port(port, node.id))
+
     def service_body(self, spec: DeploySpec, node: SwarmNode, assignment: Assignment | None,
-                     port: int, attempt: str, lease: Lease | None) -> JSONObject:
+                     port: int, attempt: str, lease: Lease | None,
+                     memlock: bool | None = None) -> JSONObject:
         """The Swarm service spec: one replica on `node`, its GPU by UUID, its port in host mode."""
         env = dict(spec.env)
         env.update(self._gpus.handoff(assignment)[0] if assignment is not None else NO_GPU_ENV)
@@ -240,7 +264,8 @@ class SwarmRuntime:
         if shm is not None:  # a service's ContainerSpec has no ShmSize: a tmpfs of that size
             container["Mounts"].append({"Type": "tmpfs", "Target": "/dev/shm",
                                         "TmpfsOptions": {"SizeBytes": shm}})
-        ulimits = memlock_ulimits(spec, self._config.gpu_memlock)
+        wanted = node.id not in self.memlock_refusals if memlock is None else memlock
+        ulimits = memlock_ulimits(spec, self._config.gpu_memlock and wanted)
         if ulimits:
             container["Ulimits"] = ulimits
         limits: JSONObject = {"Pids": self._config.service_pids_limit}
@@ -270,7 +295,8 @@ class SwarmRuntime:
         try:
             try:
                 service_id = await self._engine.create_service(
-                    self.service_body(spec, node, launch.assignment, port, attempt, launch.lease))
+                    self.service_body(spec, node, launch.assignment, port, attempt, launch.lease,
+                                      launch.memlock))
             except BaseException as err:
                 created_unknown = may_have_happened(err)  # a create that timed out may still happen
                 raise

@@ -159,6 +159,11 @@ class Caches:
             await asyncio.sleep(self._config.cache_measure_s)
 
     async def measure(self) -> None:
+        """Size the agent's volumes; nothing asked of the engine while it has none (the walk
+        is slow, and before API 1.42 it sizes every container too)."""
+        if not await self._ours():
+            self._sizes = {}
+            return
         async with self._measuring:
             sizes = await self._engine.volume_sizes()
         volume_of = {name: engine_volume(name, self._config.instance) for name in await self._ours()}

@@ -116,11 +116,11 @@ class TestPlacement:
         assert any(e.startswith("NVIDIA_VISIBLE_DEVICES=GPU-") for e in env)
         # Unlimited memlock where a node's engine can give it; these nodes' engines (in this
         # machine's sandbox) can't: each was found out once, its services started without.
-        refused = [w for w in get_json(agent.url + "/health")["warnings"] if w["code"] == "memlock_refused"]
+        memlock = [w for w in get_json(agent.url + "/health")["warnings"] if w["code"] == "memlock_refused"]
         ulimits = spec["TaskTemplate"]["ContainerSpec"].get("Ulimits")
-        assert bool(refused) != bool(ulimits), (refused, ulimits)
-        if refused:
-            assert all(lab.hostname(node) in refused[0]["message"] for node in NODES)
+        assert bool(memlock) != bool(ulimits), (memlock, ulimits)
+        if memlock:
+            assert all(lab.hostname(node) in memlock[0]["message"] for node in NODES)
 
         assert post_json(agent.url + "/stop", {"name": "t-sw-0"})[0] == 200
         assert "tidybot-t-sw-0" not in lab.docker("manager", "service", "ls", "--format", "{{.Name}}").stdout

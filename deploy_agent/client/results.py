@@ -81,6 +81,7 @@ class Service(Answer):
     hold: str | None = None  # pinned, leased, idle (kept warm until idle_until)
     idle_until: str | None = None
     preempt_at: str | None = None  # when a waiting deploy of higher priority stops it
+    cold_start: dict[str, Any] | None = None  # its deploy's pull_s, start_s, healthy_s, pulled
     node: str | None = None
 
 

@@ -28,6 +28,7 @@ HUB_SERVER = "https://index.docker.io/v1/"  # the name Docker Hub has in config 
 HUB_HOSTS = frozenset({DOCKER_HUB, "index.docker.io", "registry-1.docker.io"})
 HELPER_TIMEOUT_S = 10.0
 HELPER_OUTPUT_LIMIT = 64 * 1024
+REAP_TIMEOUT_S = 5.0  # for a killed helper to be gone
 HELPER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # docker-credential-<this>
 
 
@@ -150,8 +151,9 @@ class RegistryCredentials:
                                     f"{HELPER_TIMEOUT_S:g} s") from None
         finally:  # whatever happened (a time-out, a cancellation, too much said): it ends
             if process.returncode is None:
-                process.kill()
-                await asyncio.shield(process.wait())
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+            await _reaped(process)
         if out is None:
             raise CredentialProblem(f"the credential helper {program} said more than "
                                     f"{HELPER_OUTPUT_LIMIT // 1024} KiB") from None
@@ -166,6 +168,18 @@ class RegistryCredentials:
             raise CredentialProblem(f"the credential helper {program} answered something that "
                                     "is not its JSON") from None
         return Credential(registry, username, secret, identity_token=username == "<token>")
+
+
+async def _reaped(process: asyncio.subprocess.Process) -> None:
+    """Wait, bounded, for a helper's end. Its output is drained first: asyncio reports a
+    process done only once its pipes are, and a pipe whose reader stopped (a helper that
+    said too much) is never drained by itself."""
+    assert process.stdout is not None
+    with contextlib.suppress(TimeoutError, OSError):
+        async with asyncio.timeout(REAP_TIMEOUT_S):
+            while await process.stdout.read(HELPER_OUTPUT_LIMIT):
+                pass
+            await process.wait()
 
 
 async def _answer(process: asyncio.subprocess.Process, question: bytes) -> bytes | None:

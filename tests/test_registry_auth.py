@@ -156,8 +156,12 @@ def install_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, s
 class TestHelpersThatMisbehave:
     """A helper is a program the config names: bounded in time and output, never a path."""
 
-    async def test_one_that_floods_its_output(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        install_helper(tmp_path, monkeypatch, "flood", "exec yes\n")
+    @pytest.mark.parametrize("flood", ["exec yes\n", "head -c 1000000 /dev/zero\nexec sleep 60\n"])
+    async def test_one_that_floods_its_output(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              flood: str) -> None:
+        """Cut off past the limit, killed, and waited for, though its pipe still holds what it
+        said (asyncio counts a process done only once its pipes are drained)."""
+        install_helper(tmp_path, monkeypatch, "flood", flood)
         credentials = RegistryCredentials(write_config(tmp_path / "c.json", {"credsStore": "flood"}))
         assert await credentials.lookup("registry.lab/x") is None
         assert "said more than" in credentials.problems["helper flood"]

@@ -161,12 +161,12 @@ class Caches:
     async def measure(self) -> None:
         """Size the agent's volumes; nothing asked of the engine while it has none (the walk
         is slow, and before API 1.42 it sizes every container too)."""
-        if not await self._ours():
-            self._sizes = {}
-            return
-        async with self._measuring:
-            sizes = await self._engine.volume_sizes()
-        volume_of = {name: engine_volume(name, self._config.instance) for name in await self._ours()}
+        ours = await self._ours()
+        sizes: dict[str, int] = {}
+        if ours:
+            async with self._measuring:
+                sizes = await self._engine.volume_sizes()
+        volume_of = {name: engine_volume(name, self._config.instance) for name in ours}
         self._sizes = {name: sizes[volume] for name, volume in volume_of.items()
                        if sizes.get(volume, -1) >= 0}
 

@@ -194,12 +194,9 @@ class Ctl:
             return self.out.print(f"pulled {answer['image']} ({answer['digest']}, "
                                   f"{answer['size_bytes'] / 1e6:.0f} MB) on {client.url}", highlight=False)
 
-        async def one(client: AsyncAgentClient) -> dict[str, Any]:
-            try:
-                return {**await client.pull(self.args.image), "node": client.url}
-            except AgentRequestError as err:
-                return {"ok": False, "error": err.code, "message": err.message, "node": client.url}
-        rows = await asyncio.gather(*(one(client) for client in self.nodes.clients))
+        rows = [{**answer, "node": url} if isinstance(answer, dict)
+                else {"ok": False, "error": answer.code, "message": answer.message, "node": url}
+                for url, answer in (await self.nodes.pull(self.args.image)).items()]
         if self.args.json:
             self.print_json(rows)
         else:

@@ -149,13 +149,14 @@ class Engine:
 
     credentials: RegistryCredentials
     rlimit_refusal: str | None = None  # why the engine can't set a service's memlock
-    plaintext_remote: bool = False  # --docker-host is tcp:// or http:// to another machine
 
     def __init__(self, control: aiodocker.Docker, streams: aiodocker.Docker, *,
                  instance: str = "default", timeout_s: float = 30.0,
-                 pull_stall_s: float = 120.0, credentials: RegistryCredentials | None = None) -> None:
+                 pull_stall_s: float = 120.0, credentials: RegistryCredentials | None = None,
+                 plaintext_remote: bool = False) -> None:
         self._docker = control
         self.credentials = credentials or RegistryCredentials()
+        self.plaintext_remote = plaintext_remote  # tcp:// or http:// to another machine
         self._streams = streams
         self._ours = f"{MANAGED_LABEL}={instance}"  # label filter: this agent's containers only
         self.timeout_s = timeout_s
@@ -545,6 +546,6 @@ def open_engine(kind: type[E], config: Config, docker: aiodocker.Docker | None =
 
     engine = kind(control, streams, instance=config.instance, timeout_s=config.engine_timeout_s,
                   pull_stall_s=config.pull_stall_timeout_s,
-                  credentials=RegistryCredentials(config.registry_auth))
-    engine.plaintext_remote = plaintext_remote(config.docker_host)
+                  credentials=RegistryCredentials(config.registry_auth),
+                  plaintext_remote=plaintext_remote(config.docker_host))
     return engine, close

@@ -40,6 +40,12 @@ def load_manifest(manifest: Manifest) -> dict[str, Any]:
     return loaded
 
 
+def image_of(body: Mapping[str, Any]) -> str:
+    """The image of a flat or nested body ('' when it has none: the agent will say so)."""
+    nested = body.get("deploy")
+    return str((nested if isinstance(nested, Mapping) else body).get("image", ""))
+
+
 def requirements(body: Mapping[str, Any]) -> tuple[bool, float]:
     """(gpu, vram_gb) of a flat or nested body, as the agent will read them."""
     nested = body.get("requires")

@@ -198,13 +198,8 @@ class AsyncAgentClient:
         after the request reached it (the deploy may still finish there; with `lease_s`, its
         `body["lease_id"]` is the lease the deploy will hold once done).
         """
-        answer: dict[str, Any] | None = None
-        async for event in self.deploy_events(manifest, replace, lease_s, lease_id, **intent):
-            answer = event
-        if answer is None or "event" in answer:
-            raise DeployInterrupted(0, "interrupted", f"{self.url} closed the deploy stream "
-                                    "without an answer.", node=self.url)
-        return answer
+        return await self._answer_of(self.deploy_events(manifest, replace, lease_s, lease_id, **intent),
+                                     "deploy")
 
     async def stop(self, name: str, timeout: float | None = None) -> dict[str, Any]:
         result: dict[str, Any] = await self._request("POST", "/stop", {"name": name}, timeout)
@@ -339,13 +334,18 @@ class AsyncAgentClient:
                    ) -> dict[str, Any]:
         """Pull `image` on the node now (its registry is asked even when the node has it), so
         a deploy of it later starts without pulling; `on_progress` hears each event."""
+        return await self._answer_of(self.pull_events(image), "pull", on_progress)
+
+    async def _answer_of(self, events: AsyncIterator[dict[str, Any]], what: str,
+                         on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """A progress stream's last line, its answer; each event before it to `on_progress`."""
         answer: dict[str, Any] | None = None
-        async for event in self.pull_events(image):
+        async for event in events:
             if "event" in event and on_progress is not None:
                 on_progress(event)
             answer = event
         if answer is None or "event" in answer:
-            raise DeployInterrupted(0, "interrupted", f"{self.url} closed the pull stream "
+            raise DeployInterrupted(0, "interrupted", f"{self.url} closed the {what} stream "
                                     "without an answer.", node=self.url)
         return answer
 

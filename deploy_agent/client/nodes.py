@@ -21,7 +21,7 @@ from deploy_agent.client.errors import (
     ServiceNotFoundError,
 )
 from deploy_agent.client.lease import Lease, LeaseCallback, deploy_holding, hold
-from deploy_agent.client.manifests import Intent, Manifest, load_manifest, requirements
+from deploy_agent.client.manifests import Intent, Manifest, image_of, load_manifest, requirements
 from deploy_agent.client.node import AsyncAgentClient, node_url
 from deploy_agent.client.results import Event, Gpu, Service
 from deploy_agent.models import LIVE_STATUSES
@@ -337,19 +337,24 @@ class AsyncComputeNodes:
         its error (registry_denied, image_not_allowed, ...). NodeUnreachable when none answers."""
         body = load_manifest(manifest)
         gpu, vram_gb = requirements(body)
-        nested = body.get("deploy")
-        image = str((nested if isinstance(nested, Mapping) else body).get("image", ""))
         found = await self.ask_all(lambda client: client.gpus())
         able = [client for client, gpus in zip(self._clients, found, strict=True) if gpus is not None
                 and (not gpu or max((g.vram_total_gb for g in gpus), default=0.0) >= vram_gb)]
+        return await self.pull(image_of(body), able)
 
-        async def pull(client: AsyncAgentClient) -> dict[str, Any] | AgentRequestError:
+    async def pull(self, image: str, clients: list[AsyncAgentClient] | None = None
+                   ) -> dict[str, dict[str, Any] | AgentRequestError]:
+        """Pull `image` on these nodes (default: every one) at once; by node URL, its answer
+        or its error."""
+        chosen = self._clients if clients is None else clients
+
+        async def one(client: AsyncAgentClient) -> dict[str, Any] | AgentRequestError:
             try:
                 return await client.pull(image)
             except AgentRequestError as err:
                 return err
-        answers = await asyncio.gather(*(pull(client) for client in able))
-        return {client.url: answer for client, answer in zip(able, answers, strict=True)}
+        answers = await asyncio.gather(*(one(client) for client in chosen))
+        return {client.url: answer for client, answer in zip(chosen, answers, strict=True)}
 
     async def candidates(self, body: Mapping[str, Any], waiting: bool = False) -> list[AsyncAgentClient]:
         """Reachable nodes that could run `body`, best first: for a GPU service, those where

@@ -346,6 +346,10 @@ class ComputeNodes:
                lease_s: float | None = None, **intent: Unpack[Intent]) -> dict[str, Any]:
         return self._run(self._async.ensure(manifest, replace, lease_s, **intent))
 
+    def pull(self, image: str) -> dict[str, dict[str, Any] | AgentRequestError]:
+        """Pull `image` on every node at once; by node URL, its answer or its error."""
+        return self._run(self._async.pull(image))
+
     def prepull(self, manifest: Manifest) -> dict[str, dict[str, Any] | AgentRequestError]:
         """Pull its image on every node that could run it (see AsyncComputeNodes.prepull)."""
         return self._run(self._async.prepull(manifest))

@@ -269,3 +269,18 @@ class TestCachesInProcess:
         with pytest.raises(Conflict):
             await deleting
         assert engine.removed == [] and f"tidybot-{INSTANCE}-hf" in engine.volumes
+
+    async def test_a_full_disk_keeps_last_use_in_memory_and_says_so(self, tmp_path: Path) -> None:
+        from deploy_agent.convert import make_converter
+        from deploy_agent.models import DeploySpec
+        (tmp_path / "caches.json").mkdir()  # it can't be replaced, as on a full disk
+        engine = FakeVolumes(INSTANCE, {"hf": "2026-01-01T10:00:00Z"})
+        caches = caches_of(tmp_path, engine, FakeTable())
+        await caches.touch(make_converter().structure(
+            {"name": "t-x", "image": "img:1", "cache": {"hf": "/c"}}, DeploySpec))
+        assert [w.code for w in caches.warnings()] == ["caches_not_writable"]
+        [view] = await caches.views()
+        assert view.last_used is not None and view.last_used > "2026-06"  # known now, not written
+        (tmp_path / "caches.json").rmdir()
+        await caches.remove("hf")  # the next change writes it
+        assert caches.warnings() == []

@@ -7,6 +7,7 @@ import http.client
 import http.server
 import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -75,6 +76,19 @@ class TestDoors:
         status, answer = call(node, "/deploy?dry_run=true", "localhost", "POST", body,
                               "Application/JSON; charset=utf-8")  # parameters and case are fine
         assert status == 200, answer
+
+    def test_the_disk_routes_have_the_same_doors(self, node: AgentProcess, pushed_image: str) -> None:
+        """A page can't make the node pull (a simple POST) or remove a cache (a rebound name)."""
+        body = json.dumps({"image": pushed_image}).encode()
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+            status, answer = call(node, "/images/pull", "localhost", "POST", body, content_type)
+            assert (status, answer["error"]) == (415, "unsupported_media_type"), content_type
+        status, answer = call(node, "/images/pull", "evil.test", "POST", body, "application/json")
+        assert (status, answer["error"]) == (403, "host_not_allowed")
+        status, answer = call(node, "/caches/t-anything", "evil.test", "DELETE")
+        assert (status, answer["error"]) == (403, "host_not_allowed")
+        assert subprocess.run(["docker", "image", "inspect", pushed_image],
+                              capture_output=True).returncode != 0  # never pulled
 
     def test_no_preflight_is_ever_allowed(self, node: AgentProcess) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)

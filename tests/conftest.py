@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from tests.agent_process import AgentProcess, AgentProcesses, free_port
 HERE = Path(__file__).parent
 TEST_IMAGE = "deploy-agent-test/httpd:1"
 TEST_PORT_RANGE = (28000, 28999)
+NO_LOCAL_AGENT = Path("/nonexistent/deploy-agent-test-state")  # whose token no test finds
 TEST_NAME_PREFIX = "t-"  # every service a test deploys is named t-..., so cleanup is exact
 
 
@@ -35,6 +37,21 @@ def engine_available() -> bool:
         return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite starts from no caller's settings: a shell that followed the README (an
+    exported DEPLOY_AGENT_TOKEN, COMPUTE_NODES), an agent installed on this machine (its
+    token in /var/lib/deploy-agent) or a `docker login` would otherwise answer for the
+    tests' own agents. DEPLOY_AGENT_TEST_* and DEPLOY_AGENT_SOAK_* configure the suite."""
+    for name in list(os.environ):
+        if name == "COMPUTE_NODES" or (name.startswith("DEPLOY_AGENT_")
+                                       and not name.startswith(("DEPLOY_AGENT_TEST_", "DEPLOY_AGENT_SOAK_"))):
+            del os.environ[name]
+    os.environ["DEPLOY_AGENT_STATE_DIR"] = str(NO_LOCAL_AGENT)
+    docker_config = Path(tempfile.mkdtemp(prefix="deploy-agent-tests-docker-config-"))
+    os.environ["DOCKER_CONFIG"] = str(docker_config)
+    config.add_cleanup(lambda: shutil.rmtree(docker_config, ignore_errors=True))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -18,16 +18,11 @@ from tests.test_client import manifest
 
 pytestmark = pytest.mark.docker
 DEPLOYCTL = installed("deployctl")
-NO_LOCAL_AGENT = Path("/nonexistent/deploy-agent-test-state")
 
 
 def ctl(*args: str, nodes: str | None = None, stdin: str | None = None,
         token: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("COMPUTE_NODES", "DEPLOY_AGENT_TOKEN", "DEPLOY_AGENT_TOKEN_FILE")}
-    # Not this machine's own agent's token: an agent installed here (as the README's first
-    # command does, in /var/lib/deploy-agent) would answer every "no token" case for us.
-    env["DEPLOY_AGENT_STATE_DIR"] = str(NO_LOCAL_AGENT)
+    env = {k: v for k, v in os.environ.items() if k not in ("COMPUTE_NODES", "DEPLOY_AGENT_TOKEN")}
     if nodes:
         env["COMPUTE_NODES"] = nodes
     if token:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,30 @@ from deploy_agent.backends.swarm.lock import (
 from deploy_agent.errors import SwarmTaken
 
 BEAT_S = 0.05
+BOUND_S = 10  # a bound on waits that must end, never a timing: CI machines are loaded
+POLL_S = BEAT_S / 5
+LOCK_LOGGER = "deploy_agent.backends.swarm.lock"
+
+
+async def at_once(take: Awaitable[None], caplog: pytest.LogCaptureFixture) -> None:
+    """Await `take` and check it decided without watching the lock for a silent holder."""
+    caplog.set_level(logging.INFO, LOCK_LOGGER)
+    before = len(caplog.records)
+    try:
+        await asyncio.wait_for(take, BOUND_S)
+    finally:
+        watched = [r.getMessage() for r in caplog.records[before:] if "looks abandoned" in r.getMessage()]
+        assert not watched, watched
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) until `condition` holds: for the heartbeat task, not for a number of beats."""
+    polls = round(BOUND_S / POLL_S)
+    for _ in range(polls):
+        if condition():
+            return
+        await asyncio.sleep(POLL_S)
+    raise AssertionError(f"still not so after {BOUND_S} s")
 
 
 @attrs.define
@@ -126,7 +151,8 @@ class TestTaking:
                 await new_lock("b").take("node-1")
 
     async def test_a_restarted_agent_takes_its_own_lock_back(self, new_lock: Any, store: FakeConfigs,
-                                                             clock: Clock, tmp_path: Path) -> None:
+                                                             clock: Clock, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
         (tmp_path / "a").mkdir()
         (tmp_path / "a" / HOLDER_FILE).write_text("holder-from-before\n")
         store.configs[LOCK_CONFIG] = {  # as the killed process left it, a second ago
@@ -134,7 +160,7 @@ class TestTaking:
                 "holder": "holder-from-before", "describe": "alpha port 8080", "instance": "default",
                 "node": "node-1", "heartbeat": str(clock.now - 1)}}}
         restarted = new_lock("a", "alpha port 9090")
-        await asyncio.wait_for(restarted.take("node-2"), BEAT_S)  # no watching: it is its own
+        await at_once(restarted.take("node-2"), caplog)  # no watching: it is its own
         assert store.labels()["describe"] == "alpha port 9090"
         assert store.labels()["holder"] == "holder-from-before"
 
@@ -173,16 +199,20 @@ class TestTakeOver:
                                                caplog: pytest.LogCaptureFixture) -> None:
         await new_lock("dead", "alpha port 8080").take("node-1")  # killed: no release, no heartbeat
         clock.now += BEAT_S * STALE_BEATS + 1
-        async with asyncio.timeout(BEAT_S * (WATCH_BEATS + 2)):
+        caplog.set_level(logging.INFO, LOCK_LOGGER)
+        started = time.monotonic()
+        async with asyncio.timeout(BOUND_S):
             await new_lock("b", "beta port 8080").take("node-2")
+        assert time.monotonic() - started >= BEAT_S * WATCH_BEATS  # watched before taking it
         assert store.labels()["describe"] == "beta port 8080"
         assert "Took over the swarm's agent lock from alpha port 8080" in caplog.text
 
-    async def test_a_fresh_lock_is_refused_at_once(self, new_lock: Any, clock: Clock) -> None:
+    async def test_a_fresh_lock_is_refused_at_once(self, new_lock: Any, clock: Clock,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
         await new_lock("a").take("node-1")
         clock.now += BEAT_S * STALE_BEATS - 0.01
         with pytest.raises(SwarmTaken):
-            await asyncio.wait_for(new_lock("b").take("node-1"), BEAT_S)
+            await at_once(new_lock("b").take("node-1"), caplog)
 
     async def test_a_live_holder_with_a_slow_clock_keeps_it(self, new_lock: Any, clock: Clock,
                                                            store: FakeConfigs) -> None:
@@ -204,29 +234,30 @@ class TestHeartbeat:
     """The holder keeps its lock fresh, gives it back at a clean stop, says when it lost it."""
 
     async def test_the_heartbeat_keeps_a_lock_fresh(self, new_lock: Any, clock: Clock,
-                                                    store: FakeConfigs) -> None:
+                                                    store: FakeConfigs,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
         holder = new_lock("a")
         await holder.take("node-1")
         async with beating(holder):
             for _ in range(5):
-                clock.now += BEAT_S * STALE_BEATS
-                await asyncio.sleep(BEAT_S * 2)
+                clock.now += BEAT_S * STALE_BEATS  # stale, were it not for the heartbeat
+                await eventually(lambda: abs(float(store.labels()["heartbeat"]) - clock.now) < 0.01)
                 with pytest.raises(SwarmTaken):
-                    await asyncio.wait_for(new_lock("b").take("node-1"), BEAT_S)
-        assert float(store.labels()["heartbeat"]) == pytest.approx(clock.now, abs=0.01)
+                    await at_once(new_lock("b").take("node-1"), caplog)
 
-    async def test_a_clean_stop_lets_the_next_agent_take_it_at_once(self, new_lock: Any) -> None:
+    async def test_a_clean_stop_lets_the_next_agent_take_it_at_once(
+            self, new_lock: Any, caplog: pytest.LogCaptureFixture) -> None:
         holder = new_lock("a")
         await holder.take("node-1")
         await holder.release()
-        await asyncio.wait_for(new_lock("b").take("node-2"), BEAT_S)
+        await at_once(new_lock("b").take("node-2"), caplog)
 
     async def test_a_lock_removed_by_hand_is_put_back(self, new_lock: Any, store: FakeConfigs) -> None:
         holder = new_lock("a", "alpha port 8080")
         await holder.take("node-1")
         del store.configs[LOCK_CONFIG]
         async with beating(holder):
-            await asyncio.sleep(BEAT_S * 3)
+            await eventually(lambda: LOCK_CONFIG in store.configs)
         assert store.labels()["describe"] == "alpha port 8080"
 
     async def test_an_agent_whose_lock_was_taken_says_so(self, new_lock: Any, clock: Clock,
@@ -238,8 +269,8 @@ class TestHeartbeat:
         assert frozen.warnings() == [] and not frozen.lost.is_set()
         caplog.set_level(logging.ERROR, "deploy_agent.backends.swarm.lock")
         async with beating(frozen):  # it thaws
-            await asyncio.sleep(BEAT_S * 3)
-        assert frozen.lost.is_set()  # it must stop serving
+            await eventually(frozen.lost.is_set)  # it must stop serving
+            await asyncio.sleep(BEAT_S * 3)  # and says so once, however many beats follow
         [warning] = frozen.warnings()
         assert warning.code == "swarm_lock_lost" and "beta port 8080" in warning.message
         errors = [r for r in caplog.records if r.levelno == logging.ERROR]

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import aiodocker
@@ -52,6 +52,23 @@ def pytest_configure(config: pytest.Config) -> None:
     docker_config = Path(tempfile.mkdtemp(prefix="deploy-agent-tests-docker-config-"))
     os.environ["DOCKER_CONFIG"] = str(docker_config)
     config.add_cleanup(lambda: shutil.rmtree(docker_config, ignore_errors=True))
+
+
+AGENT_LOG_LINES = 40  # of each agent's log, in the report of a test that failed
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                             ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's report ends with what its agents logged (tests/agent_process.py writes
+    them beside their state dirs): CI keeps no files, and a hang says nothing by itself."""
+    report: pytest.TestReport = yield
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and isinstance(tmp_path, Path):
+        for log in sorted(tmp_path.glob("**/agent-*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-AGENT_LOG_LINES:]
+            report.sections.append((f"{log.name}, last {AGENT_LOG_LINES} lines", "\n".join(tail)))
+    return report
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

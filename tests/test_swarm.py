@@ -71,8 +71,12 @@ def remove_services(lab: SwarmLab) -> None:
              and not lab.docker("worker", "ps", "-aq").stdout.strip(), 30, "service containers gone")
 
 
+DEPLOY_WAIT_S = 120  # beyond the default ready_timeout (60 s): a deploy that fails says why
+
+
 def deploy(agent: AgentProcess, name: str, **body: Any) -> tuple[int, dict[str, Any]]:
-    status, answer = post_json(agent.url + "/deploy", {"name": name, "image": TEST_IMAGE, **body})
+    status, answer = post_json(agent.url + "/deploy", {"name": name, "image": TEST_IMAGE, **body},
+                               timeout=DEPLOY_WAIT_S)
     return status, dict(answer)
 
 
@@ -451,7 +455,11 @@ class TestNodeLoss:
 
     def test_no_room_waits_pending(self, tmp_path: Path, test_image: str) -> None:
         with self.losing_a_node(tmp_path, test_image, gpus_per_node=1) as (lab, agent):
-            names = [deploy(agent, f"t-full-{i}", gpu=True, vram_gb=20)[1]["name"] for i in range(2)]
+            names = []
+            for i in range(2):
+                status, answer = deploy(agent, f"t-full-{i}", gpu=True, vram_gb=20)
+                assert status == 200, answer
+                names.append(answer["name"])
             lab.kill("worker")
             time.sleep(0.5)
 

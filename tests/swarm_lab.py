@@ -189,6 +189,16 @@ class SwarmLab:
 
     # -- down ----------------------------------------------------------------------------
 
+    def log_tails(self, lines: int = 30) -> str:
+        """The end of each node's dockerd log: for the report of a test that failed."""
+        tails = []
+        for node in NODES:
+            log = self.workdir / node / "dockerd.log"
+            if log.exists():
+                tail = log.read_text(errors="replace").splitlines()[-lines:]
+                tails.append(f"--- {node} dockerd, last {lines} lines\n" + "\n".join(tail))
+        return "\n".join(tails)
+
     def down(self) -> None:
         """Leave nothing: services, processes, namespaces, links, mounts, cgroups, files."""
         for node in NODES:

@@ -39,6 +39,9 @@ def running_lab(test_image: str, gpus_per_node: int = 2) -> Iterator[SwarmLab]:
     lab.up(test_image)
     try:
         yield lab
+    except BaseException:
+        print(lab.log_tails())  # the report shows it; down() removes the logs
+        raise
     finally:
         lab.down()
     assert lab.leftovers() == {"namespaces": [], "links": [], "mounts": [], "cgroups": [], "processes": []}

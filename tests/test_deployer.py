@@ -218,12 +218,14 @@ class TestOffTheLoop:
 
     async def test_host_paths_resolve_in_a_thread(self, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+        import threading
         import time
 
-
         real_realpath = os.path.realpath
+        resolved_on: list[int] = []
 
         def slow_realpath(path: Any, **kwargs: Any) -> Any:
+            resolved_on.append(threading.get_ident())
             time.sleep(0.2)  # a host path on a hung NFS mount, say
             return real_realpath(path, **kwargs)
 
@@ -236,19 +238,9 @@ class TestOffTheLoop:
         config = make_config(tmp_path, port_range=PORTS, allow_host_paths=(tmp_path,))
         runtime = DockerRuntime(config, stand_in_engine(), probe, table, CONVERTER)
         deployer = Deployer(config, runtime, table, EventLog(tmp_path))
-        loop = asyncio.get_running_loop()
-        gaps: list[float] = []
-
-        async def tick() -> None:
-            while True:
-                before = loop.time()
-                await asyncio.sleep(0.01)
-                gaps.append(loop.time() - before)
-
-        ticker = asyncio.create_task(tick())
         await deployer.deploy(request(gpu=False, vram_gb=0, volumes=[f"{tmp_path}:/data"]))
-        ticker.cancel()
-        assert max(gaps) < 0.1, max(gaps)
+        # Where each resolution ran, not how long the loop waited: a timing fails on a loaded machine.
+        assert resolved_on and threading.get_ident() not in resolved_on
 
 
 class TestReviewFindings:

@@ -77,27 +77,20 @@ class TestOffTheLoop:
     """bind() probes run in a thread: a slow probe never stalls the event loop."""
 
     async def test_slow_probes_leave_the_loop_free(self) -> None:
-        import asyncio
+        import threading
         import time
 
+        probed_on: list[int] = []
+
         def slow_probe(port: int) -> bool:
+            probed_on.append(threading.get_ident())
             time.sleep(0.1)  # a probe stuck in the kernel, say
             return port < 29205  # the first five are taken
 
-        loop = asyncio.get_running_loop()
-        gaps: list[float] = []
-
-        async def tick() -> None:
-            while True:
-                before = loop.time()
-                await asyncio.sleep(0.01)
-                gaps.append(loop.time() - before)
-
-        ticker = asyncio.create_task(tick())
         port = await PortAllocator((29200, 29210), probe=slow_probe).reserve(OWNER, 29200, set())
-        ticker.cancel()
         assert port == 29205
-        assert max(gaps) < 0.08, max(gaps)  # on the loop, each probe would stall it 0.1 s
+        # Where each probe ran, not how long the loop waited: a timing fails on a loaded machine.
+        assert len(probed_on) == 6 and threading.get_ident() not in probed_on
 
 
 class TestNodePorts:

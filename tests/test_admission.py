@@ -115,8 +115,17 @@ async def idle(node: Node, name: str, vram_gb: float) -> None:
     await node.deployer.release(name, held.lease.id)
 
 
-async def settle() -> None:
-    await asyncio.sleep(0.15)
+async def until(condition: Any, bound_s: float = 10) -> None:
+    """Until `condition()` holds, within a bound: for what a task did, not for a time it took."""
+    for _ in range(int(bound_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not so within {bound_s} s")
+
+
+async def until_queued(node: Node, name: str) -> None:
+    await until(lambda: node.deployer.admission.queued(name))
 
 
 class TestRecordedColdStarts:
@@ -127,7 +136,7 @@ class TestRecordedColdStarts:
         node = await make(cold_start_of=recorded.get, max_queue=1)
         await node.deployer.deploy(req("held", 20, lease_s=60))
         head = asyncio.ensure_future(outcome(node.deployer.deploy(req("head", 8, image="slow:1", wait_s=30))))
-        await settle()
+        await until_queued(node, "head")
         with pytest.raises(QueueFull) as full:
             await node.deployer.deploy(req("next", 8, wait_s=30))
         assert full.value.extra["retry_after_s"] == 43  # ceil(42.5)
@@ -138,7 +147,7 @@ class TestRecordedColdStarts:
         node = await make(max_queue=1)
         await node.deployer.deploy(req("held", 20, lease_s=60))
         head = asyncio.ensure_future(outcome(node.deployer.deploy(req("head", 8, wait_s=30))))
-        await settle()
+        await until_queued(node, "head")
         with pytest.raises(QueueFull) as full:
             await node.deployer.deploy(req("next", 8, wait_s=30))
         assert full.value.extra["retry_after_s"] == NO_ROOM_RETRY_AFTER_S
@@ -180,7 +189,7 @@ class TestEarmarks:
         v = await node.deployer.deploy(req("v", 20, lease_s=60, keep_warm_s=300))
         assert v.lease is not None
         waiter = asyncio.ensure_future(outcome(node.deployer.deploy(req("w", 20, wait_s=30))))
-        await settle()
+        await until_queued(node, "w")
         same = asyncio.ensure_future(outcome(node.deployer.deploy(req("w", 20))))
         await asyncio.sleep(0.1)
         await node.deployer.release("v", v.lease.id)
@@ -218,7 +227,7 @@ class TestVictims:
         p = await node.deployer.deploy(req("p", 10, lease_s=60, keep_warm_s=300))
         assert p.lease is not None
         waiter = asyncio.ensure_future(outcome(node.deployer.deploy(req("w", 20, image="img:2", wait_s=30))))
-        await settle()
+        await until_queued(node, "w")
         await node.deployer.release("p", p.lease.id)
         assert await waiter == ("ok", "w")
         assert node.table.get("p") is None and node.reserved() == 20
@@ -241,7 +250,7 @@ class TestVictims:
         held = await node.deployer.deploy(req("l", 10, lease_s=600, keep_warm_s=0))
         await idle(node, "i", 10)
         big = asyncio.ensure_future(outcome(node.deployer.deploy(req("big", 20, wait_s=10, priority=9))))
-        await settle()
+        await until_queued(node, "big")
         assert await outcome(node.deployer.deploy(req("small", 8))) == ("err", "no_gpu_capacity")
         assert node.table.get("i") is not None  # not evicted for the later, smaller deploy
         assert held.lease is not None
@@ -257,7 +266,7 @@ class TestQueueRules:
         winner = await asyncio.wait({first, second}, return_when=asyncio.FIRST_COMPLETED)
         assert next(task.result() for task in winner[0])[0] == "ok"
         other = second if first in winner[0] else first
-        await settle()
+        await until_queued(node, "a" if other is first else "b")
         assert not other.done()  # waiting, not an immediate 503
         name = "a" if other is first else "b"
         winner_name = "b" if name == "a" else "a"
@@ -270,7 +279,7 @@ class TestQueueRules:
         held = await node.deployer.deploy(req("l", 10, lease_s=600, keep_warm_s=0))
         await node.deployer.deploy(req("p", 10, lease_s=600, keep_warm_s=0))
         waiter = asyncio.ensure_future(outcome(node.deployer.deploy(req("w", 20, wait_s=600))))
-        await settle()
+        await until_queued(node, "w")
         await node.deployer.deploy(req("p", 10))  # pinned now: 24 - 10 < 20, for good
         assert held.lease is not None
         await node.deployer.release("l", held.lease.id)
@@ -281,7 +290,7 @@ class TestQueueRules:
         node = await make()
         await node.deployer.deploy(req("h", 20, lease_s=600))
         first = asyncio.ensure_future(outcome(node.deployer.deploy(req("w", 10, wait_s=30))))
-        await settle()
+        await until_queued(node, "w")
         assert await outcome(node.deployer.deploy(req("w", 12, image="img:2", wait_s=30))) == (
             "err", "conflict")
         first.cancel()
@@ -292,7 +301,7 @@ class TestQueueRules:
         there = [True]
         waiter = asyncio.ensure_future(outcome(node.deployer.deploy(
             req("w", 20, wait_s=30), still_there=lambda: there[0])))
-        await settle()
+        await until_queued(node, "w")
         assert held.lease is not None
         there[0] = False  # it left just as the room comes
         await node.deployer.release("l", held.lease.id)
@@ -303,7 +312,7 @@ class TestQueueRules:
         node = await make()
         await node.deployer.deploy(req("l", 20, lease_s=600, keep_warm_s=0))
         waiter = asyncio.ensure_future(outcome(node.deployer.deploy(req("w", 20, wait_s=30))))
-        await settle()
+        await until_queued(node, "w")
         node.deployer.admission.close()
         assert await waiter == ("err", "no_gpu_capacity")
         assert node.reserved() == 20 and node.table.head_gpu is None
@@ -327,8 +336,8 @@ class TestHoldsAcrossReplaceAndPreemption:
             low = await node.deployer.deploy(req("l", 20, lease_s=600, priority=3, keep_warm_s=0))
             assert low.lease is not None
             waiter = asyncio.ensure_future(outcome(node.deployer.deploy(req("w", 20, wait_s=3, priority=7))))
-            await settle()
-            assert node.table.preempt_at("l") is not None
+            await until_queued(node, "w")
+            await until(lambda: node.table.preempt_at("l") is not None)
             if how == "pinned":
                 await node.deployer.deploy(req("l", 20))
             else:

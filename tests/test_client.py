@@ -213,7 +213,7 @@ class TestComputeNodes:
     ) -> None:
         small, big, dead = two_nodes
         on_disk = ["docker", "image", "inspect", pushed_image]
-        with ComputeNodes([dead, small.url, big.url], probe_timeout=1.0) as nodes:
+        with ComputeNodes([dead, small.url, big.url], probe_timeout=10) as nodes:
             # 40 GB: only the 80 GB node could ever run it (both share this engine, so the
             # answers say where it was pulled).
             pulled = nodes.prepull(manifest("t-pre", gpu=True, vram_gb=40, image=pushed_image))
@@ -234,7 +234,7 @@ class TestComputeNodes:
         self, two_nodes: tuple[AgentProcess, AgentProcess, str]
     ) -> None:
         small, big, dead = two_nodes
-        with ComputeNodes([dead, small.url, big.url], probe_timeout=1.0) as nodes:
+        with ComputeNodes([dead, small.url, big.url], probe_timeout=10) as nodes:
             first = nodes.ensure(manifest("t-multi", gpu=True, vram_gb=40))
             assert (first["node"], first["already_running"]) == (big.url, False)
             again = nodes.ensure(manifest("t-multi", gpu=True, vram_gb=40))
@@ -248,7 +248,7 @@ class TestComputeNodes:
     ) -> None:
         """ensure always asks the node that has it: a changed spec is never 'already running'."""
         small, big, _dead = two_nodes
-        with ComputeNodes([small.url, big.url], probe_timeout=1.0) as nodes:
+        with ComputeNodes([small.url, big.url], probe_timeout=10) as nodes:
             first = nodes.ensure(manifest("t-drift", env={"V": "1"}))
             with pytest.raises(ConflictError) as conflict:
                 nodes.ensure(manifest("t-drift", env={"V": "2"}))
@@ -275,7 +275,7 @@ class TestComputeNodes:
 
     def test_nothing_fits(self, two_nodes: tuple[AgentProcess, AgentProcess, str]) -> None:
         small, big, dead = two_nodes
-        with ComputeNodes([dead, small.url, big.url], probe_timeout=1.0) as nodes, \
+        with ComputeNodes([dead, small.url, big.url], probe_timeout=10) as nodes, \
                 pytest.raises(CapacityError):
             nodes.ensure(manifest("t-huge", gpu=True, vram_gb=200))
 
@@ -286,7 +286,7 @@ class TestComputeNodes:
 
     async def test_async_variant(self, two_nodes: tuple[AgentProcess, AgentProcess, str]) -> None:
         small, big, dead = two_nodes
-        async with AsyncComputeNodes([dead, small.url, big.url], probe_timeout=1.0) as nodes:
+        async with AsyncComputeNodes([dead, small.url, big.url], probe_timeout=10) as nodes:
             placed = await nodes.ensure(manifest("t-async-multi", gpu=True, vram_gb=20))
             assert placed["node"] == big.url
             statuses = await nodes.status()

@@ -80,7 +80,8 @@ class TestEngineOutage:
     def test_stop_and_start_dockerd(self, restartable_engine: Dockerd, tmp_path: Path,
                                     test_image: str) -> None:
         remove_test_containers()
-        agent = AgentProcess(tmp_path / "state")
+        # No periodic resync within the test: the engine's return, and its events, must do it.
+        agent = AgentProcess(tmp_path / "state", "--resync-interval", "3600")
         agent.start()
         try:
             first = deploy(agent, "t-outage")
@@ -100,9 +101,9 @@ class TestEngineOutage:
             assert deploy(agent, "t-outage")["already_running"] is True
 
             subprocess.run(["docker", "kill", "tidybot-t-outage"], check=True, capture_output=True)
-            started = time.monotonic()
-            wait_until(lambda: agent.services()["t-outage"]["status"] in ("exited", "restarting"))
-            assert time.monotonic() - started < 1.0  # events resubscribed
+            # Events resubscribed (or the resync on resubscribing): no periodic resync runs.
+            wait_until(lambda: agent.services()["t-outage"]["status"] in ("exited", "restarting"),
+                       timeout=10)
         finally:
             agent.close()
             remove_test_containers()
@@ -143,7 +144,7 @@ class TestFrozenEngine:
                 assert "engine_unreachable" in [w["code"] for w in health["warnings"]]
                 started = time.monotonic()
                 assert "t-frozen" in agent.services()  # reads come from memory
-                assert time.monotonic() - started < 0.5
+                assert time.monotonic() - started < 2  # not the 5 s --engine-timeout
                 status, answer, took = timed_post(agent, "/deploy", {"name": "t-frozen-new",
                                                                      "image": TEST_IMAGE})
                 assert (status, answer["error"]) == (503, "engine_unavailable") and took < 15, took

@@ -225,9 +225,9 @@ class TestClientLeases:
     def test_sync_leased_renews_and_releases(self, agent: AgentProcess) -> None:
         with AgentClient(agent.url) as client:
             with client.leased({"name": "t-ctx", "image": TEST_IMAGE, "keep_warm_s": 0},
-                               lease_s=1) as service:
+                               lease_s=3) as service:  # renewed each 1 s: room for a slow answer
                 assert service.lease_id
-                time.sleep(2.5)  # longer than the lease: only renewals keep it
+                time.sleep(4)  # longer than the lease: only renewals keep it
                 assert client.service("t-ctx").status == "healthy"
             assert "t-ctx" not in agent.services()  # released on exit: its last lease
             with pytest.raises(RuntimeError, match="boom"), \
@@ -240,8 +240,8 @@ class TestClientLeases:
     async def test_async_leased(self, agent: AgentProcess) -> None:
         async with AsyncAgentClient(agent.url) as client:
             async with client.leased({"name": "t-actx", "image": TEST_IMAGE, "keep_warm_s": 0},
-                                     lease_s=1) as service:
-                await asyncio.sleep(2.5)
+                                     lease_s=3) as service:
+                await asyncio.sleep(4)  # longer than the lease: only renewals keep it
                 assert (await client.service("t-actx")).leases == 1
                 assert service.name == "t-actx"
             assert "t-actx" not in agent.services()

@@ -104,7 +104,8 @@ class TestWaiting:
         deploy(one_gpu, "t-pinned", gpu=True, vram_gb=20)
         started = time.monotonic()
         status, answer = post_json(one_gpu.url + "/deploy", gpu_body("t-never", 8, wait_s=60))
-        assert (status, answer["error"]) == (503, "no_gpu_capacity") and time.monotonic() - started < 1
+        # At once: not after the 60 s wait_s (a bound a loaded machine can't miss, not a timing).
+        assert (status, answer["error"]) == (503, "no_gpu_capacity") and time.monotonic() - started < 30
         assert "whatever its wait_s" in answer["message"]
         deploy(one_gpu, "t-lz", gpu=True, vram_gb=4, lease_s=60)  # 0 free now, 4 one day
         waited = streamed(one_gpu, gpu_body("t-short", 4, wait_s=1.5))
@@ -162,7 +163,7 @@ class TestWaiting:
         wait_until(lambda: len(queue(one_gpu)) == 2, timeout=10)
         started = time.monotonic()
         status, answer = post_json(one_gpu.url + "/stop", {"name": "t-new"}, timeout=10)
-        assert status == 409 and time.monotonic() - started < 2, answer
+        assert status == 409 and time.monotonic() - started < 10, answer  # not after the 30 s wait
         assert not replace.get("done") and not other.get("done")
 
     def test_shutdown_refuses_waiters_at_once(self, one_gpu: AgentProcess) -> None:
@@ -186,7 +187,7 @@ class TestWaiting:
 @pytest.fixture
 def preempting(agent_processes: AgentProcesses) -> AgentProcess:
     return agent_processes.start("--fake-gpus", "RTX 4090:24", "--min-resident", "0",
-                                 "--preempt-grace", "2s")
+                                 "--preempt-grace", "5s")  # room for a slow renew or deploy
 
 
 def events_of(agent: AgentProcess, name: str) -> list[tuple[str, str | None]]:

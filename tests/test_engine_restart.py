@@ -80,8 +80,7 @@ class TestEngineOutage:
     def test_stop_and_start_dockerd(self, restartable_engine: Dockerd, tmp_path: Path,
                                     test_image: str) -> None:
         remove_test_containers()
-        # No periodic resync within the test: the engine's return, and its events, must do it.
-        agent = AgentProcess(tmp_path / "state", "--resync-interval", "3600")
+        agent = AgentProcess(tmp_path / "state")
         agent.start()
         try:
             first = deploy(agent, "t-outage")
@@ -101,7 +100,7 @@ class TestEngineOutage:
             assert deploy(agent, "t-outage")["already_running"] is True
 
             subprocess.run(["docker", "kill", "tidybot-t-outage"], check=True, capture_output=True)
-            # Events resubscribed (or the resync on resubscribing): no periodic resync runs.
+            # Still tracked after the outage (that events alone report it: test_restarts.py).
             wait_until(lambda: agent.services()["t-outage"]["status"] in ("exited", "restarting"),
                        timeout=10)
         finally:

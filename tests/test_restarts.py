@@ -103,9 +103,10 @@ class TestRestart:
 class TestLiveReconcile:
     """Container events show in /services at once."""
 
-    def test_killed_service_shows_exited_from_its_event(self, tmp_path: Path) -> None:
+    def test_killed_service_shows_exited_from_its_event(self, tmp_path: Path, test_image: str) -> None:
         # No periodic resync within the test (the later flag wins): only the engine's "die"
         # event can tell the agent, and a bound on the wait, not a timing, says it did.
+        remove_test_containers()
         agent = AgentProcess(tmp_path / "events-only", "--resync-interval", "3600")
         agent.start()
         try:
@@ -115,6 +116,7 @@ class TestLiveReconcile:
                        timeout=10)
         finally:
             agent.close()
+            remove_test_containers()
 
     def test_stopped_service_shows_exit_code_then_recovers_on_restart(
         self, agent: AgentProcess

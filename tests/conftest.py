@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient
 from deploy_agent.app import create_app
 from deploy_agent.config import Config
 from tests.agent_process import AgentProcess, AgentProcesses, free_port
+from tests.swarm_lab import SwarmLab
 
 HERE = Path(__file__).parent
 TEST_IMAGE = "deploy-agent-test/httpd:1"
@@ -50,6 +51,9 @@ def pytest_configure(config: pytest.Config) -> None:
             del os.environ[name]
     os.environ["DEPLOY_AGENT_STATE_DIR"] = str(NO_LOCAL_AGENT)
     docker_config = Path(tempfile.mkdtemp(prefix="deploy-agent-tests-docker-config-"))
+    plugins = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker") / "cli-plugins"
+    if plugins.is_dir():  # a user's own buildx, say: the CLI looks for it in DOCKER_CONFIG
+        (docker_config / "cli-plugins").symlink_to(plugins)
     os.environ["DOCKER_CONFIG"] = str(docker_config)
     config.add_cleanup(lambda: shutil.rmtree(docker_config, ignore_errors=True))
 
@@ -63,11 +67,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
     """A failed test's report ends with what its agents logged (tests/agent_process.py writes
     them beside their state dirs): CI keeps no files, and a hang says nothing by itself."""
     report: pytest.TestReport = yield
-    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
-    if report.failed and isinstance(tmp_path, Path):
+    if not report.failed or report.when != "call":
+        return report
+    funcargs = getattr(item, "funcargs", {})
+    tmp_path = funcargs.get("tmp_path")
+    if isinstance(tmp_path, Path):
         for log in sorted(tmp_path.glob("**/agent-*.log")):
             tail = log.read_text(errors="replace").splitlines()[-AGENT_LOG_LINES:]
             report.sections.append((f"{log.name}, last {AGENT_LOG_LINES} lines", "\n".join(tail)))
+    for lab in (value for value in funcargs.values() if isinstance(value, SwarmLab)):
+        report.sections.append(("swarm lab dockerd logs", lab.log_tails()))  # still up: a module's
     return report
 
 

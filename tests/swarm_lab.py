@@ -96,6 +96,7 @@ class SwarmLab:
             saved.unlink()
             self.wait(lambda: len(self.ready_nodes()) == 2, 30, "both nodes ready")
         except BaseException:
+            print(self.log_tails())  # the test's report shows it; down() removes the logs
             self.down()
             raise
 

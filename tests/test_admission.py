@@ -198,15 +198,19 @@ class TestEarmarks:
         assert node.table.get("v") is None and ("evicted", "w") in node.kinds("v")
 
     async def test_while_victims_stop_their_room_is_not_free(self, make: Any) -> None:
+        stopping, stopped = asyncio.Event(), asyncio.Event()
+
         async def slow_stop(container_id: str, grace_s: int) -> None:
-            await asyncio.sleep(1.0)
+            stopping.set()
+            await stopped.wait()  # until the test has looked: no timing to miss
         node = await make(engine(stop=AsyncMock(side_effect=slow_stop)))
         await idle(node, "v", 20)
         newcomer = asyncio.ensure_future(outcome(node.deployer.deploy(req("w", 10))))
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(stopping.wait(), 10)
         assert node.table.get("v") is not None  # still stopping
         assert node.reserved() == 20 and node.table.gpus.views()[0].vram_free_gb == 4
         assert await outcome(node.deployer.deploy(req("x", 12))) == ("err", "no_gpu_capacity")
+        stopped.set()
         assert await newcomer == ("ok", "w") and node.reserved() == 10
 
     async def test_an_eviction_that_fails_gives_every_victim_its_room_back(self, make: Any) -> None:
@@ -234,13 +238,16 @@ class TestVictims:
         assert ("replaced", "spec_changed") in node.kinds("w")
 
     async def test_a_deploy_of_a_victim_waits_and_starts_anew(self, make: Any) -> None:
+        stopping = asyncio.Event()
+
         async def slow_stop(container_id: str, grace_s: int) -> None:
+            stopping.set()
             await asyncio.sleep(0.5)
         node = await make(engine(stop=AsyncMock(side_effect=slow_stop)))
         await idle(node, "v", 8)
         old = node.table.service("v").container_id
         newcomer = asyncio.ensure_future(outcome(node.deployer.deploy(req("w", 20))))
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(stopping.wait(), 10)  # the eviction of v has begun
         again = await node.deployer.deploy(req("v", 4, lease_s=60))
         assert await newcomer == ("ok", "w")
         assert again.already_running is False and again.service.container_id != old
@@ -330,12 +337,12 @@ class TestHoldsAcrossReplaceAndPreemption:
 
     @pytest.mark.parametrize("how", ["pinned", "renewed higher"])
     async def test_a_preemption_is_called_off(self, make: Any, how: str) -> None:
-        node = await make(preempt_grace_s=0.5)
+        node = await make(preempt_grace_s=2)  # room for a stalled loop before the call-off
         enforcing = asyncio.ensure_future(node.deployer.enforce())
         try:
             low = await node.deployer.deploy(req("l", 20, lease_s=600, priority=3, keep_warm_s=0))
             assert low.lease is not None
-            waiter = asyncio.ensure_future(outcome(node.deployer.deploy(req("w", 20, wait_s=3, priority=7))))
+            waiter = asyncio.ensure_future(outcome(node.deployer.deploy(req("w", 20, wait_s=5, priority=7))))
             await until_queued(node, "w")
             await until(lambda: node.table.preempt_at("l") is not None)
             if how == "pinned":
@@ -343,7 +350,7 @@ class TestHoldsAcrossReplaceAndPreemption:
             else:
                 await node.deployer.deploy(req("l", 20, lease_s=600, lease_id=low.lease.id, priority=9))
             assert node.table.preempt_at("l") is None
-            await asyncio.sleep(1.0)  # past the grace
+            await asyncio.sleep(2.5)  # past the grace
             assert node.table.get("l") is not None and ("stopped", "preempted") not in node.kinds("l")
             await asyncio.gather(waiter, return_exceptions=True)
         finally:

@@ -219,14 +219,17 @@ class TestOffTheLoop:
     async def test_host_paths_resolve_in_a_thread(self, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
         import threading
-        import time
 
         real_realpath = os.path.realpath
         resolved_on: list[int] = []
 
+        loop = asyncio.get_running_loop()
+
         def slow_realpath(path: Any, **kwargs: Any) -> Any:
             resolved_on.append(threading.get_ident())
-            time.sleep(0.2)  # a host path on a hung NFS mount, say
+            # A host path on a hung NFS mount, say; meanwhile the loop still runs a task (one
+            # that waited for this thread would time out here).
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=10)
             return real_realpath(path, **kwargs)
 
         monkeypatch.setattr(os.path, "realpath", slow_realpath)

@@ -77,14 +77,19 @@ class TestOffTheLoop:
     """bind() probes run in a thread: a slow probe never stalls the event loop."""
 
     async def test_slow_probes_leave_the_loop_free(self) -> None:
+        import asyncio
         import threading
         import time
 
+        loop = asyncio.get_running_loop()
         probed_on: list[int] = []
 
         def slow_probe(port: int) -> bool:
             probed_on.append(threading.get_ident())
-            time.sleep(0.1)  # a probe stuck in the kernel, say
+            # A probe stuck in the kernel, say; meanwhile the loop still runs a task (a probe
+            # in a thread the loop waited for would time out here).
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=10)
+            time.sleep(0.1)
             return port < 29205  # the first five are taken
 
         port = await PortAllocator((29200, 29210), probe=slow_probe).reserve(OWNER, 29200, set())

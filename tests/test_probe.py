@@ -112,7 +112,7 @@ class TestBatch:
         hung, ok = await serve(hang), await serve(status(b"200"))
         probe = HealthProbe("127.0.0.1")
         try:
-            results = await probe.healthy_all([(None, hung, "/")] * 3 + [(None, ok, "/")] * 40, 0.5)
+            results = await probe.healthy_all([(None, hung, "/")] * 3 + [(None, ok, "/")] * 40, 2)
             assert results == [False] * 3 + [True] * 40
             assert most_at_once[0] == 3  # the hung ones waited side by side, not one after another
         finally:

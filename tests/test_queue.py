@@ -211,21 +211,21 @@ class TestPreemption:
 
     def test_called_off_when_an_equal_holder_arrives(self, preempting: AgentProcess) -> None:
         deploy(preempting, "t-low2", gpu=True, vram_gb=20, lease_s=60, priority=2)
-        waiter = streamed(preempting, gpu_body("t-high2", 12, wait_s=8, priority=7))
+        waiter = streamed(preempting, gpu_body("t-high2", 12, wait_s=12, priority=7))  # > the grace
         wait_until(lambda: preempting.services()["t-low2"].get("preempt_at"), timeout=5)
         deploy(preempting, "t-low2", gpu=True, vram_gb=20, lease_s=60, priority=7)  # as important
         wait_until(lambda: preempting.services()["t-low2"].get("preempt_at") is None, timeout=3)
-        wait_until(lambda: waiter.get("done"), timeout=15)
+        wait_until(lambda: waiter.get("done"), timeout=20)
         assert waiter["lines"][-1]["error"] == "no_gpu_capacity"  # its wait ran out instead
         assert preempting.services()["t-low2"]["status"] == "healthy"
 
     def test_never_pinned_equal_or_a_wait_shorter_than_the_grace(self, preempting: AgentProcess) -> None:
         deploy(preempting, "t-pin-p", gpu=True, vram_gb=10)
         deploy(preempting, "t-same", gpu=True, vram_gb=10, lease_s=60, priority=5)
-        for body in (gpu_body("t-eq", 12, wait_s=6, priority=5),  # no holder is lower
+        for body in (gpu_body("t-eq", 12, wait_s=10, priority=5),  # no holder is lower
                      gpu_body("t-brief", 12, wait_s=1.5, priority=9)):  # gone before the grace
             waited = streamed(preempting, body)
-            wait_until(lambda waited=waited: waited.get("done"), timeout=15)
+            wait_until(lambda waited=waited: waited.get("done"), timeout=20)
             assert waited["lines"][-1]["error"] == "no_gpu_capacity"
         assert not [e for e in get_json(preempting.url + "/events?limit=1000") if e["kind"] == "preempting"]
         assert set(preempting.services()) == {"t-pin-p", "t-same"}

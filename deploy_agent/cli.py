@@ -255,7 +255,7 @@ class Ctl:
                        f"on {answer['node']}")
         if answer.get("lease_id"):
             self.out.print(f"lease {answer['lease_id']} until {answer['lease_expires_at']}; renew "
-                           f"with: deployctl renew {answer['name']} {answer['lease_id']}",
+                           f"with: {lease_command('renew', answer['name'], answer['lease_id'])}",
                            highlight=False)
 
     async def ps(self) -> None:
@@ -445,6 +445,14 @@ def _status(status: str, exit_code: int | None) -> str:
     return f"[{colour}]{status}{suffix}[/]"
 
 
+def lease_command(verb: str, name: str, lease_id: str) -> str:
+    """The deployctl command that renews or releases a lease: `--` goes before an id that
+    starts with '-' (an older agent issued such ids, kept across a restart), which argparse
+    would take for an option."""
+    separator = "-- " if lease_id.startswith("-") else ""
+    return f"deployctl {verb} {name} {separator}{lease_id}"
+
+
 def _leases(row: dict[str, Any]) -> str:
     """`-` for a service that runs until stopped, else the count and the latest expiry."""
     if not row.get("leases"):
@@ -516,9 +524,9 @@ def interrupted(ctl: Ctl | None, json_wanted: bool) -> int:
                                    if deploying is not None else "")
     else:
         lease = deploying["lease_id"]
-        held = (f"; once it is done it holds lease {lease}: renew it with `deployctl renew "
-                f"{deploying['name']} {lease}`, or let it go with `deployctl release "
-                f"{deploying['name']} {lease}`" if lease else "")
+        held = (f"; once it is done it holds lease {lease}: renew it with "
+                f"`{lease_command('renew', deploying['name'], lease)}`, or let it go with "
+                f"`{lease_command('release', deploying['name'], lease)}`" if lease else "")
         message = (f"interrupted; the deploy of {deploying['name']} goes on at "
                    f"{deploying['node']}{held}")
         body.update(name=deploying["name"], node=deploying["node"], lease_id=lease)

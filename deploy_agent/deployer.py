@@ -28,7 +28,16 @@ from deploy_agent.errors import (
 )
 from deploy_agent.events import EventLog
 from deploy_agent.eviction import Eviction
-from deploy_agent.models import ColdStart, DeployRequest, DeploySpec, Lease, Service, VramGb, rfc3339
+from deploy_agent.models import (
+    ColdStart,
+    DeployRequest,
+    DeploySpec,
+    Lease,
+    Service,
+    VramGb,
+    new_lease_id,
+    rfc3339,
+)
 from deploy_agent.policy import check_deploy
 from deploy_agent.runtime import ColdStartClock, DryRunOutcome, Progress, Runtime, no_progress
 from deploy_agent.table import ServiceTable
@@ -128,7 +137,7 @@ class Deployer:
         self._check_request(request)
         lease_id = None
         if request.lease_s is not None:  # said at once: a caller cut off can release or renew it
-            lease_id = request.lease_id or secrets.token_urlsafe(12)
+            lease_id = request.lease_id or new_lease_id()
             progress({"event": "lease", "lease_id": lease_id})
         with self._table.announcing(spec.name, lease_id) if lease_id else contextlib.nullcontext():
             return await self._deploy_announced(request, lease_id, progress, still_there)

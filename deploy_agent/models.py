@@ -122,6 +122,14 @@ def new_attempt() -> str:
     return secrets.token_hex(8)
 
 
+def new_lease_id() -> str:
+    """16 URL-safe characters, never a leading '-': a command line (`deployctl renew NAME
+    LEASE_ID`) would take that for an option."""
+    while (lease_id := secrets.token_urlsafe(12)).startswith("-"):
+        pass
+    return lease_id
+
+
 
 @attrs.frozen
 class ColdStart:

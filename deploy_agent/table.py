@@ -19,7 +19,7 @@ import attrs
 from deploy_agent.errors import LeaseNotFound, NoGpuCapacity, ServiceNotFound
 from deploy_agent.eviction import Candidate, Eviction, plan
 from deploy_agent.gpus import Assignment, GpuPool
-from deploy_agent.models import DeploySpec, Hold, Lease, Owner, Service, Status
+from deploy_agent.models import DeploySpec, Hold, Lease, Owner, Service, Status, new_lease_id
 from deploy_agent.ports import NodePorts
 from deploy_agent.state import Abandoned, SavedState, StateFile
 
@@ -601,7 +601,7 @@ class ServiceTable:
                   keep_warm_s: float = 0.0, priority: int = 5) -> Lease:
         """A new holder's lease on `name`, for lease_s seconds from now. An idle service
         wakes, kept warm afterwards as this holder asks; a leased one, as the most any asks."""
-        lease = Lease(id=lease_id or secrets.token_urlsafe(12), service=name, lease_s=lease_s,
+        lease = Lease(id=lease_id or new_lease_id(), service=name, lease_s=lease_s,
                       expires_at=0.0, keep_warm_s=keep_warm_s, priority=priority)
         preemption = self._preempting.get(name)
         if preemption is not None and priority >= preemption.priority:

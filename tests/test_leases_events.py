@@ -259,7 +259,7 @@ class TestClientLeases:
             return subprocess.run([installed("deployctl"), *args], capture_output=True, text=True,
                                   env=env, timeout=60)
 
-        deployed = ctl("deploy", "--lease", "2s", "--json", str(manifest))
+        deployed = ctl("deploy", "--lease", "10s", "--json", str(manifest))
         assert deployed.returncode == 0, deployed.stderr
         lease_id = json.loads(deployed.stdout)["lease_id"]
         renewed = ctl("renew", "t-ctl-lease", lease_id, "--lease", "30s")
@@ -271,6 +271,11 @@ class TestClientLeases:
         kinds_seen = [json.loads(line)["kind"] for line in listed.stdout.splitlines()]
         assert kinds_seen[-2:] == ["deployed", "stopped"]
         assert ctl("deploy", "--lease", "forever", str(manifest)).returncode == 2  # usage error
+        # An id that starts with '-' (an older agent's, kept across a restart) goes after `--`,
+        # as deployctl's hints print it: then it reaches the node (1: no such lease), not 2.
+        assert ctl("renew", "t-ctl-lease", "-7mwOld").returncode == 2
+        assert ctl("renew", "t-ctl-lease", "--", "-7mwOld").returncode == 1
+        assert ctl("release", "t-ctl-lease", "--", "-7mwOld").returncode == 1
 
     def test_deployctl_events_past_a_silent_node(self, agent: AgentProcess) -> None:
         """A node that takes the connection and never answers is left out after the probe

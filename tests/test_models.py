@@ -6,13 +6,15 @@ from typing import Any
 
 import attrs
 
-from deploy_agent.convert import make_converter
+from deploy_agent.cli import lease_command
+from deploy_agent.convert import LEASE_ID_RE, make_converter
 from deploy_agent.models import (
     DeployAnswer,
     DeploySpec,
     Lease,
     Service,
     ServiceView,
+    new_lease_id,
     parse_duration,
     service_url,
 )
@@ -21,6 +23,21 @@ from deploy_agent.models import (
 def spec(**changes: Any) -> DeploySpec:
     base = make_converter().structure({"name": "yolo", "image": "img:1"}, DeploySpec)
     return attrs.evolve(base, **changes)
+
+
+class TestLeaseIds:
+    """An agent's lease ids can be typed on a command line: CI once drew one starting with '-',
+    and `deployctl renew NAME -7mw...` took it for an option (1 in 64 ids did)."""
+
+    def test_never_a_leading_dash(self) -> None:
+        drawn = [new_lease_id() for _ in range(5000)]  # (63/64)**5000: no leading '-' by chance
+        assert not [i for i in drawn if i.startswith("-")]
+        assert all(LEASE_ID_RE.fullmatch(i) and len(i) == 16 for i in drawn)
+        assert len(set(drawn)) == len(drawn)
+
+    def test_an_older_dashed_id_is_printed_after_double_dash(self) -> None:
+        assert lease_command("renew", "yolo", "-chosen") == "deployctl renew yolo -- -chosen"
+        assert lease_command("release", "yolo", "abc-1") == "deployctl release yolo abc-1"
 
 
 class TestServiceView:

@@ -153,12 +153,12 @@ class TestLeases:
         assert test_containers() == []
 
     def test_renew_and_redeploy_with_the_lease_id_extend(self, agent: AgentProcess) -> None:
-        answer = deploy(agent, "t-renew", lease_s=2, keep_warm_s=0)
+        answer = deploy(agent, "t-renew", lease_s=4, keep_warm_s=0)
         lease_id = answer["lease_id"]
-        for _ in range(3):
-            time.sleep(1)
+        for _ in range(3):  # 6 s in all, past the 4 s lease: only the renewals keep it
+            time.sleep(2)
             status, renewed = request(agent, "POST", "/services/t-renew/renew",
-                                      {"lease_id": lease_id, "lease_s": 2})
+                                      {"lease_id": lease_id, "lease_s": 4})
             assert status == 200 and renewed["lease_id"] == lease_id
         again = deploy(agent, "t-renew", lease_s=2, lease_id=lease_id)
         assert again["lease_id"] == lease_id and again["already_running"] is True
@@ -193,14 +193,14 @@ class TestLeasesAcrossRestarts:
     """Expiries live in the state file; a lost file neither pins nor kills early."""
 
     def test_agent_down_longer_than_the_lease(self, agent: AgentProcess) -> None:
-        answer = deploy(agent, "t-down", lease_s=3, keep_warm_s=0)
+        answer = deploy(agent, "t-down", lease_s=5, keep_warm_s=0)
         agent.stop()
-        time.sleep(4)  # the lease ran out while nobody could renew it
+        time.sleep(6)  # the lease ran out while nobody could renew it
         agent.start()
         assert agent.services()["t-down"]["leases"] == 1  # a full lease_s from the restart
         status, _ = request(agent, "POST", "/services/t-down/renew", {"lease_id": answer["lease_id"]})
         assert status == 200
-        wait_until(lambda: "t-down" not in agent.services(), timeout=8)
+        wait_until(lambda: "t-down" not in agent.services(), timeout=12)
 
     def test_lost_state_file_restores_the_creators_lease(self, agent: AgentProcess) -> None:
         creator = deploy(agent, "t-lost-lease", lease_s=30)

@@ -22,7 +22,7 @@ import pytest
 from tests.agent_process import AgentProcess, get_json, post_json
 from tests.conftest import TEST_IMAGE, remove_test_containers
 from tests.test_api_docker import test_containers
-from tests.test_restarts import deploy, wait_until
+from tests.test_restarts import deploy, kill_and_see_it_exited, wait_until
 
 pytestmark = [
     pytest.mark.docker,
@@ -99,10 +99,8 @@ class TestEngineOutage:
             assert agent.services()["t-outage"]["host"] == first["host"]
             assert deploy(agent, "t-outage")["already_running"] is True
 
-            subprocess.run(["docker", "kill", "tidybot-t-outage"], check=True, capture_output=True)
             # Still tracked after the outage (that events alone report it: test_restarts.py).
-            wait_until(lambda: agent.services()["t-outage"]["status"] in ("exited", "restarting"),
-                       timeout=10)
+            kill_and_see_it_exited(agent, "t-outage")
         finally:
             agent.close()
             remove_test_containers()

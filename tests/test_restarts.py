@@ -100,6 +100,12 @@ class TestRestart:
         assert [s["spec"]["name"] for s in state_document(agent)["services"]] == ["t-corrupt"]
 
 
+def kill_and_see_it_exited(agent: AgentProcess, name: str) -> None:
+    """docker kill its container; the agent must show it exited (or restarting), within a bound."""
+    subprocess.run(["docker", "kill", f"tidybot-{name}"], check=True, capture_output=True)
+    wait_until(lambda: agent.services()[name]["status"] in ("exited", "restarting"), timeout=10)
+
+
 class TestLiveReconcile:
     """Container events show in /services at once."""
 
@@ -111,9 +117,7 @@ class TestLiveReconcile:
         agent.start()
         try:
             deploy(agent, "t-killed")
-            subprocess.run(["docker", "kill", "tidybot-t-killed"], check=True, capture_output=True)
-            wait_until(lambda: agent.services()["t-killed"]["status"] in ("exited", "restarting"),
-                       timeout=10)
+            kill_and_see_it_exited(agent, "t-killed")
         finally:
             agent.close()
             remove_test_containers()

@@ -130,7 +130,6 @@ def new_lease_id() -> str:
     return lease_id
 
 
-
 @attrs.frozen
 class ColdStart:
     """A deploy's phases, in seconds: the pull (up to the create; 0 when the image was there,
